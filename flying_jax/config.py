@@ -1,0 +1,167 @@
+"""Frozen configuration values parsed once at the edge: model cards and mesh presets.
+
+Model cards live in `models/*.toml`, mesh presets in `meshes/*.toml` at the top of the repository.
+A name (`"smollm2-135m"`) is looked up there; a path to a `.toml` file is read as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+  """A model card or mesh preset is missing or malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  vocab_size: int
+  rope_theta: float
+  norm_eps: float
+  tied_embeddings: bool
+  max_context: int
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+  @property
+  def group_size(self) -> int:
+    """Query heads per KV head (grouped-query attention)."""
+    return self.n_heads // self.n_kv_heads
+
+  def param_count(self) -> int:
+    a = self
+    attn = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
+    ffn = 3 * a.dim * a.ffn_dim
+    emb = a.vocab_size * a.dim * (1 if a.tied_embeddings else 2)
+    return a.n_layers * (attn + ffn + 2 * a.dim) + emb + a.dim
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+  format: str                      # gguf | safetensors | orbax | random
+  path: str | None = None          # a file or directory
+  package: str | None = None       # an installed package that ships the file
+  file: str | None = None          # file name inside `package`
+  sha256: str | None = None
+  seed: int = 0                    # for format = "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  kind: str                        # gguf | sentencepiece | tokenizer.json | bytes
+  path: str | None = None          # for sentencepiece / tokenizer.json
+  chat_template: str | None = None  # chatml | None
+  stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+  name: str
+  description: str
+  arch: Architecture
+  weights: WeightsSource
+  tokenizer: TokenizerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPreset:
+  name: str
+  platform: str                    # cpu | gpu | tpu
+  devices: int
+  base_width: int
+  widths: tuple[int, ...]
+  dtype: str
+  decode_buckets: tuple[int, ...]
+  prefill_chunks: tuple[int, ...]
+  token_budget: int
+  page_tokens: int
+  pages_per_device: int
+  attention_block_tokens: int
+
+  def __post_init__(self):
+    for w in self.widths:
+      if w < 1 or w & (w - 1) or self.devices % w:
+        raise ConfigError(f"mesh {self.name}: width {w} must be a power of two dividing {self.devices}")
+    if self.base_width != 1:
+      raise ConfigError(f"mesh {self.name}: only base_width = 1 is supported so far")
+    if not self.decode_buckets or not self.prefill_chunks:
+      raise ConfigError(f"mesh {self.name}: decode_buckets and prefill_chunks must not be empty")
+
+
+def _find(kind: str, name: str) -> Path:
+  path = Path(name)
+  if path.suffix == ".toml":
+    if not path.exists():
+      raise ConfigError(f"{kind} file {name} does not exist")
+    return path
+  for root in (_REPO, Path.cwd()):
+    candidate = root / kind / f"{name}.toml"
+    if candidate.exists():
+      return candidate
+  known = ", ".join(available(kind)) or "none"
+  raise ConfigError(f"unknown {kind[:-1]} {name!r}; known: {known}")
+
+
+def available(kind: str) -> list[str]:
+  """Names of the model cards (`kind="models"`) or mesh presets (`kind="meshes"`) shipped."""
+  return sorted(p.stem for p in (_REPO / kind).glob("*.toml"))
+
+
+def _fields(cls, table: dict, where: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(table) - names
+  if unknown:
+    raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+  try:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+  except TypeError as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def load_model_card(name: str) -> ModelCard:
+  path = _find("models", name)
+  raw = tomllib.loads(path.read_text())
+  try:
+    return ModelCard(
+        name=raw["name"],
+        description=raw.get("description", ""),
+        arch=_fields(Architecture, raw["architecture"], f"{path} [architecture]"),
+        weights=_fields(WeightsSource, raw["weights"], f"{path} [weights]"),
+        tokenizer=_fields(TokenizerSpec, raw["tokenizer"], f"{path} [tokenizer]"),
+    )
+  except KeyError as e:
+    raise ConfigError(f"{path}: missing {e}") from None
+
+
+def load_mesh_preset(name: str) -> MeshPreset:
+  path = _find("meshes", name)
+  raw = tomllib.loads(path.read_text())
+  flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+  for table in ("batching", "kv"):
+    flat.update(raw.get(table, {}))
+  return _fields(MeshPreset, flat, str(path))
+
+
+def default_mesh_name() -> str:
+  """`cpu-8` when no accelerator is present, else the 1- or 8-chip preset of the platform."""
+  import jax  # local: nothing touches JAX at import time
+
+  platform = jax.default_backend()
+  if platform == "cpu":
+    return "cpu-8" if jax.device_count() >= 8 else "cpu-1"
+  n = jax.device_count()
+  if platform == "tpu":
+    return "tpu-v5e-8"
+  return "gpu-8" if n >= 8 else "gpu-1"

@@ -1,0 +1,1 @@
+"""The engine: scheduler, executor wiring and per-token output handling."""

@@ -1,0 +1,226 @@
+"""The engine: requests in, one step at a time, tokens and text out.
+
+`Engine.step()` asks the scheduler for each group's work, runs the width's compiled programs through
+the executor, appends the sampled tokens, applies stop ids, stop strings and length limits, and
+frees the pages of every sequence that finished. It is single-threaded by design: one controller
+owns the dispatch order (a server runs it on its own thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import random
+import time
+
+import jax
+
+from flying_jax.config import MeshPreset, ModelCard
+from flying_jax.engine import setup as S
+from flying_jax.engine.outputs import OutputProcessor
+from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
+from flying_jax.engine.sequence import Sequence, Status
+from flying_jax.kv import DevicePools, PagePool
+from flying_jax.model import weights as W
+from flying_jax.runtime.executor import Executor
+from flying_jax.runtime.programs import ProgramRegistry
+from flying_jax.sampling import SamplingParams
+
+log = logging.getLogger("flying_jax")
+
+
+class RequestRejected(ValueError):
+  """A request that can never be served (bad input, or longer than the model or the pool)."""
+
+
+@dataclasses.dataclass
+class SeqEvent:
+  seq: Sequence
+  new_ids: list[int]
+  text_delta: str
+  finished: bool
+
+
+@dataclasses.dataclass
+class StepTiming:
+  shape: object
+  host_s: float          # scheduling + packing + dispatch
+  total_s: float         # until the sampled ids are on the host
+  tokens: int            # tokens processed (prefill + decode, real ones)
+  decoded: int           # decode slots used
+
+
+class Engine:
+  def __init__(self, card: ModelCard, preset: MeshPreset, config: S.EngineConfig = S.EngineConfig(),
+               tokenizer=None, devices=None, host_weights: dict | None = None):
+    self.card, self.preset, self.config = card, preset, config
+    self.tokenizer = tokenizer
+    devices = list(devices if devices is not None else jax.devices()[: preset.devices])
+    if len(devices) < preset.devices:
+      raise RuntimeError(f"mesh {preset.name} needs {preset.devices} devices, "
+                         f"{len(devices)} available")
+    self.devices = devices
+    widths = tuple(config.widths or preset.widths)
+    self.width = config.width or widths[0]
+    if self.width not in widths:
+      raise ValueError(f"width {self.width} is not among the compiled widths {widths}")
+    self.report = S.StartupReport()
+    self._build(widths, host_weights)
+    self.outputs = OutputProcessor(tokenizer)
+    ws = self.setups[self.width]
+    groups = [Group(i * self.width, self.width) for i in range(ws.specs.groups)]
+    limits = SchedulerLimits(max(preset.decode_buckets), max(preset.prefill_chunks),
+                             preset.token_budget)
+    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
+    self.capacity = S.capacity_tokens(card, ws, self.pages)
+    self._ids = itertools.count()
+    self._requests: dict[str, list[Sequence]] = {}
+    self._seed_base = random.getrandbits(31)
+    self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
+    self.steps = 0
+
+  # start-up ------------------------------------------------------------------------------------
+  def _build(self, widths, host_weights):
+    card, preset, cfg, rep = self.card, self.preset, self.config, self.report
+    dtype = S.dtype_of(preset)
+    S.enable_compile_cache(cfg.cache_dir)
+    self.pages = cfg.pages_per_device or preset.pages_per_device
+    t0 = time.perf_counter()
+    host = host_weights if host_weights is not None else S.load_weights_host(card, dtype)
+    rep.load_s = time.perf_counter() - t0
+    self.setups = {w: S.width_setup(card, preset, self.devices, w, self.pages) for w in widths}
+    t0 = time.perf_counter()
+    replicated = self.setups[widths[0]].specs.replicated()
+    self.weights = W.place(host, replicated)
+    slots = preset.page_tokens * card.arch.n_kv_heads
+    self.device_pools = DevicePools.create(card.arch.n_layers, len(self.devices), self.pages, slots,
+                                           card.arch.head_dim, dtype,
+                                           self.setups[widths[0]].specs.per_device())
+    jax.block_until_ready((self.weights, self.device_pools.k, self.device_pools.v))
+    rep.place_s = time.perf_counter() - t0
+    self.pool = PagePool(len(self.devices), self.pages)
+    self.registry = ProgramRegistry(card.arch, dtype, self.setups, self.device_pools.struct(),
+                                    cfg.hist_len, cfg.max_banned, max(preset.decode_buckets) + 1)
+    bar = _progress(cfg.progress, self.registry.count())
+    rep.compile_s = self.registry.build(W.abstract(card.arch, dtype, replicated), bar)
+    if bar is not None:
+      bar.close()
+    self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
+                             cfg.max_banned)
+    rep.warmup_s = S.warm_up(self.registry, self.executor, self.setups)
+    rep.programs = len(self.registry)
+    rep.weight_bytes = self.weights.nbytes()
+    rep.kv_bytes = self.device_pools.nbytes()
+    rep.padding = S.report_padding(card, widths)
+    for line in rep.lines():
+      log.info(line)
+
+  # requests ------------------------------------------------------------------------------------
+  def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                  priority: int = 0) -> list[Sequence]:
+    """Queue a request (n sequences); raises RequestRejected if it can never be served."""
+    self._validate(request_id, prompt_ids, params)
+    stop = set(params.stop_token_ids)
+    if not params.ignore_eos:
+      stop |= set(self.card.tokenizer.stop_ids)
+    base = params.seed if params.seed is not None else self._seed_base + next(self._ids) * 7919
+    seqs = [Sequence(next(self._ids), request_id, i, list(prompt_ids), params, base + i,
+                     frozenset(stop), priority) for i in range(params.n)]
+    self._requests[request_id] = seqs
+    for s in seqs:
+      self.scheduler.add(s)
+    return seqs
+
+  def _validate(self, request_id, prompt_ids, params):
+    if request_id in self._requests:
+      raise RequestRejected(f"request id {request_id!r} is already in use")
+    if not isinstance(params, SamplingParams):
+      raise RequestRejected("params must be a SamplingParams")
+    if not prompt_ids:
+      raise RequestRejected("the prompt is empty")
+    v = self.card.arch.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= int(t) < v]
+    if bad:
+      raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5]}")
+    total = len(prompt_ids) + params.max_tokens
+    if total > self.capacity:
+      raise RequestRejected(
+          f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+          f"the longest sequence this engine can hold ({self.capacity} tokens: model context "
+          f"{self.card.arch.max_context}, KV pool of one width-{self.width} group)")
+
+  def abort(self, request_id: str) -> bool:
+    seqs = self._requests.pop(request_id, None)
+    if seqs is None:
+      return False
+    for s in seqs:
+      if not s.finished:
+        self.scheduler.remove(s)
+        self.outputs.finish(s, "abort")
+    return True
+
+  def release(self, request_id: str):
+    """Forget a finished request (its sequences are already out of the scheduler)."""
+    self._requests.pop(request_id, None)
+
+  def has_unfinished(self) -> bool:
+    return self.scheduler.has_work()
+
+  # one step ------------------------------------------------------------------------------------
+  def step(self) -> list[SeqEvent]:
+    t0 = time.perf_counter()
+    work = self.scheduler.schedule()
+    if all(w.empty for w in work):
+      return []
+    ws = self.setups[self.width]
+    result = self.executor.run(ws, work, self.outputs.banned_ids)
+    t1 = time.perf_counter()
+    events = []
+    for g, w in enumerate(work):
+      for i, seq in enumerate(w.decode):
+        seq.computed += 1
+        events.append(self._accept(seq, result, g, i))
+      if w.prefill is not None:
+        seq = w.prefill
+        seq.computed += w.prefill_len
+        if seq.scheduled_time is None:
+          seq.scheduled_time = t0
+        if w.prefill_samples:
+          events.append(self._accept(seq, result, g, result.shape.decode))
+    self.steps += 1
+    n_tok = sum(len(w.decode) + w.prefill_len for w in work)
+    self.timings.append(StepTiming(result.shape, t1 - t0 - 0.0, time.perf_counter() - t0, n_tok,
+                                   sum(len(w.decode) for w in work)))
+    return events
+
+  def _accept(self, seq: Sequence, result, g: int, row: int) -> SeqEvent:
+    token = int(result.tokens[g, row])
+    lp = None
+    if result.logprob is not None and seq.params.logprobs is not None:
+      k = seq.params.logprobs
+      lp = (float(result.logprob[g, row]),
+            list(zip(result.top_ids[g, row, :k].tolist(), result.top_logprobs[g, row, :k].tolist())))
+    delta, finished = self.outputs.append(seq, token, lp, self.capacity)
+    if finished:
+      self.scheduler.remove(seq)
+    return SeqEvent(seq, [token], delta, finished)
+
+  # introspection -------------------------------------------------------------------------------
+  def request(self, request_id: str) -> list[Sequence]:
+    return self._requests[request_id]
+
+  def kv_usage(self) -> float:
+    return float(self.pool.used_fraction().mean())
+
+  def no_leaks(self) -> bool:
+    return self.pool.all_free() and not self.scheduler.has_work()
+
+
+def _progress(enabled: bool, total: int):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc="compiling programs", unit="prog")

@@ -1,0 +1,99 @@
+"""What happens to a sampled token on the host: text, stop ids, stop strings, length limits.
+
+Text is detokenized incrementally per sequence; a stop string may straddle tokens, so text that
+could be the start of a stop string is held back until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flying_jax.engine.sequence import Sequence, Status, TokenLogprob
+from flying_jax.tokenizers import IncrementalDetokenizer, find_stop, partial_stop_len
+
+
+class OutputProcessor:
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self._detok: dict[int, IncrementalDetokenizer] = {}
+    self._raw: dict[int, str] = {}        # detokenized text before stop-string cutting
+    self._emitted: dict[int, int] = {}    # characters of seq.text already handed out
+
+  def banned_ids(self, seq: Sequence) -> list[int]:
+    """Ids the device must not sample for this sequence now: its stop ids below min_tokens."""
+    if len(seq.output_ids) < seq.params.min_tokens:
+      return sorted(seq.stop_ids)
+    return []
+
+  def append(self, seq: Sequence, token: int, lp, capacity: int) -> tuple[str, bool]:
+    """Record one sampled token; returns (text delta to emit, finished)."""
+    now = time.monotonic()
+    if seq.first_token_time is None:
+      seq.first_token_time = now
+    seq.output_ids.append(token)
+    if lp is not None:
+      seq.logprobs.append(TokenLogprob(token, lp[0], lp[1]))
+    p = seq.params
+    reason = None
+    n = len(seq.output_ids)
+    if token in seq.stop_ids and n > p.min_tokens - 1:
+      reason, seq.stop_reason = "stop", token
+    self._push_text(seq, token, is_stop_token=reason is not None)
+    if reason is None and p.stop and n >= p.min_tokens:
+      at = find_stop(self._raw[seq.seq_id], p.stop, 0)
+      if at >= 0:
+        reason = "stop"
+        raw = self._raw[seq.seq_id]
+        hit = next(s for s in p.stop if raw.startswith(s, at))
+        seq.stop_reason = hit
+        seq.text = raw[: at + len(hit)] if p.include_stop_str_in_output else raw[:at]
+    if reason is None and (n >= p.max_tokens or seq.length >= capacity):
+      reason = "length"
+    if reason is not None:
+      self.finish(seq, reason, now)
+    return self._delta(seq), reason is not None
+
+  def _push_text(self, seq: Sequence, token: int, is_stop_token: bool):
+    if self.tokenizer is None:
+      return
+    d = self._detok.get(seq.seq_id)
+    if d is None:
+      d = self._detok[seq.seq_id] = IncrementalDetokenizer(
+          self.tokenizer, seq.prompt_ids, skip_special=seq.params.skip_special_tokens)
+      self._raw[seq.seq_id] = ""
+    if not is_stop_token or not seq.params.skip_special_tokens:
+      self._raw[seq.seq_id] += d.push(token)
+    seq.text = self._raw[seq.seq_id]
+
+  def _delta(self, seq: Sequence) -> str:
+    if self.tokenizer is None:
+      return ""
+    start = self._emitted.get(seq.seq_id, 0)
+    end = len(seq.text)
+    if not seq.finished and seq.params.stop:
+      end -= partial_stop_len(seq.text, seq.params.stop)
+    end = max(end, start)
+    self._emitted[seq.seq_id] = end
+    out = seq.text[start:end]
+    if seq.finished:
+      self._forget(seq)
+    return out
+
+  def finish(self, seq: Sequence, reason: str, now: float | None = None):
+    if seq.finished:
+      return
+    if reason == "length" and self.tokenizer is not None and seq.seq_id in self._detok:
+      tail = self._detok[seq.seq_id].flush()
+      if not seq.params.stop or find_stop(tail, seq.params.stop) < 0:
+        self._raw[seq.seq_id] += tail
+        seq.text = self._raw[seq.seq_id]
+    seq.status = Status.FINISHED
+    seq.finish_reason = reason
+    seq.finish_time = now or time.monotonic()
+    if reason == "abort":
+      self._forget(seq)
+
+  def _forget(self, seq: Sequence):
+    self._detok.pop(seq.seq_id, None)
+    self._raw.pop(seq.seq_id, None)
+    self._emitted.pop(seq.seq_id, None)

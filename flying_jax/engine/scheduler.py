@@ -1,0 +1,149 @@
+"""Continuous batching: which sequences run in each group this step.
+
+Pure host logic, no JAX. Every step each group runs its decoding sequences (one token each, up to
+the largest decode bucket) plus at most one prefill chunk, within a per-step token budget.
+Waiting sequences are admitted in arrival order (no overtaking, so none starves) to the group with
+the most free pages, with pages for their whole prompt reserved up front. A decoding sequence that
+needs a page when none is free preempts the most recently admitted sequence of its group, which
+frees its pages and later recomputes (prompt + generated tokens) from the front of the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from flying_jax.engine.sequence import Sequence, Status
+from flying_jax.kv import PageLayout, PagePool, PoolExhausted
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  first_device: int
+  width: int
+
+
+@dataclasses.dataclass
+class GroupWork:
+  decode: list[Sequence]
+  prefill: Sequence | None = None
+  prefill_start: int = 0
+  prefill_len: int = 0
+
+  @property
+  def empty(self) -> bool:
+    return not self.decode and self.prefill is None
+
+  @property
+  def prefill_samples(self) -> bool:
+    """Whether the chunk reaches the end of the sequence (its last token's logits are sampled)."""
+    return self.prefill is not None and self.prefill_start + self.prefill_len == self.prefill.length
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerLimits:
+  max_decode: int            # decode slots per group (largest decode bucket)
+  max_chunk: int             # largest prefill chunk
+  token_budget: int          # decode tokens + chunk per group per step
+
+
+class Scheduler:
+  """Owns the waiting queue and the running sequences of each group of one uniform partition."""
+
+  def __init__(self, pool: PagePool, groups: list[Group], layout: PageLayout,
+               limits: SchedulerLimits):
+    self.pool, self.groups, self.layout, self.limits = pool, groups, layout, limits
+    self.waiting: collections.deque[Sequence] = collections.deque()
+    self.running: list[list[Sequence]] = [[] for _ in groups]
+    self._admissions = 0
+    self.preempted_total = 0
+
+  # queue ---------------------------------------------------------------------------------------
+  def add(self, seq: Sequence):
+    self.waiting.append(seq)
+
+  def has_work(self) -> bool:
+    return bool(self.waiting) or any(self.running)
+
+  def num_running(self) -> int:
+    return sum(len(r) for r in self.running)
+
+  def remove(self, seq: Sequence):
+    """Take a sequence out wherever it is, freeing its pages (finish, abort or error)."""
+    if seq.status is Status.WAITING:
+      try:
+        self.waiting.remove(seq)
+      except ValueError:
+        pass
+    elif seq.group is not None and seq in self.running[seq.group]:
+      self.running[seq.group].remove(seq)
+    self._release(seq)
+
+  def _release(self, seq: Sequence):
+    if seq.pages:
+      self.pool.release(seq.first_device, seq.layout.width, seq.pages)
+    seq.pages = []
+    seq.group = None
+
+  # one step ------------------------------------------------------------------------------------
+  def schedule(self) -> list[GroupWork]:
+    self._admit()
+    work = [self._group_work(g) for g in range(len(self.groups))]
+    return work
+
+  def _admit(self):
+    while self.waiting:
+      seq = self.waiting[0]
+      g = self._pick_group(seq)
+      if g is None:
+        return
+      self.waiting.popleft()
+      grp = self.groups[g]
+      seq.pages = self.pool.allocate(grp.first_device, grp.width, self.layout.pages_for(seq.length))
+      seq.group, seq.first_device, seq.layout = g, grp.first_device, self.layout
+      seq.status, seq.computed = Status.RUNNING, 0
+      seq.admitted_at = self._admissions
+      self._admissions += 1
+      self.running[g].append(seq)
+
+  def _pick_group(self, seq: Sequence) -> int | None:
+    need = self.layout.pages_for(seq.length)
+    best, best_free = None, -1
+    for g, grp in enumerate(self.groups):
+      if len(self.running[g]) >= self.limits.max_decode:
+        continue
+      free = self.pool.free_count(grp.first_device, grp.width)
+      if free >= need and free > best_free:
+        best, best_free = g, free
+    return best
+
+  def _group_work(self, g: int) -> GroupWork:
+    grp = self.groups[g]
+    decode = [s for s in self.running[g] if s.is_decoding][: self.limits.max_decode]
+    for s in decode:
+      self._ensure_page(s, g, grp)
+    decode = [s for s in decode if s.status is Status.RUNNING and s.group == g]
+    work = GroupWork(decode=decode)
+    budget = self.limits.token_budget - len(decode)
+    for seq in self.running[g]:
+      if not seq.is_decoding and budget > 0:
+        work.prefill, work.prefill_start = seq, seq.computed
+        work.prefill_len = min(seq.remaining, self.limits.max_chunk, budget)
+        break
+    return work
+
+  def _ensure_page(self, seq: Sequence, g: int, grp: Group):
+    """Make room for the token this step writes; preempt younger sequences if needed."""
+    while seq.status is Status.RUNNING and self.layout.pages_for(seq.computed + 1) > len(seq.pages):
+      try:
+        seq.pages += self.pool.allocate(grp.first_device, grp.width, 1)
+      except PoolExhausted:
+        self._preempt(max(self.running[g], key=lambda s: s.admitted_at))
+
+  def _preempt(self, seq: Sequence):
+    self.running[seq.group].remove(seq)
+    self._release(seq)
+    seq.status, seq.computed = Status.WAITING, 0
+    seq.preemptions += 1
+    self.preempted_total += 1
+    self.waiting.appendleft(seq)

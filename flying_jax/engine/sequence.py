@@ -1,0 +1,82 @@
+"""A sequence being generated: its tokens, its pages and where it stands.
+
+The KV of tokens `[0, computed)` is in the sequence's pages. When exactly one token is not computed
+the sequence decodes (one token per step); otherwise it prefills a chunk of what is missing, which
+also covers a preempted sequence that recomputes its prompt and the tokens it already generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from flying_jax.kv import PageLayout
+from flying_jax.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+  token_id: int
+  logprob: float
+  top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+  seq_id: int
+  request_id: str
+  index: int                                  # which of the request's n samples
+  prompt_ids: list[int]
+  params: SamplingParams
+  seed: int
+  stop_ids: frozenset[int]
+  priority: int = 0
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+  status: Status = Status.WAITING
+  group: int | None = None                    # group index within the current partition
+  first_device: int = 0
+  layout: PageLayout | None = None
+  pages: list[int] = dataclasses.field(default_factory=list)
+  computed: int = 0
+  admitted_at: int = -1                       # admission order, for preemption choice
+  preemptions: int = 0
+  finish_reason: str | None = None
+  stop_reason: int | str | None = None
+  error: str | None = None
+  arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+  scheduled_time: float | None = None
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  text: str = ""                              # detokenized output (stop strings already cut)
+
+  @property
+  def length(self) -> int:
+    return len(self.prompt_ids) + len(self.output_ids)
+
+  def token_at(self, i: int) -> int:
+    p = len(self.prompt_ids)
+    return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+  @property
+  def remaining(self) -> int:
+    """Tokens whose KV is not computed yet (1 while decoding)."""
+    return self.length - self.computed
+
+  @property
+  def is_decoding(self) -> bool:
+    return self.remaining == 1
+
+  @property
+  def finished(self) -> bool:
+    return self.status is Status.FINISHED
+
+  def max_length(self) -> int:
+    return len(self.prompt_ids) + self.params.max_tokens

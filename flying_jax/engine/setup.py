@@ -1,0 +1,127 @@
+"""Start-up: weights placed once, KV pools allocated, every program compiled and warmed.
+
+`EngineConfig` is the frozen set of knobs; `build_runtime` turns a model card and a mesh preset
+into the resident weights, the device pools and the program registry, and reports what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flying_jax.config import MeshPreset, ModelCard
+from flying_jax.kv import DevicePools, PageLayout
+from flying_jax.model import weights as W
+from flying_jax.model.attention import KVGeometry
+from flying_jax.model.batch import StepShape
+from flying_jax.model.heads import padding_report, plan_heads
+from flying_jax.parallel import MeshSpecs, mesh_for_width
+from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
+
+log = logging.getLogger("flying_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  widths: tuple[int, ...] | None = None   # widths to compile (default: all the preset allows)
+  width: int | None = None                # the partition served (default: the smallest width)
+  hist_len: int = 256                     # tokens of history seen by the penalties
+  max_banned: int = 8                     # ids banned per row (stop ids below min_tokens)
+  cache_dir: str | None = None            # persistent compilation cache
+  pages_per_device: int | None = None     # override the preset's KV pool size
+  progress: bool = False                  # a progress bar while compiling
+
+
+@dataclasses.dataclass
+class StartupReport:
+  load_s: float = 0.0
+  place_s: float = 0.0
+  compile_s: float = 0.0
+  warmup_s: float = 0.0
+  programs: int = 0
+  weight_bytes: int = 0
+  kv_bytes: int = 0
+  padding: list = dataclasses.field(default_factory=list)
+
+  @property
+  def total_s(self) -> float:
+    return self.load_s + self.place_s + self.compile_s + self.warmup_s
+
+  def lines(self) -> list[str]:
+    out = [f"start-up {self.total_s:.1f}s: load {self.load_s:.1f}s, place {self.place_s:.1f}s, "
+           f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
+           f"weights {self.weight_bytes / 2**20:.0f} MiB resident (all engines), "
+           f"KV pools {self.kv_bytes / 2**20:.0f} MiB"]
+    for p in self.padding:
+      out.append(f"width {p['width']}: {p['q_heads_per_device']} q / {p['kv_heads_per_device']} kv "
+                 f"heads per device, padding +{100 * p['attn_proj_flops_extra']:.0f}% attention "
+                 f"projection FLOPs, +{100 * p['kv_bytes_per_token_extra']:.0f}% KV bytes per token")
+    return out
+
+
+def enable_compile_cache(cache_dir: str | None):
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def width_setup(card: ModelCard, preset: MeshPreset, devices, width: int, pages: int) -> WidthSetup:
+  arch = card.arch
+  plan = plan_heads(arch, width)
+  slots = preset.page_tokens * arch.n_kv_heads
+  tpp = slots // plan.kv_per_device
+  ppb = max(1, preset.attention_block_tokens // tpp)
+  capacity = min(arch.max_context, (pages - 1) * tpp)
+  max_pages = -(-(-(-capacity // tpp)) // ppb) * ppb
+  geom = KVGeometry(slots=slots, kv_per_device=plan.kv_per_device, pages_per_block=ppb,
+                    max_pages=max_pages)
+  shapes = tuple(StepShape(d, c, max_pages)
+                 for d in preset.decode_buckets for c in (0,) + tuple(preset.prefill_chunks))
+  return WidthSetup(MeshSpecs(mesh_for_width(devices, width)), plan, geom, shapes)
+
+
+def layout_of(ws: WidthSetup) -> PageLayout:
+  return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page)
+
+
+def capacity_tokens(card: ModelCard, ws: WidthSetup, pages: int) -> int:
+  """The longest sequence (prompt + generated) one group of this width can hold."""
+  return min(card.arch.max_context, (pages - 1) * ws.geom.tokens_per_page)
+
+
+def dtype_of(preset: MeshPreset):
+  return jnp.dtype(preset.dtype)
+
+
+def warm_up(registry: ProgramRegistry, executor, setups: dict[int, WidthSetup]) -> float:
+  """Run every program once on an all-padding batch (writes go to the null page)."""
+  from flying_jax.model.batch import HostBatch
+  from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len
+
+  t0 = time.perf_counter()
+  for w, ws in setups.items():
+    for shape in ws.shapes:
+      g = ws.specs.groups
+      meta = HostBatch(g, shape).pack()
+      sf = np.zeros((g, registry.rows, SAMPLE_F32), np.float32)
+      si = np.zeros((g, registry.rows, sample_i32_len(registry.hist, registry.banned)), np.int32)
+      meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
+      out = executor.dispatch(w, shape, meta, sf, si)
+      jax.block_until_ready(out)
+  return time.perf_counter() - t0
+
+
+def load_weights_host(card: ModelCard, dtype) -> dict:
+  from flying_jax.checkpoints import load_checkpoint
+
+  return W.resident_layout(load_checkpoint(card), card.arch, dtype)
+
+
+def report_padding(card: ModelCard, widths) -> list[dict]:
+  return [padding_report(card.arch, w) for w in widths]

@@ -1,0 +1,91 @@
+"""KV pages: one pool per device whose physical shape never changes, and how pages are read.
+
+Each device holds, per layer, K and V arrays of `[pages, slots, hd]` with `slots = page_tokens *
+n_kv_heads`. A request prefilled in a width-w group owns the same page ids on each of the group's
+devices and reads them under its `PageLayout`: `kv_per_device` heads, `slots // kv_per_device`
+tokens per page. Page 0 of every device is the null page: padding tokens write there, nothing
+reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class PoolExhausted(RuntimeError):
+  """Not enough free pages on the devices of a group right now."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PageLayout:
+  """The interpretation of a request's pages: held with the request, not with the pool."""
+  width: int
+  kv_per_device: int
+  tokens_per_page: int
+
+  def pages_for(self, tokens: int) -> int:
+    return -(-tokens // self.tokens_per_page)
+
+
+class PagePool:
+  """Host page tables: which page ids are free on which device."""
+
+  def __init__(self, devices: int, pages: int):
+    if pages < 2:
+      raise ValueError("a KV pool needs at least 2 pages per device (page 0 is the null page)")
+    self.devices, self.pages = devices, pages
+    self._free = np.ones((devices, pages), bool)
+    self._free[:, 0] = False
+
+  def free_count(self, first: int, width: int) -> int:
+    return int(self._free[first:first + width].all(axis=0).sum())
+
+  def allocate(self, first: int, width: int, n: int) -> list[int]:
+    """n page ids free on all devices [first, first + width); marks them used."""
+    if n == 0:
+      return []
+    ok = np.flatnonzero(self._free[first:first + width].all(axis=0))
+    if len(ok) < n:
+      raise PoolExhausted(f"{n} pages wanted on devices {first}..{first + width - 1}, {len(ok)} free")
+    ids = ok[:n]
+    self._free[first:first + width, ids] = False
+    return ids.tolist()
+
+  def release(self, first: int, width: int, ids: list[int]):
+    if not ids:
+      return
+    idx = np.asarray(ids)
+    if self._free[first:first + width, idx].any():
+      raise AssertionError(f"double free of pages {ids} on devices {first}..{first + width - 1}")
+    self._free[first:first + width, idx] = True
+
+  def used_fraction(self) -> np.ndarray:
+    """Per device, the share of allocatable pages in use."""
+    return 1.0 - self._free[:, 1:].sum(axis=1) / (self.pages - 1)
+
+  def all_free(self) -> bool:
+    return bool(self._free[:, 1:].all())
+
+
+@dataclasses.dataclass
+class DevicePools:
+  """The device arrays: per layer, K and V of global shape [devices * pages, slots, hd]."""
+  k: list
+  v: list
+
+  @staticmethod
+  def create(n_layers: int, devices: int, pages: int, slots: int, head_dim: int, dtype,
+             sharding) -> "DevicePools":
+    shape = (devices * pages, slots, head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return DevicePools([make() for _ in range(n_layers)], [make() for _ in range(n_layers)])
+
+  def struct(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.k[0].shape, self.k[0].dtype)
+
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self.k + self.v)

@@ -1,0 +1,78 @@
+"""The step batch of one group: `decode` sequences with one token each, then one prefill chunk.
+
+On the host it is packed into a single int32 row per group (one transfer per step); inside the
+program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class StepShape:
+  decode: int        # decode slots D (sequences contributing one token)
+  chunk: int         # prefill chunk tokens C (of one sequence), 0 for none
+  max_pages: int     # page-table columns M
+
+  @property
+  def tokens(self) -> int:
+    return self.decode + self.chunk
+
+  @property
+  def rows(self) -> int:
+    """Rows sampled: one per decode slot, plus the last token of the prefill chunk."""
+    return self.decode + (1 if self.chunk else 0)
+
+  def _fields(self) -> list[tuple[str, tuple[int, ...]]]:
+    t, d, m = self.tokens, self.decode, self.max_pages
+    return [("tokens", (t,)), ("positions", (t,)), ("write_base", (t,)),
+            ("dec_table", (d, m)), ("dec_len", (d,)), ("pre_table", (1, m)), ("pre_len", (1,)),
+            ("n_blocks", (2,)), ("rows", (self.rows,))]
+
+  @property
+  def packed_len(self) -> int:
+    return sum(int(np.prod(s)) for _, s in self._fields())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepMeta:
+  tokens: jax.Array       # [T] token ids
+  positions: jax.Array    # [T] absolute positions
+  write_base: jax.Array   # [T] first pool slot of each token's KV (padding -> the null page)
+  dec_table: jax.Array    # [D, M] page ids of the decode sequences
+  dec_len: jax.Array      # [D] KV length after this step (0 for an empty slot)
+  pre_table: jax.Array    # [1, M] page ids of the prefill sequence
+  pre_len: jax.Array      # [1] KV length after this chunk
+  n_blocks: jax.Array     # [2] attention blocks to visit: decode, prefill
+  rows: jax.Array         # [R] token index of each sampled row
+
+
+def unpack(packed_L, shape: StepShape) -> StepMeta:
+  out, at = {}, 0
+  for name, s in shape._fields():
+    n = int(np.prod(s))
+    out[name] = packed_L[at:at + n].reshape(s)
+    at += n
+  return StepMeta(**out)
+
+
+class HostBatch:
+  """Numpy builder of the packed rows of all groups for one step."""
+
+  def __init__(self, groups: int, shape: StepShape):
+    self.shape = shape
+    self.fields = {name: np.zeros((groups,) + s, np.int32) for name, s in shape._fields()}
+
+  def pack(self) -> np.ndarray:
+    g = next(iter(self.fields.values())).shape[0]
+    return np.concatenate([v.reshape(g, -1) for v in self.fields.values()], axis=1)
+
+
+def meta_struct(groups: int, shape: StepShape, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((groups, shape.packed_len), jnp.int32, sharding=sharding)

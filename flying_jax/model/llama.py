@@ -1,0 +1,93 @@
+"""The Llama forward as pure per-device functions: embed, one decoder layer, final norm + logits.
+
+Each function sees one device's blocks (it runs under `per_device`); the width is static and only
+decides which heads/columns the device takes and whether partial sums are reduced over the group.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flying_jax.config import Architecture
+from flying_jax.model.attention import KVGeometry, paged_attention, write_kv
+from flying_jax.model.batch import StepMeta, StepShape
+from flying_jax.model.heads import HeadPlan
+from flying_jax.model.weights import LayerWeights, shard_layer
+from flying_jax.parallel import Collectives
+
+
+def rms_norm(x_TxD, w_D, eps: float):
+  xf = x_TxD.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * w_D.astype(jnp.float32)).astype(x_TxD.dtype)
+
+
+def rope(x_TxNxH, pos_T, theta: float):
+  """Rotate-half rotary embedding (Hugging Face convention)."""
+  hd = x_TxNxH.shape[-1]
+  inv = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  ang = pos_T.astype(jnp.float32)[:, None] * inv[None, :]         # [T, hd/2]
+  cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+  xf = x_TxNxH.astype(jnp.float32)
+  x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_TxNxH.dtype)
+
+
+def embed(embed_VxD, meta: StepMeta):
+  with jax.named_scope("embed"):
+    return jnp.take(embed_VxD, meta.tokens, axis=0)
+
+
+def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: HeadPlan,
+               geom: KVGeometry):
+  t, _, hd = q_TxQxH.shape
+  q = q_TxQxH.reshape(t, plan.kv_per_device, plan.q_per_kv, hd)
+  d = shape.decode
+  parts = []
+  if d:
+    parts.append(paged_attention(
+        q[:d, None], meta.positions[:d, None], k_pool, v_pool, meta.dec_table, meta.dec_len,
+        meta.n_blocks[0], geom)[:, 0])
+  if shape.chunk:
+    parts.append(paged_attention(
+        q[None, d:], meta.positions[None, d:], k_pool, v_pool, meta.pre_table, meta.pre_len,
+        meta.n_blocks[1], geom)[0])
+  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+  return out.reshape(t, plan.q_per_device, hd)
+
+
+def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Architecture,
+          shape: StepShape, plan: HeadPlan, geom: KVGeometry, coll: Collectives):
+  """One decoder layer on this device; writes the step's KV into the pools and returns them."""
+  wqkv, wo, w_gu, w_down = shard_layer(lw, plan, coll, arch)
+  nq, nkv = plan.q_per_device, plan.kv_per_device
+  with jax.named_scope("attention"):
+    h = rms_norm(x_TxD, lw.attn_norm, arch.norm_eps)
+    qkv = jnp.einsum("td,dkh->tkh", h, wqkv)
+    q = rope(qkv[:, :nq], meta.positions, arch.rope_theta)
+    k = rope(qkv[:, nq:nq + nkv], meta.positions, arch.rope_theta)
+    v = qkv[:, nq + nkv:]
+    k_pool = write_kv(k_pool, k, meta.write_base)
+    v_pool = write_kv(v_pool, v, meta.write_base)
+    o = _attention(q, k_pool, v_pool, meta, shape, plan, geom)
+    x_TxD = x_TxD + coll.sum(jnp.einsum("tqh,qhd->td", o, wo))
+  with jax.named_scope("ffn"):
+    h = rms_norm(x_TxD, lw.ffn_norm, arch.norm_eps)
+    gu = jnp.einsum("td,dkf->tkf", h, w_gu)
+    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)
+    x_TxD = x_TxD + coll.sum(jnp.einsum("tf,fd->td", a.astype(x_TxD.dtype), w_down))
+  return x_TxD, k_pool, v_pool
+
+
+def logits(unembed_VxD, final_norm_D, x_TxD, meta: StepMeta, *, arch: Architecture,
+           coll: Collectives):
+  """Float32 logits of the sampled rows; each device computes a vocabulary slice, then gathers."""
+  with jax.named_scope("logits"):
+    h = rms_norm(jnp.take(x_TxD, meta.rows, axis=0), final_norm_D, arch.norm_eps)
+    v = arch.vocab_size
+    if coll.width > 1 and v % coll.width == 0:
+      part = v // coll.width
+      w = jax.lax.dynamic_slice_in_dim(unembed_VxD, coll.index() * part, part, axis=0)
+      return coll.gather(jnp.einsum("rd,vd->rv", h, w, preferred_element_type=jnp.float32), 1)
+    return jnp.einsum("rd,vd->rv", h, unembed_VxD, preferred_element_type=jnp.float32)

@@ -1,0 +1,122 @@
+"""Turn one step's group work into packed arrays and run the width's compiled programs.
+
+The host builds one int32 row per group (tokens, positions, KV write slots, page tables), packs the
+sampling fields, transfers three arrays, dispatches embed -> layer x L -> head asynchronously and
+reads back only the sampled ids (and logprobs when a row asked for them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import jax
+import numpy as np
+
+from flying_jax.engine.scheduler import GroupWork
+from flying_jax.kv import DevicePools
+from flying_jax.model.batch import HostBatch, StepShape
+from flying_jax.model.weights import ResidentWeights
+from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
+from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_rows, sample_i32_len
+from flying_jax.sampling import RowSpec, pack_sampling
+
+
+@dataclasses.dataclass
+class StepResult:
+  tokens: np.ndarray                  # [G, R]
+  logprob: np.ndarray | None          # [G, R]
+  top_ids: np.ndarray | None          # [G, R, TOPN]
+  top_logprobs: np.ndarray | None
+  logits: jax.Array                   # [G, R, V] on device, fetched only on demand
+  shape: StepShape
+
+
+def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
+  """The smallest compiled bucket that holds every group's decode slots and chunk."""
+  d = max(len(w.decode) for w in work)
+  c = max(w.prefill_len for w in work)
+  decodes = sorted({s.decode for s in ws.shapes})
+  chunks = sorted({s.chunk for s in ws.shapes})
+  dd = decodes[bisect.bisect_left(decodes, d)]
+  cc = chunks[bisect.bisect_left(chunks, c)] if c else 0
+  return StepShape(dd, cc, ws.geom.max_pages)
+
+
+class Executor:
+  def __init__(self, registry: ProgramRegistry, weights: ResidentWeights, pools: DevicePools,
+               hist_len: int, max_banned: int):
+    self.registry, self.weights, self.pools = registry, weights, pools
+    self.hist_len, self.max_banned = hist_len, max_banned
+
+  # host side -----------------------------------------------------------------------------------
+  def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
+    g = len(work)
+    hb = HostBatch(g, shape)
+    f = hb.fields
+    geom = ws.geom
+    tpp, kvpd, slots = geom.tokens_per_page, geom.kv_per_device, geom.slots
+    blk = geom.pages_per_block * tpp
+    nrows = self.registry.rows
+    sf = np.zeros((g, nrows, SAMPLE_F32), np.float32)
+    si = np.zeros((g, nrows, sample_i32_len(self.hist_len, self.max_banned)), np.int32)
+    wants_logprobs = False
+    for gi, w in enumerate(work):
+      rows: list[RowSpec | None] = [None] * shape.rows
+      f["rows"][gi] = np.arange(shape.rows)
+      for i, seq in enumerate(w.decode):
+        pos = seq.computed
+        f["tokens"][gi, i] = seq.token_at(pos)
+        f["positions"][gi, i] = pos
+        f["write_base"][gi, i] = seq.pages[pos // tpp] * slots + (pos % tpp) * kvpd
+        f["dec_table"][gi, i, :len(seq.pages)] = seq.pages
+        f["dec_len"][gi, i] = pos + 1
+        rows[i] = _row(seq, banned_for(seq))
+      if w.prefill is not None:
+        seq, d, n, start = w.prefill, shape.decode, w.prefill_len, w.prefill_start
+        pos = np.arange(start, start + n)
+        f["tokens"][gi, d:d + n] = [seq.token_at(p) for p in pos]
+        f["positions"][gi, d:d + n] = pos
+        pages = np.asarray(seq.pages)
+        f["write_base"][gi, d:d + n] = pages[pos // tpp] * slots + (pos % tpp) * kvpd
+        f["pre_table"][gi, 0, :len(seq.pages)] = seq.pages
+        f["pre_len"][gi, 0] = start + n
+        f["rows"][gi, d] = d + n - 1
+        if w.prefill_samples:
+          rows[d] = _row(seq, banned_for(seq))
+      f["n_blocks"][gi, 0] = -(-int(f["dec_len"][gi].max(initial=0)) // blk)
+      f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi, 0]) // blk)
+      fields = pack_sampling(rows + [None] * (nrows - shape.rows), nrows, self.hist_len,
+                             self.max_banned)
+      pack_rows(fields, sf[gi], si[gi])
+      wants_logprobs |= any(r is not None and r.params.logprobs is not None for r in rows)
+    return hb.pack(), sf, si, wants_logprobs
+
+  # device side ---------------------------------------------------------------------------------
+  def run(self, ws: WidthSetup, work: list[GroupWork], banned_for) -> StepResult:
+    shape = pick_shape(ws, work)
+    meta, sf, si, wants_logprobs = self.build(ws, work, shape, banned_for)
+    sharding = ws.specs.per_group()
+    meta, sf, si = jax.device_put((meta, sf, si), sharding)
+    out = self.dispatch(ws.width, shape, meta, sf, si)
+    tokens = np.asarray(out[0])
+    if wants_logprobs:
+      lp, ti, tl = (np.asarray(a) for a in out[1:4])
+    else:
+      lp = ti = tl = None
+    return StepResult(tokens, lp, ti, tl, out[4], shape)
+
+  def dispatch(self, width: int, shape: StepShape, meta, sf, si):
+    """Enqueue one step's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""
+    reg, w, pools = self.registry, self.weights, self.pools
+    x = reg[(width, "embed", shape)](w.embed, meta)
+    layer = reg[(width, "layer", shape)]
+    for l, lw in enumerate(w.layers):
+      x, pools.k[l], pools.v[l] = layer(lw, pools.k[l], pools.v[l], x, meta)
+    logits = reg[(width, "head", shape)](w.logits_weight, w.final_norm, x, meta)
+    return reg[(width, "sample", None)](logits, sf, si) + (logits,)
+
+
+def _row(seq, banned) -> RowSpec:
+  return RowSpec(params=seq.params, seed=seq.seed, step=len(seq.output_ids),
+                 prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, banned_ids=banned)

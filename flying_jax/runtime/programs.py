@@ -1,0 +1,187 @@
+"""Compiled programs are data: a registry keyed by (width, kind, step shape), built ahead of time.
+
+Three kinds per (width, shape): `embed` (token ids -> activations), `layer` (one decoder layer,
+called once per layer with that layer's resident weights and KV pools, pools and activations
+donated) and `head` (final norm and logits of the sampled rows, padded to a fixed row count), plus
+one `sample` program per width (on-device sampling of those rows). Nothing is compiled after `build`:
+looking up a missing key raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from flying_jax.config import Architecture
+from flying_jax.model import llama
+from flying_jax.model.attention import KVGeometry
+from flying_jax.model.batch import StepShape, meta_struct, unpack
+from flying_jax.model.heads import HeadPlan
+from flying_jax.model.weights import LayerWeights, ResidentWeights
+from flying_jax.parallel import Collectives, MeshSpecs, per_device
+from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
+from flying_jax.sampling import sample
+
+
+class MissingProgram(KeyError):
+  """A step asked for a program that was not compiled ahead of time (a bug, never a slow path)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthSetup:
+  """Everything static about one width: its mesh, head plan and KV geometry."""
+  specs: MeshSpecs
+  plan: HeadPlan
+  geom: KVGeometry
+  shapes: tuple[StepShape, ...]
+
+  @property
+  def width(self) -> int:
+    return self.specs.width
+
+
+@dataclasses.dataclass
+class ProgramStats:
+  key: tuple
+  compile_s: float
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+
+
+def _embed_fn(ws: WidthSetup, shape: StepShape):
+  def f(embed_VxD, meta_1xL):
+    meta = unpack(meta_1xL[0], shape)
+    return llama.embed(embed_VxD, meta)[None]
+  s = ws.specs
+  return per_device(f, s, (s.replicated_spec, s.per_group_spec), s.per_group_spec)
+
+
+def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
+  coll = Collectives(ws.width)
+
+  def f(lw, k_pool, v_pool, x_1xTxD, meta_1xL):
+    meta = unpack(meta_1xL[0], shape)
+    x, k_pool, v_pool = llama.layer(lw, k_pool, v_pool, x_1xTxD[0], meta, arch=arch, shape=shape,
+                                    plan=ws.plan, geom=ws.geom, coll=coll)
+    return x[None], k_pool, v_pool
+  s = ws.specs
+  return per_device(
+      f, s, (s.replicated_spec, s.per_device_spec, s.per_device_spec, s.per_group_spec,
+             s.per_group_spec),
+      (s.per_group_spec, s.per_device_spec, s.per_device_spec))
+
+
+def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, rows: int):
+  coll = Collectives(ws.width)
+
+  def f(unembed, final_norm, x_1xTxD, meta_1xL):
+    meta = unpack(meta_1xL[0], shape)
+    logits_RxV = llama.logits(unembed, final_norm, x_1xTxD[0], meta, arch=arch, coll=coll)
+    return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None]
+  s = ws.specs
+  g = s.per_group_spec
+  return per_device(f, s, (s.replicated_spec, s.replicated_spec, g, g), g)
+
+
+def _sample_fn(ws: WidthSetup, hist: int, banned: int):
+  def f(logits_1xRxV, sf_1xRxF, si_1xRxI):
+    out = sample(logits_1xRxV[0], unpack_sampling(sf_1xRxF[0], si_1xRxI[0], hist, banned))
+    return out.tokens[None], out.logprob[None], out.top_ids[None], out.top_logprobs[None]
+  s = ws.specs
+  g = s.per_group_spec
+  return per_device(f, s, (g, g, g), (g, g, g, g))
+
+
+class ProgramRegistry:
+  """AOT-compiled programs for every allowed width and step shape of one engine."""
+
+  def __init__(self, arch: Architecture, dtype, setups: dict[int, WidthSetup], pool_struct,
+               hist: int, banned: int, rows: int):
+    self.arch, self.dtype, self.setups = arch, jnp.dtype(dtype), setups
+    self.rows = rows                    # sampled rows per group, every shape padded to it
+    self.pool_struct, self.hist, self.banned = pool_struct, hist, banned
+    self._programs: dict[tuple, Callable] = {}
+    self.stats: list[ProgramStats] = []
+
+  def __getitem__(self, key: tuple) -> Callable:
+    try:
+      return self._programs[key]
+    except KeyError:
+      raise MissingProgram(f"no compiled program for {key}; compiled: {len(self._programs)}") from None
+
+  def __len__(self):
+    return len(self._programs)
+
+  def keys(self):
+    return self._programs.keys()
+
+  def _jobs(self):
+    for ws in self.setups.values():
+      yield ("sample", ws, None)
+      for shape in ws.shapes:
+        for kind in ("layer", "head", "embed"):
+          yield (kind, ws, shape)
+
+  def build(self, weights_abstract: ResidentWeights, progress=None, threads: int = 1):
+    """Lower and compile every program (a few at a time: XLA compiles off the GIL)."""
+    t0 = time.perf_counter()
+    jobs = list(self._jobs())
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      futures = [pool.submit(self._compile, kind, ws, shape, weights_abstract)
+                 for kind, ws, shape in jobs]
+      for fut in concurrent.futures.as_completed(futures):
+        fut.result()
+        if progress is not None:
+          progress.update(1)
+    return time.perf_counter() - t0
+
+  def count(self) -> int:
+    return sum(1 + 3 * len(ws.shapes) for ws in self.setups.values())
+
+  def _compile(self, kind: str, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
+    s, g = ws.specs, ws.specs.groups
+    rep = s.replicated()
+    retarget = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    if kind == "sample":
+      jitted = jax.jit(_sample_fn(ws, self.hist, self.banned))
+      args = self.sample_structs(ws)
+    else:
+      meta = meta_struct(g, shape, s.per_group())
+      x = jax.ShapeDtypeStruct((g, shape.tokens, self.arch.dim), self.dtype, sharding=s.per_group())
+      pool = jax.ShapeDtypeStruct(self.pool_struct.shape, self.pool_struct.dtype,
+                                  sharding=s.per_device())
+    if kind == "embed":
+      jitted = jax.jit(_embed_fn(ws, shape))
+      args = (retarget(wa.embed), meta)
+    elif kind == "layer":
+      jitted = jax.jit(_layer_fn(ws, shape, self.arch), donate_argnums=(1, 2, 3))
+      lw = jax.tree.map(retarget, wa.layers[0])
+      args = (lw, pool, pool, x, meta)
+    elif kind == "head":
+      jitted = jax.jit(_head_fn(ws, shape, self.arch, self.rows))
+      args = (retarget(wa.logits_weight), retarget(wa.final_norm), x, meta)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    dt = time.perf_counter() - t0
+    key = (ws.width, kind, shape)
+    self._programs[key] = compiled
+    mem = compiled.memory_analysis()
+    self.stats.append(ProgramStats(
+        key, dt, getattr(mem, "argument_size_in_bytes", 0), getattr(mem, "temp_size_in_bytes", 0),
+        getattr(mem, "output_size_in_bytes", 0), getattr(mem, "alias_size_in_bytes", 0)))
+
+  def sample_structs(self, ws: WidthSetup):
+    g, r, sh = ws.specs.groups, self.rows, ws.specs.per_group()
+    return (jax.ShapeDtypeStruct((g, r, self.arch.vocab_size), jnp.float32, sharding=sh),
+            jax.ShapeDtypeStruct((g, r, SAMPLE_F32), jnp.float32, sharding=sh),
+            jax.ShapeDtypeStruct((g, r, sample_i32_len(self.hist, self.banned)), jnp.int32,
+                                 sharding=sh))
+
+

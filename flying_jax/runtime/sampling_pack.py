@@ -1,0 +1,47 @@
+"""Sampling metadata of one step as two packed arrays per group (float32 and int32).
+
+The host packs the per-row fields of `flying_jax.sampling` into `[groups, rows, F]` float32 and
+`[groups, rows, I]` int32 arrays (two transfers per step); the head program unpacks them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flying_jax.sampling import SamplingBatch
+
+_F32 = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty")
+_I32 = ("top_k", "seed", "step", "num_logprobs")
+SAMPLE_F32 = len(_F32)
+
+
+def sample_i32_len(hist: int, banned: int) -> int:
+  return len(_I32) + 2 * hist + banned
+
+
+def pack_rows(batch: SamplingBatch, out_f: np.ndarray, out_i: np.ndarray):
+  """Write one group's numpy sampling fields (rows leading) into its slices of the packed arrays."""
+  fields = vars(batch)
+  for j, name in enumerate(_F32):
+    out_f[:, j] = fields[name]
+  for j, name in enumerate(_I32):
+    out_i[:, j] = np.asarray(fields[name]).astype(np.int64).astype(np.uint32).view(np.int32) \
+        if name == "seed" else fields[name]
+  h = fields["prompt_hist"].shape[1]
+  n = len(_I32)
+  out_i[:, n:n + h] = fields["prompt_hist"]
+  out_i[:, n + h:n + 2 * h] = fields["output_hist"]
+  out_i[:, n + 2 * h:] = fields["banned"]
+
+
+def unpack_sampling(f_RxF, i_RxI, hist: int, banned: int) -> SamplingBatch:
+  n = len(_I32)
+  fl = {name: f_RxF[:, j] for j, name in enumerate(_F32)}
+  it = {name: i_RxI[:, j] for j, name in enumerate(_I32)}
+  it["seed"] = jax.lax.bitcast_convert_type(it["seed"], jnp.uint32)
+  return SamplingBatch(
+      **fl, **it, prompt_hist=i_RxI[:, n:n + hist], output_hist=i_RxI[:, n + hist:n + 2 * hist],
+      banned=i_RxI[:, n + 2 * hist:n + 2 * hist + banned])
