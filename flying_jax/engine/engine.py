@@ -87,13 +87,19 @@ class Engine:
     dtype = S.dtype_of(preset)
     S.enable_compile_cache(cfg.cache_dir)
     self.pages = cfg.pages_per_device or preset.pages_per_device
-    t0 = time.perf_counter()
-    host = host_weights if host_weights is not None else S.load_weights_host(card, dtype)
-    rep.load_s = time.perf_counter() - t0
     self.setups = {w: S.width_setup(card, preset, self.devices, w, self.pages) for w in widths}
-    t0 = time.perf_counter()
     replicated = self.setups[widths[0]].specs.replicated()
-    self.weights = W.place(host, replicated)
+    t0 = time.perf_counter()
+    if host_weights is None and card.weights.format == "orbax":
+      from flying_jax.checkpoints.orbax_store import restore_resident
+      self.weights = restore_resident(card.weights.path, card.arch, dtype, replicated)
+      jax.block_until_ready(self.weights)
+      rep.load_s = time.perf_counter() - t0
+    else:
+      host = host_weights if host_weights is not None else S.load_weights_host(card, dtype)
+      rep.load_s = time.perf_counter() - t0
+      self.weights = W.place(host, replicated)
+    t0 = time.perf_counter()
     slots = preset.page_tokens * card.arch.n_kv_heads
     self.device_pools = DevicePools.create(card.arch.n_layers, len(self.devices), self.pages, slots,
                                            card.arch.head_dim, dtype,
@@ -175,6 +181,7 @@ class Engine:
     if all(w.empty for w in work):
       return []
     ws = self.setups[self.width]
+    t_sched = time.perf_counter() - t0
     result = self.executor.run(ws, work, self.outputs.banned_ids)
     t1 = time.perf_counter()
     events = []
@@ -191,7 +198,8 @@ class Engine:
           events.append(self._accept(seq, result, g, result.shape.decode))
     self.steps += 1
     n_tok = sum(len(w.decode) + w.prefill_len for w in work)
-    self.timings.append(StepTiming(result.shape, t1 - t0 - 0.0, time.perf_counter() - t0, n_tok,
+    sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
+    self.timings.append(StepTiming(result.shape, sched_s, time.perf_counter() - t0, n_tok,
                                    sum(len(w.decode) for w in work)))
     return events
 

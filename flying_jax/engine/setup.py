@@ -55,7 +55,7 @@ class StartupReport:
   def lines(self) -> list[str]:
     out = [f"start-up {self.total_s:.1f}s: load {self.load_s:.1f}s, place {self.place_s:.1f}s, "
            f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
-           f"weights {self.weight_bytes / 2**20:.0f} MiB resident (all engines), "
+           f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each), "
            f"KV pools {self.kv_bytes / 2**20:.0f} MiB"]
     for p in self.padding:
       out.append(f"width {p['width']}: {p['q_heads_per_device']} q / {p['kv_heads_per_device']} kv "

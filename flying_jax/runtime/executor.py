@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ class StepResult:
   top_logprobs: np.ndarray | None
   logits: jax.Array                   # [G, R, V] on device, fetched only on demand
   shape: StepShape
+  host_s: float                       # packing + transfers + dispatch (before waiting)
 
 
 def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
@@ -94,17 +96,19 @@ class Executor:
 
   # device side ---------------------------------------------------------------------------------
   def run(self, ws: WidthSetup, work: list[GroupWork], banned_for) -> StepResult:
+    t0 = time.perf_counter()
     shape = pick_shape(ws, work)
     meta, sf, si, wants_logprobs = self.build(ws, work, shape, banned_for)
     sharding = ws.specs.per_group()
     meta, sf, si = jax.device_put((meta, sf, si), sharding)
     out = self.dispatch(ws.width, shape, meta, sf, si)
+    host_s = time.perf_counter() - t0
     tokens = np.asarray(out[0])
     if wants_logprobs:
       lp, ti, tl = (np.asarray(a) for a in out[1:4])
     else:
       lp = ti = tl = None
-    return StepResult(tokens, lp, ti, tl, out[4], shape)
+    return StepResult(tokens, lp, ti, tl, out[4], shape, host_s)
 
   def dispatch(self, width: int, shape: StepShape, meta, sf, si):
     """Enqueue one step's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""

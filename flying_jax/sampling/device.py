@@ -138,21 +138,23 @@ def _bisect(logits_SxV: jax.Array, enough) -> jax.Array:
   """Largest float t per row with `enough(logits_SxV >= t[:, None])` true, exact to the bit.
 
   `enough` maps a bool[S, V] mask to bool[S] and must be monotone (true for t = -inf, false above the
-  row's maximum). 32 halvings of the ordered-int key range pin the threshold exactly.
+  row's maximum). At most 32 halvings of the ordered-int key range pin the threshold exactly.
   """
   with jax.named_scope("bisect"):
-    num_rows = logits_SxV.shape[0]
-    lo_S = jnp.full((num_rows,), _float_key(jnp.float32(-jnp.inf)), jnp.int32)
+    lo_S = _float_key(jnp.min(logits_SxV, axis=1))   # everything is kept there: `enough` holds
     hi_S = _float_key(jnp.max(logits_SxV, axis=1)) + 1
 
-    def halve(_, lo_hi):
+    def open_(lo_hi):
+      lo_S, hi_S = lo_hi
+      return jnp.any(lo_S + 1 < hi_S)   # (hi - lo can overflow int32; lo + 1 cannot)
+
+    def halve(lo_hi):
       lo_S, hi_S = lo_hi
       mid_S = (lo_S >> 1) + (hi_S >> 1) + (lo_S & hi_S & 1)   # floor((lo + hi) / 2) without overflow
-      t_S = _key_float(mid_S)
-      ok_S = enough(logits_SxV >= t_S[:, None])
+      ok_S = enough(logits_SxV >= _key_float(mid_S)[:, None])
       return jnp.where(ok_S, mid_S, lo_S), jnp.where(ok_S, hi_S, mid_S)
 
-    lo_S, _ = lax.fori_loop(0, 32, halve, (lo_S, hi_S))
+    lo_S, _ = lax.while_loop(open_, halve, (lo_S, hi_S))
     return _key_float(lo_S)
 
 
@@ -201,17 +203,20 @@ def apply_top_k_top_p(logits_SxV: jax.Array, top_k_S: jax.Array, top_p_S: jax.Ar
   in them; other rows bisect on the threshold (exact, no [S, V] sort, which is slow on CPU).
   """
   with jax.named_scope("top_k_top_p"):
-    num_rows, vocab = logits_SxV.shape
+    vocab = logits_SxV.shape[1]
 
     def thresholds():
       # The barrier keeps XLA from turning top_k + slices of it into a full [S, V] sort (~40x slower).
       vals_SxK = lax.optimization_barrier(lax.top_k(logits_SxV, min(PARTIAL_TOP_K, vocab))[0])
       thresh_k_S = _top_k_threshold(logits_SxV, vals_SxK, top_k_S)
-      thresh_p_S = _top_p_threshold(logits_SxV, vals_SxK, thresh_k_S, top_p_S)
+      thresh_p_S = lax.cond(jnp.any(top_p_S < 1.0),
+                            lambda: _top_p_threshold(logits_SxV, vals_SxK, thresh_k_S, top_p_S),
+                            lambda: jnp.full_like(top_p_S, -jnp.inf))
       return jnp.maximum(thresh_k_S, thresh_p_S)
 
     any_filter = jnp.any((top_k_S > 0) | (top_p_S < 1.0))
-    thresh_S = lax.cond(any_filter, thresholds, lambda: jnp.full((num_rows,), -jnp.inf, jnp.float32))
+    # `*_like` constants share the inputs' shard_map varying-axes type, as cond branches must.
+    thresh_S = lax.cond(any_filter, thresholds, lambda: jnp.full_like(top_p_S, -jnp.inf))
     return jnp.where(logits_SxV >= thresh_S[:, None], logits_SxV, -jnp.inf)
 
 
@@ -271,7 +276,8 @@ def _top_logprobs(raw_SxV: jax.Array, lse_S: jax.Array, want_S: jax.Array):
             jnp.pad(vals_SxN - lse_S[:, None], pad, constant_values=-jnp.inf))
 
   def skip():
-    return jnp.zeros((num_rows, TOPN), jnp.int32), jnp.zeros((num_rows, TOPN), jnp.float32)
+    return (jnp.zeros_like(lse_S, jnp.int32, shape=(num_rows, TOPN)),   # (*_like: same varying axes)
+            jnp.zeros_like(lse_S, shape=(num_rows, TOPN)))
 
   return lax.cond(jnp.any(want_S > 0), compute, skip)
 

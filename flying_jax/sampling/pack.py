@@ -19,8 +19,9 @@ class RowSpec:
 
   `seed` is always an int: the caller derives a deterministic per-request seed when `params.seed` is
   None. `step` is the number of tokens the sequence has generated so far. The ids are sequences or
-  numpy arrays of token ids; `banned_ids` are forbidden for this step only (e.g. stop ids while below
-  `min_tokens`).
+  numpy arrays of token ids (int32 arrays are cheapest: lists are converted on every step, though
+  only their last `hist_len` ids, and only for rows with penalties); `banned_ids` are forbidden for
+  this step only (e.g. stop ids while below `min_tokens`).
   """
 
   params: SamplingParams

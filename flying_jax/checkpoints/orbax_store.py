@@ -1,0 +1,91 @@
+"""Orbax checkpoints of the resident weight layout: convert once, restore straight onto devices.
+
+`save_resident` writes the fused per-layer arrays that programs read; `restore_resident` restores
+them with a target tree of `ShapeDtypeStruct`s that carry the replicated sharding, so orbax places
+every array directly where the engine keeps it (no host copy of the whole model first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flying_jax.config import Architecture, ConfigError, load_model_card
+from flying_jax.model import weights as W
+
+_META = "flying_jax.json"
+
+
+def _tree(host: dict) -> dict:
+  tree = {"embed": host["embed"], "final_norm": host["final_norm"],
+          "layers": {str(i): dict(lw) for i, lw in enumerate(host["layers"])}}
+  if host.get("unembed") is not None:
+    tree["unembed"] = host["unembed"]
+  return tree
+
+
+def save_resident(host: dict, arch: Architecture, path: str | Path, model_name: str = ""):
+  """Write host arrays in resident layout (see `weights.resident_layout`) as an orbax checkpoint."""
+  import orbax.checkpoint as ocp
+
+  path = Path(path).absolute()
+  if path.exists():
+    raise FileExistsError(f"{path} already exists; choose a new directory")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(path / "weights", _tree(host))
+  ckpt.wait_until_finished()
+  meta = {"model": model_name, "architecture": dataclasses.asdict(arch),
+          "dtype": str(np.asarray(host["embed"]).dtype)}
+  (path / _META).write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(path: str | Path) -> dict:
+  meta_file = Path(path) / _META
+  if not meta_file.exists():
+    raise ConfigError(f"{path} is not a flying-jax orbax checkpoint (no {_META})")
+  return json.loads(meta_file.read_text())
+
+
+def restore_resident(path: str | Path, arch: Architecture, dtype, sharding) -> W.ResidentWeights:
+  """Restore onto the devices, directly in the given (replicated) sharding."""
+  import orbax.checkpoint as ocp
+
+  path = Path(path).absolute()
+  meta = read_meta(path)
+  if meta["architecture"] != dataclasses.asdict(arch):
+    raise ConfigError(f"checkpoint {path} was written for another architecture: "
+                      f"{meta['architecture']}")
+  abstract = W.abstract(arch, meta["dtype"], sharding)
+  target = _tree(dict(embed=abstract.embed, unembed=abstract.unembed,
+                      final_norm=abstract.final_norm,
+                      layers=[vars(lw) for lw in abstract.layers]))
+  restored = ocp.StandardCheckpointer().restore(path / "weights", target)
+  cast = (lambda a: a) if jnp.dtype(meta["dtype"]) == jnp.dtype(dtype) else (
+      lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(a))
+  layers = tuple(W.LayerWeights(**{k: cast(v) for k, v in restored["layers"][str(i)].items()})
+                 for i in range(arch.n_layers))
+  unembed = restored.get("unembed")
+  return W.ResidentWeights(embed=cast(restored["embed"]),
+                           unembed=None if unembed is None else cast(unembed),
+                           final_norm=cast(restored["final_norm"]), layers=layers)
+
+
+def run_convert(args) -> int:
+  """`flying-jax convert --model M --output DIR`."""
+  from flying_jax.checkpoints import load_checkpoint
+
+  card = load_model_card(args.model)
+  if card.weights.format == "orbax":
+    print("error: the model card already points at an orbax checkpoint", file=sys.stderr)
+    return 2
+  host = W.resident_layout(load_checkpoint(card), card.arch, jnp.dtype(args.dtype))
+  save_resident(host, card.arch, args.output, card.name)
+  print(f"wrote {args.output} ({card.name}, {args.dtype})")
+  print(f"use it with a model card whose [weights] say: format = \"orbax\", path = \"{args.output}\"")
+  return 0

@@ -1,0 +1,117 @@
+"""The `flying-jax` command line: generate, convert, bench-offline, list.
+
+Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
+creates its backend, parses flags into frozen configs and hands them to the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def cpu_environment(devices: int = 8):
+  """Simulated CPU devices and enough XLA:CPU threads that collectives never deadlock.
+
+  Must run before JAX creates its backend. It only affects the host platform, so it is harmless
+  on GPU and TPU machines.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  os.environ.setdefault("PJRT_NPROC", "16")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser):
+  p.add_argument("--model", default="smollm2-135m", help="model card name or path (models/*.toml)")
+  p.add_argument("--mesh", default=None,
+                 help="mesh preset name or path (meshes/*.toml); default: cpu-8 without an "
+                      "accelerator, else the platform's preset")
+  p.add_argument("--width", type=int, default=None,
+                 help="partition width: 1 = data parallel replicas, N = one tensor-parallel group "
+                      "of N devices (default: the smallest width of the mesh)")
+  p.add_argument("--compile-cache", default=os.path.join(".cache", "jax"),
+                 help="persistent XLA compilation cache directory ('' to disable)")
+  p.add_argument("--all-widths", action="store_true",
+                 help="compile every width the mesh allows, not only --width")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser):
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--min-p", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--max-tokens", type=int, default=64)
+  p.add_argument("--min-tokens", type=int, default=0)
+  p.add_argument("--repetition-penalty", type=float, default=1.0)
+  p.add_argument("--presence-penalty", type=float, default=0.0)
+  p.add_argument("--frequency-penalty", type=float, default=0.0)
+  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  p.add_argument("-n", type=int, default=1, help="samples per prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="flying-jax",
+      description="flying-jax: serve LLMs with JAX, switching between data and tensor parallelism.")
+  parser.add_argument("-v", "--verbose", action="store_true", help="log start-up details")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  gen = sub.add_parser("generate", help="generate completions for prompts (offline)",
+                       description="Generate a completion for each PROMPT and print it.")
+  _add_engine_flags(gen)
+  _add_sampling_flags(gen)
+  gen.add_argument("--chat", action="store_true",
+                   help="treat each prompt as a user message and apply the model's chat template")
+  gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+
+  conv = sub.add_parser("convert", help="write an orbax checkpoint from GGUF or safetensors",
+                        description="Convert a model card's weights (GGUF, safetensors or random) "
+                                    "into an orbax checkpoint in the resident layout.")
+  conv.add_argument("--model", default="smollm2-135m")
+  conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  conv.add_argument("--output", required=True, help="checkpoint directory to create")
+
+  bench = sub.add_parser("bench-offline", help="offline throughput and step-time benchmark",
+                         description="Output tokens/s, decode step time at batch 1/8/32, host "
+                                     "overhead and start-up time, for each width and for cpu-1.")
+  bench.add_argument("--model", default="smollm2-135m")
+  bench.add_argument("--mesh", default=None)
+  bench.add_argument("--single-mesh", default=None,
+                     help="the single-device preset to compare with (default: cpu-1 / gpu-1)")
+  bench.add_argument("--prompts", type=int, default=64)
+  bench.add_argument("--output-tokens", type=int, default=128)
+  bench.add_argument("--widths", default=None, help="comma-separated widths (default: all)")
+  bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+  sub.add_parser("list", help="list model cards and mesh presets")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(message)s")
+  if args.command == "list":
+    from flying_jax.config import available
+    print("models:", ", ".join(available("models")))
+    print("meshes:", ", ".join(available("meshes")))
+    return 0
+  cpu_environment()
+  if args.command == "generate":
+    from flying_jax.cli_generate import run_generate
+    return run_generate(args)
+  if args.command == "convert":
+    from flying_jax.checkpoints.orbax_store import run_convert
+    return run_convert(args)
+  if args.command == "bench-offline":
+    from flying_jax.bench.offline import run_bench
+    return run_bench(args)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

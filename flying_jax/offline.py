@@ -1,0 +1,146 @@
+"""The offline API, in the style users know from vLLM.
+
+    from flying_jax import LLM, SamplingParams
+    llm = LLM(model="smollm2-135m", mesh="cpu-8", width=2)
+    outs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Sequence as Seq
+
+from flying_jax.config import default_mesh_name, load_mesh_preset, load_model_card
+from flying_jax.engine.engine import Engine, RequestRejected
+from flying_jax.engine.sequence import TokenLogprob
+from flying_jax.engine.setup import EngineConfig
+from flying_jax.sampling import SamplingParams
+from flying_jax.tokenizers import load_tokenizer
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+  index: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str | None
+  stop_reason: int | str | None = None
+  logprobs: list[TokenLogprob] | None = None
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+  arrival_time: float
+  first_scheduled_time: float | None
+  first_token_time: float | None
+  finished_time: float | None
+
+  @property
+  def time_to_first_token(self) -> float | None:
+    return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  request_id: str
+  prompt: str | None
+  prompt_token_ids: list[int]
+  outputs: list[CompletionOutput]
+  finished: bool
+  metrics: RequestMetrics
+
+
+class LLM:
+  """An engine on one mesh, with a tokenizer, for offline batch generation."""
+
+  def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
+               widths: Seq[int] | None = None, cache_dir: str | None = None,
+               pages_per_device: int | None = None, progress: bool = True):
+    self.card = load_model_card(model)
+    self.preset = load_mesh_preset(mesh or default_mesh_name())
+    self.tokenizer = load_tokenizer(self.card)
+    if widths is None and width is not None:
+      widths = (width,)
+    config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
+                          cache_dir=cache_dir, pages_per_device=pages_per_device, progress=progress)
+    self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer)
+    self._ids = itertools.count()
+
+  @property
+  def startup_report(self):
+    return self.engine.report
+
+  def encode(self, prompt: str | Seq[int] | dict, chat: bool) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+      return None, [int(t) for t in prompt["prompt_token_ids"]]
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+      text = self.tokenizer.apply_chat_template(list(prompt))
+      return text, self.tokenizer.encode(text)
+    if not isinstance(prompt, str):
+      raise TypeError(f"a prompt is a string, a chat message list or {{'prompt_token_ids': [...]}}, "
+                      f"not {type(prompt).__name__}")
+    if chat:
+      prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    return prompt, self.tokenizer.encode(prompt)
+
+  def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
+               chat: bool = False, use_tqdm: bool = True) -> list[RequestOutput]:
+    """Generate for every prompt; outputs come back in input order."""
+    if isinstance(prompts, (str, dict)):
+      prompts = [prompts]
+    params = params or SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+      raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    encoded = [self.encode(p, chat) for p in prompts]
+    ids = []
+    try:
+      for (text, toks), p in zip(encoded, plist):
+        rid = f"offline-{next(self._ids)}"
+        self.engine.add_request(rid, toks, p)
+        ids.append(rid)
+    except RequestRejected:
+      for rid in ids:
+        self.engine.abort(rid)
+      raise
+    self._run(ids, use_tqdm)
+    outs = [self._output(rid, text, toks) for rid, (text, toks) in zip(ids, encoded)]
+    for rid in ids:
+      self.engine.release(rid)
+    return outs
+
+  def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = True):
+    """One conversation (a list of {"role", "content"}) or a list of conversations."""
+    convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    return self.generate(convs, params, use_tqdm=use_tqdm)
+
+  def _run(self, ids: list[str], use_tqdm: bool):
+    bar = None
+    if use_tqdm and len(ids) > 1:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(ids), desc="generating", unit="req")
+    pending = set(ids)
+    while pending:
+      events = self.engine.step()
+      if not events and not self.engine.has_unfinished():
+        break
+      done = {r for r in pending if all(s.finished for s in self.engine.request(r))}
+      if bar is not None and done:
+        bar.update(len(done))
+      pending -= done
+    if bar is not None:
+      bar.close()
+
+  def _output(self, rid: str, text: str | None, toks: list[int]) -> RequestOutput:
+    seqs = self.engine.request(rid)
+    outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                             list(s.logprobs) if s.params.logprobs is not None else None)
+            for s in seqs]
+    s0 = seqs[0]
+    metrics = RequestMetrics(s0.arrival_time, s0.scheduled_time,
+                             min((s.first_token_time or time.monotonic()) for s in seqs),
+                             max((s.finish_time or 0.0) for s in seqs))
+    return RequestOutput(rid, text, toks, outs, all(s.finished for s in seqs), metrics)
