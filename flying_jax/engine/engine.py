@@ -69,12 +69,7 @@ class Engine:
     self.report = S.StartupReport()
     self._build(widths, host_weights)
     self.outputs = OutputProcessor(tokenizer)
-    ws = self.setups[self.width]
-    groups = [Group(i * self.width, self.width) for i in range(ws.specs.groups)]
-    limits = SchedulerLimits(max(preset.decode_buckets), max(preset.prefill_chunks),
-                             preset.token_budget)
-    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
-    self.capacity = S.capacity_tokens(card, ws, self.pages)
+    self._partition(self.width)
     self._ids = itertools.count()
     self._requests: dict[str, list[Sequence]] = {}
     self._seed_base = random.getrandbits(31)
@@ -122,6 +117,26 @@ class Engine:
     rep.padding = S.report_padding(card, widths)
     for line in rep.lines():
       log.info(line)
+
+  def _partition(self, width: int):
+    """Serve `width`: a scheduler over its uniform groups and the capacity of one group."""
+    ws = self.setups[width]
+    groups = [Group(i * width, width) for i in range(ws.specs.groups)]
+    limits = SchedulerLimits(max(self.preset.decode_buckets), max(self.preset.prefill_chunks),
+                             self.preset.token_budget)
+    self.width = width
+    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
+    self.capacity = S.capacity_tokens(self.card, ws, self.pages)
+
+  def set_width(self, width: int):
+    """Serve another compiled width from the next step on; only while no request is in flight."""
+    if width not in self.setups:
+      raise ValueError(f"width {width} is not among the compiled widths {tuple(self.setups)}")
+    if not self.no_leaks():
+      raise RuntimeError(f"cannot switch to width {width} while requests are running or waiting "
+                         f"({self.scheduler.num_running()} running, "
+                         f"{len(self.scheduler.waiting)} waiting)")
+    self._partition(width)
 
   # requests ------------------------------------------------------------------------------------
   def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

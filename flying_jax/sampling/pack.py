@@ -54,7 +54,7 @@ def _empty_batch(num_rows: int, hist_len: int, max_banned: int) -> dict[str, np.
       prompt_hist=np.full((num_rows, hist_len), -1, np.int32),
       output_hist=np.full((num_rows, hist_len), -1, np.int32),
       banned=np.full((num_rows, max_banned), -1, np.int32),
-      num_logprobs=np.zeros((num_rows,), np.int32),
+      num_logprobs=np.full((num_rows,), -1, np.int32),
   )
 
 
@@ -67,7 +67,7 @@ def _fill_row(a: dict[str, np.ndarray], i: int, row: RowSpec, hist_len: int, max
   a["min_p"][i] = p.min_p
   a["seed"][i] = row.seed & _SEED_MASK
   a["step"][i] = row.step
-  a["num_logprobs"][i] = p.logprobs or 0
+  a["num_logprobs"][i] = -1 if p.logprobs is None else p.logprobs
   if p.has_penalties:   # histories only matter to rows with penalties
     a["repetition_penalty"][i] = p.repetition_penalty
     a["presence_penalty"][i] = p.presence_penalty

@@ -1,0 +1,237 @@
+"""Configs, head plans and the KV page pool: host-side invariants, plus the slot written == slot read."""
+
+import dataclasses
+from fractions import Fraction
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flying_jax.config import (
+    ConfigError,
+    MeshPreset,
+    available,
+    load_mesh_preset,
+    load_model_card,
+)
+from flying_jax.kv import PageLayout, PagePool, PoolExhausted
+from flying_jax.model.attention import KVGeometry, _gather_block, write_kv
+from flying_jax.model.heads import padding_report, plan_heads
+
+WIDTHS = (1, 2, 4, 8)
+
+
+# ---------------------------------------------------------------- cards and presets
+
+@pytest.mark.parametrize("name", available("models"))
+def test_every_model_card_loads(name):
+  card = load_model_card(name)
+  a = card.arch
+  assert card.name and a.n_heads % a.n_kv_heads == 0 and a.group_size * a.n_kv_heads == a.n_heads
+  assert a.param_count() > 0
+  assert card.weights.format in {"gguf", "safetensors", "orbax", "random"}
+
+
+@pytest.mark.parametrize("name", available("meshes"))
+def test_every_mesh_preset_loads(name):
+  p = load_mesh_preset(name)
+  assert p.name == name and p.devices >= 1 and p.base_width == 1
+  assert all(p.devices % w == 0 for w in p.widths)
+  assert p.decode_buckets and p.prefill_chunks and p.page_tokens > 0 and p.pages_per_device >= 2
+
+
+def test_shipped_names():
+  assert {"tiny", "smollm2-135m"} <= set(available("models"))
+  assert {"cpu-1", "cpu-8"} <= set(available("meshes"))
+  assert load_mesh_preset("cpu-8").devices == 8 and load_mesh_preset("cpu-1").devices == 1
+
+
+@pytest.mark.parametrize("loader, kind", [(load_model_card, "models"), (load_mesh_preset, "meshes")])
+def test_unknown_name_lists_known_ones(loader, kind):
+  with pytest.raises(ConfigError, match="unknown") as err:
+    loader("no-such-name")
+  msg = str(err.value)
+  assert "no-such-name" in msg and "known" in msg
+  for known in available(kind):
+    assert known in msg
+
+
+def test_missing_toml_path_and_unknown_keys(tmp_path):
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_mesh_preset(str(tmp_path / "absent.toml"))
+  bad = tmp_path / "bad.toml"
+  bad.write_text((load_mesh_preset.__globals__["_find"]("meshes", "cpu-8")).read_text()
+                 + "\nbogus_key = 1\n")
+  with pytest.raises(ConfigError, match="bogus_key"):
+    load_mesh_preset(str(bad))
+
+
+def test_preset_rejects_bad_widths_and_empty_buckets():
+  p = load_mesh_preset("cpu-8")
+  for widths in ((3,), (16,), (0,)):
+    with pytest.raises(ConfigError, match="width"):
+      dataclasses.replace(p, widths=widths)
+  with pytest.raises(ConfigError, match="decode_buckets"):
+    dataclasses.replace(p, decode_buckets=())
+  with pytest.raises(ConfigError, match="base_width"):
+    dataclasses.replace(p, base_width=2)
+  assert isinstance(p, MeshPreset)
+
+
+# ---------------------------------------------------------------- head plans
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "tiny"])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_plan_covers_each_query_head_once_next_to_its_kv_head(model, width):
+  arch = load_model_card(model).arch
+  plan = plan_heads(arch, width)
+  assert plan.q_index.shape == (width, plan.kv_per_device * plan.q_per_kv)
+  assert plan.kv_index.shape == (width, plan.kv_per_device)
+  q = plan.q_index[plan.q_index >= 0]
+  assert sorted(q.tolist()) == list(range(arch.n_heads))
+  for d in range(width):
+    for slot, h in enumerate(plan.q_index[d]):
+      if h >= 0:
+        assert plan.kv_index[d, slot // plan.q_per_kv] == h // arch.group_size
+  # every KV head lives on some device; padded KV slots carry no query head
+  assert set(plan.kv_index[plan.kv_index >= 0].tolist()) == set(range(arch.n_kv_heads))
+  for d, s in zip(*np.nonzero(plan.kv_index < 0)):
+    assert (plan.q_index[d, s * plan.q_per_kv:(s + 1) * plan.q_per_kv] < 0).all()
+  assert plan.is_identity == (width == 1)
+
+
+def test_padding_report_smollm2():
+  """9 query / 3 KV heads: hand-computed head counts and padding costs.
+
+  Projection cost per device in units of hd * dim is (q + 2 kv) + q; unpadded it is 15 + 9 = 24.
+  w=2: 2 kv x 3 q per device -> 2 * (10 + 6) = 32 -> +1/3; KV copies 4/3 -> +1/3.
+  w=4: 1 kv x 3 q -> 4 * (5 + 3) = 32 -> +1/3; KV heads padded to 4 -> +1/3.
+  w=8: KV padded to 4, each replicated twice, ceil(3/2) = 2 q -> 8 * (4 + 2) = 48 -> +1; 8/3 -> +5/3.
+  """
+  arch = load_model_card("smollm2-135m").arch
+  expected = {1: (9, 3, 0, Fraction(0), Fraction(0)),
+              2: (6, 2, 3, Fraction(1, 3), Fraction(1, 3)),
+              4: (3, 1, 3, Fraction(1, 3), Fraction(1, 3)),
+              8: (2, 1, 7, Fraction(1), Fraction(5, 3))}
+  for w, (q, kv, padded, flops, kvb) in expected.items():
+    r = padding_report(arch, w)
+    assert (r["width"], r["q_heads_per_device"], r["kv_heads_per_device"], r["padded_q_heads"]) == (
+        w, q, kv, padded)
+    assert r["attn_proj_flops_extra"] == pytest.approx(float(flops))
+    assert r["kv_bytes_per_token_extra"] == pytest.approx(float(kvb))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_padding_report_tiny_has_no_padding(width):
+  arch = load_model_card("tiny").arch
+  r = padding_report(arch, width)
+  assert r["q_heads_per_device"] * width == arch.n_heads
+  assert r["kv_heads_per_device"] * width == arch.n_kv_heads
+  assert r["padded_q_heads"] == 0
+  assert r["attn_proj_flops_extra"] == pytest.approx(0.0)
+  assert r["kv_bytes_per_token_extra"] == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- the host page pool
+
+def test_pool_allocate_release_and_exhaustion():
+  pool = PagePool(devices=4, pages=6)
+  assert pool.all_free() and pool.free_count(0, 4) == 5          # page 0 is the null page
+  a = pool.allocate(0, 2, 3)
+  assert len(a) == len(set(a)) == 3 and 0 not in a
+  assert pool.free_count(0, 2) == 2 and pool.free_count(2, 2) == 5
+  assert pool.free_count(0, 4) == 2                               # a group spanning both halves
+  b = pool.allocate(2, 2, 5)
+  assert 0 not in b and pool.free_count(2, 2) == 0
+  with pytest.raises(PoolExhausted):
+    pool.allocate(0, 2, 3)
+  with pytest.raises(PoolExhausted):
+    pool.allocate(1, 2, 1)                                          # device 2 is full
+  assert pool.allocate(0, 1, 0) == []
+  np.testing.assert_allclose(pool.used_fraction(), [0.6, 0.6, 1.0, 1.0])
+  assert not pool.all_free()
+  pool.release(0, 2, a)
+  with pytest.raises(AssertionError, match="double free"):
+    pool.release(0, 2, a)
+  with pytest.raises(AssertionError, match="double free"):
+    pool.release(2, 2, b + [b[0]] if False else [b[0], a[0]])    # a[0] is free on devices 2..3? no
+  pool.release(2, 2, b)
+  assert pool.all_free() and pool.free_count(0, 4) == 5
+
+
+def test_pool_double_free_detected_per_device():
+  pool = PagePool(devices=2, pages=4)
+  ids = pool.allocate(0, 1, 2)                                    # only device 0
+  with pytest.raises(AssertionError, match="double free"):
+    pool.release(0, 2, ids)                                       # device 1 never held them
+  pool.release(0, 1, ids)
+  pool.release(0, 1, [])
+  assert pool.all_free()
+
+
+def test_pool_needs_a_null_page_and_one_more():
+  with pytest.raises(ValueError, match="at least 2 pages"):
+    PagePool(devices=1, pages=1)
+
+
+def test_page_layout_pages_for():
+  lay = PageLayout(width=2, kv_per_device=4, tokens_per_page=32)
+  assert [lay.pages_for(t) for t in (0, 1, 32, 33, 64, 65)] == [0, 1, 1, 2, 2, 3]
+
+
+# ---------------------------------------------------------------- slot written == slot read
+
+def _interpretations():
+  for page_tokens, n_kv in ((16, 3), (16, 8), (4, 2)):
+    slots = page_tokens * n_kv
+    for kvpd in (1, 2, 3, 4, 8):
+      if slots % kvpd == 0:
+        yield slots, kvpd
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("slots, kvpd", list(_interpretations()))
+def test_write_kv_then_gather_block_round_trip(slots, kvpd, seed):
+  """Each sequence's token p, head h lands where `_gather_block` reads position p, head h."""
+  rng = np.random.default_rng(seed * 1000 + slots * 10 + kvpd)
+  hd, n_pages, ppb = 3, 11, int(rng.integers(1, 4))
+  tpp = slots // kvpd
+  geom = KVGeometry(slots=slots, kv_per_device=kvpd, pages_per_block=ppb, max_pages=8)
+  pool = rng.normal(size=(n_pages, slots, hd)).astype(np.float32)
+  perm = rng.permutation(np.arange(1, n_pages))                   # page 0 stays the null page
+  seqs, bases, news, at = [], [], [], 0
+  for _ in range(2):                                              # two sequences, disjoint pages
+    npg = int(rng.integers(1, 5))
+    pages = perm[at:at + npg]
+    at += npg
+    length = int(rng.integers(1, npg * tpp + 1))
+    pos = rng.permutation(length)                                  # writes in any order
+    base = pages[pos // tpp] * slots + (pos % tpp) * kvpd          # as the executor computes it
+    new = rng.normal(size=(length, kvpd, hd)).astype(np.float32)
+    seqs.append((pages, length))
+    bases.append(base)
+    news.append(new[pos])
+  out = np.asarray(write_kv(jnp.asarray(pool), jnp.asarray(np.concatenate(news)),
+                            jnp.asarray(np.concatenate(bases), jnp.int32)))
+  touched = np.zeros(out.shape[:2], bool)
+  for (pages, length), base, new in zip(seqs, bases, news):
+    cols = -(-len(pages) // ppb) * ppb
+    table = np.zeros((1, cols), np.int32)
+    table[0, :len(pages)] = pages
+    blocks = [np.asarray(_gather_block(jnp.asarray(out), jnp.asarray(table[:, b:b + ppb]), geom))
+              for b in range(0, cols, ppb)]
+    got = np.concatenate(blocks, axis=1)[0]                        # [positions, kvpd, hd]
+    assert got.shape == (cols * tpp, kvpd, hd)
+    expect = np.empty((length, kvpd, hd), np.float32)
+    pos = (base - pages[np.searchsorted(pages, pages)][0] * 0)     # placeholder for clarity below
+    page_of = {int(p): i for i, p in enumerate(pages)}
+    for b, row in zip(base, new):
+      i = page_of[int(b // slots)] * tpp + (b % slots) // kvpd
+      expect[i] = row
+    np.testing.assert_array_equal(got[:length], expect)
+    for b in base:
+      touched[b // slots, b % slots:b % slots + kvpd] = True
+    del pos
+  # nothing outside the written slots changed, the null page included
+  np.testing.assert_array_equal(out[~touched], pool[~touched])
+  assert not touched[0].any()
