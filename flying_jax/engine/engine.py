@@ -46,7 +46,8 @@ class SeqEvent:
 @dataclasses.dataclass
 class StepTiming:
   shape: object
-  host_s: float          # scheduling + packing + dispatch
+  host_s: float          # host work: scheduling, packing, token bookkeeping (not dispatch)
+  dispatch_s: float      # enqueueing the compiled programs
   total_s: float         # until the sampled ids are on the host
   tokens: int            # tokens processed (prefill + decode, real ones)
   decoded: int           # decode slots used
@@ -214,7 +215,8 @@ class Engine:
     self.steps += 1
     n_tok = sum(len(w.decode) + w.prefill_len for w in work)
     sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
-    self.timings.append(StepTiming(result.shape, sched_s, time.perf_counter() - t0, n_tok,
+    self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s,
+                                   time.perf_counter() - t0, n_tok,
                                    sum(len(w.decode) for w in work)))
     return events
 

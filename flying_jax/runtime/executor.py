@@ -31,7 +31,8 @@ class StepResult:
   top_logprobs: np.ndarray | None
   logits: jax.Array                   # [G, R, V] on device, fetched only on demand
   shape: StepShape
-  host_s: float                       # packing + transfers + dispatch (before waiting)
+  host_s: float                       # building the packed arrays and handing them to JAX
+  dispatch_s: float                   # enqueueing the programs (may include execution on CPU)
 
 
 def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
@@ -101,14 +102,15 @@ class Executor:
     meta, sf, si, wants_logprobs = self.build(ws, work, shape, banned_for)
     sharding = ws.specs.per_group()
     meta, sf, si = jax.device_put((meta, sf, si), sharding)
+    t1 = time.perf_counter()
     out = self.dispatch(ws.width, shape, meta, sf, si)
-    host_s = time.perf_counter() - t0
+    host_s, dispatch_s = t1 - t0, time.perf_counter() - t1
     tokens = np.asarray(out[0])
     if wants_logprobs:
       lp, ti, tl = (np.asarray(a) for a in out[1:4])
     else:
       lp = ti = tl = None
-    return StepResult(tokens, lp, ti, tl, out[4], shape, host_s)
+    return StepResult(tokens, lp, ti, tl, out[4], shape, host_s, dispatch_s)
 
   def dispatch(self, width: int, shape: StepShape, meta, sf, si):
     """Enqueue one step's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""
