@@ -23,7 +23,7 @@ def run_generate(args) -> int:
   try:
     params = sampling_from_args(args)
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width,
-              widths=None if args.all_widths else ((args.width,) if args.width else None),
+              widths="all" if args.all_widths else None,
               cache_dir=args.compile_cache or None, progress=sys.stderr.isatty())
   except (ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

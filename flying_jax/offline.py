@@ -54,15 +54,22 @@ class RequestOutput:
 
 
 class LLM:
-  """An engine on one mesh, with a tokenizer, for offline batch generation."""
+  """An engine on one mesh, with a tokenizer, for offline batch generation.
+
+  `width` is the partition served (1 = data-parallel replicas); `widths` the widths compiled at
+  start-up: by default only `width` when it is given, else all; `"all"` for every width the mesh
+  allows.
+  """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
-               widths: Seq[int] | None = None, cache_dir: str | None = None,
+               widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True):
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
-    if widths is None and width is not None:
+    if widths == "all":
+      widths = None                       # every width the mesh allows
+    elif widths is None and width is not None:
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
                           cache_dir=cache_dir, pages_per_device=pages_per_device, progress=progress)

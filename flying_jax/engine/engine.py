@@ -111,11 +111,12 @@ class Engine:
       bar.close()
     self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
                              cfg.max_banned)
-    rep.warmup_s = S.warm_up(self.registry, self.executor, self.setups)
+    rep.warmup_s = S.warm_up(self.registry, self.weights, self.device_pools, self.setups)
     rep.programs = len(self.registry)
     rep.weight_bytes = self.weights.nbytes()
     rep.kv_bytes = self.device_pools.nbytes()
     rep.padding = S.report_padding(card, widths)
+    rep.compiled = S.describe_programs(self.registry)
     for line in rep.lines():
       log.info(line)
 

@@ -47,6 +47,7 @@ class StartupReport:
   weight_bytes: int = 0
   kv_bytes: int = 0
   padding: list = dataclasses.field(default_factory=list)
+  compiled: list = dataclasses.field(default_factory=list)   # one line per width
 
   @property
   def total_s(self) -> float:
@@ -57,6 +58,7 @@ class StartupReport:
            f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
            f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each), "
            f"KV pools {self.kv_bytes / 2**20:.0f} MiB"]
+    out.extend(self.compiled)
     for p in self.padding:
       out.append(f"width {p['width']}: {p['q_heads_per_device']} q / {p['kv_heads_per_device']} kv "
                  f"heads per device, padding +{100 * p['attn_proj_flops_extra']:.0f}% attention "
@@ -99,21 +101,31 @@ def dtype_of(preset: MeshPreset):
   return jnp.dtype(preset.dtype)
 
 
-def warm_up(registry: ProgramRegistry, executor, setups: dict[int, WidthSetup]) -> float:
-  """Run every program once on an all-padding batch (writes go to the null page)."""
+def warm_up(registry: ProgramRegistry, weights, pools, setups: dict[int, WidthSetup]) -> float:
+  """Run every program once on an all-padding batch (KV writes go to the null page).
+
+  The layer program is the same executable for every layer, so one layer call warms it.
+  """
   from flying_jax.model.batch import HostBatch
-  from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len
+  from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_rows, sample_i32_len
+  from flying_jax.sampling import pack_sampling
 
   t0 = time.perf_counter()
   for w, ws in setups.items():
+    g = ws.specs.groups
     for shape in ws.shapes:
-      g = ws.specs.groups
-      meta = HostBatch(g, shape).pack()
-      sf = np.zeros((g, registry.rows, SAMPLE_F32), np.float32)
-      si = np.zeros((g, registry.rows, sample_i32_len(registry.hist, registry.banned)), np.int32)
-      meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-      out = executor.dispatch(w, shape, meta, sf, si)
-      jax.block_until_ready(out)
+      meta = jax.device_put(HostBatch(g, shape).pack(), ws.specs.per_group())
+      x = registry[(w, "embed", shape)](weights.embed, meta)
+      x, pools.k[0], pools.v[0] = registry[(w, "layer", shape)](
+          weights.layers[0], pools.k[0], pools.v[0], x, meta)
+      logits = registry[(w, "head", shape)](weights.logits_weight, weights.final_norm, x, meta)
+    sf = np.zeros((g, registry.rows, SAMPLE_F32), np.float32)
+    si = np.zeros((g, registry.rows, sample_i32_len(registry.hist, registry.banned)), np.int32)
+    padding = pack_sampling([None] * registry.rows, registry.rows, registry.hist, registry.banned)
+    for gi in range(g):
+      pack_rows(padding, sf[gi], si[gi])
+    sf, si = jax.device_put((sf, si), ws.specs.per_group())
+    jax.block_until_ready(registry[(w, "sample", None)](logits, sf, si))
   return time.perf_counter() - t0
 
 
@@ -121,6 +133,19 @@ def load_weights_host(card: ModelCard, dtype) -> dict:
   from flying_jax.checkpoints import load_checkpoint
 
   return W.resident_layout(load_checkpoint(card), card.arch, dtype)
+
+
+def describe_programs(registry: ProgramRegistry) -> list[str]:
+  """One line per width: the step shapes compiled and the slowest compile."""
+  lines = []
+  for w, ws in registry.setups.items():
+    stats = [st for st in registry.stats if st.key[0] == w]
+    shapes = ", ".join(f"{s.decode}+{s.chunk}" for s in ws.shapes)
+    slow = max(stats, key=lambda st: st.compile_s)
+    lines.append(f"width {w}: {len(stats)} programs (embed/layer/head for decode+chunk "
+                 f"{shapes}; sample), {sum(st.compile_s for st in stats):.1f}s, slowest "
+                 f"{slow.key[1]} {slow.compile_s:.1f}s")
+  return lines
 
 
 def report_padding(card: ModelCard, widths) -> list[dict]:
