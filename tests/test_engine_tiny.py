@@ -46,7 +46,7 @@ def engine(card):
 
 @pytest.fixture(scope="module")
 def small_pool_engine(card):
-  """Width 1 with 6 pages per device: 5 usable pages of 16 tokens, so 80 tokens per group."""
+  """Width 1 with 6 pages per device: 5 usable pages (80 tokens per group with 16-token pages)."""
   return Engine(card, small_preset(), EngineConfig(widths=(1,), pages_per_device=6),
                 tokenizer=load_tokenizer(card))
 
@@ -150,7 +150,8 @@ def test_continuous_batching_equals_one_at_a_time(engine):
   for (_, params), seqs in zip(reqs, together):
     assert len(seqs[0].output_ids) == params.max_tokens and seqs[0].finish_reason == "length"
   assert max(w for w, _ in watch) > 0                     # some requests had to wait
-  assert max(r for _, r in watch) == 16                   # every decode slot was used
+  slots = len(engine.scheduler.groups) * max(engine.preset.decode_buckets)
+  assert max(r for _, r in watch) == slots                # every decode slot was used
   assert batched_steps * 2 < alone_steps, (batched_steps, alone_steps)
 
 
@@ -306,10 +307,12 @@ def test_abort_mid_generation_frees_pages(engine):
 
 
 def test_small_pool_waits_and_preempts_yet_matches(small_pool_engine, engine):
-  assert small_pool_engine.capacity == 80
+  cap = small_pool_engine.capacity
+  assert cap == 5 * small_pool_engine.preset.page_tokens     # 5 usable pages, width 1
   rng = np.random.default_rng(10)
-  lengths = rng.integers(8, 41, size=24).tolist()
-  reqs = [(p, SamplingParams(temperature=0.0, max_tokens=int(rng.integers(20, 81 - len(p)))))
+  lengths = rng.integers(cap // 10, cap // 2 + 1, size=24).tolist()
+  reqs = [(p, SamplingParams(temperature=0.0,
+                             max_tokens=int(rng.integers(cap // 4, cap - len(p) + 1))))
           for p in prompts(11, lengths)]
   watch = []
   constrained = run(small_pool_engine, reqs, watch=watch)

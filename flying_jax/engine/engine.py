@@ -199,7 +199,11 @@ class Engine:
       return []
     ws = self.setups[self.width]
     t_sched = time.perf_counter() - t0
-    result = self.executor.run(ws, work, self.outputs.banned_ids)
+    try:
+      result = self.executor.run(ws, work, self.outputs.banned_ids)
+    except Exception as e:  # a failed step fails its sequences, frees their pages, and is logged
+      log.exception("step failed")
+      return self._fail(work, f"{type(e).__name__}: {e}")
     t1 = time.perf_counter()
     events = []
     for g, w in enumerate(work):
@@ -219,6 +223,16 @@ class Engine:
     self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s,
                                    time.perf_counter() - t0, n_tok,
                                    sum(len(w.decode) for w in work)))
+    return events
+
+  def _fail(self, work, message: str) -> list[SeqEvent]:
+    events = []
+    for w in work:
+      for seq in w.decode + ([w.prefill] if w.prefill is not None else []):
+        seq.error = message
+        self.scheduler.remove(seq)
+        self.outputs.finish(seq, "error")
+        events.append(SeqEvent(seq, [], "", True))
     return events
 
   def _accept(self, seq: Sequence, result, g: int, row: int) -> SeqEvent:

@@ -90,7 +90,7 @@ class OutputProcessor:
     seq.status = Status.FINISHED
     seq.finish_reason = reason
     seq.finish_time = now or time.monotonic()
-    if reason == "abort":
+    if reason in ("abort", "error"):
       self._forget(seq)
 
   def _forget(self, seq: Sequence):

@@ -1,0 +1,147 @@
+"""The `flying-jax` command line: help, list, errors, one real generate run and convert -> orbax card."""
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flying_jax import cli
+from flying_jax.config import available, load_mesh_preset, load_model_card
+from flying_jax.engine.engine import Engine
+from flying_jax.engine.setup import EngineConfig
+from flying_jax.sampling import SamplingParams
+
+
+def main(capsys, *argv):
+  """Run the CLI in-process; (exit code, stdout, stderr)."""
+  try:
+    rc = cli.main(list(argv))
+  except SystemExit as e:                                   # argparse: --help, usage errors
+    rc = e.code
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def test_console_script_is_declared():
+  (ep,) = importlib.metadata.entry_points(group="console_scripts", name="flying-jax")
+  assert ep.value == "flying_jax.cli:main" and ep.load() is cli.main
+
+
+def test_help_mentions_the_commands_and_flags(capsys):
+  rc, out, _ = main(capsys, "--help")
+  assert rc == 0 and "flying-jax" in out
+  for command in ("generate", "convert", "bench-offline", "list"):
+    assert command in out
+  rc, out, _ = main(capsys, "generate", "--help")
+  assert rc == 0
+  for flag in ("--model", "--mesh", "--width", "--all-widths", "--compile-cache", "--temperature",
+               "--top-p", "--top-k", "--min-p", "--seed", "--max-tokens", "--min-tokens",
+               "--repetition-penalty", "--stop", "--chat", "PROMPT"):
+    assert flag in out, flag
+  rc, out, _ = main(capsys, "convert", "--help")
+  assert rc == 0 and "--output" in out and "--dtype" in out
+
+
+def test_list(capsys):
+  rc, out, _ = main(capsys, "list")
+  assert rc == 0
+  models, meshes = out.strip().splitlines()
+  assert models == "models: " + ", ".join(available("models"))
+  assert meshes == "meshes: " + ", ".join(available("meshes"))
+  assert "tiny" in models and "cpu-8" in meshes
+
+
+def test_usage_errors_exit_2(capsys):
+  rc, _, err = main(capsys, "generate")                    # no prompt
+  assert rc == 2 and "PROMPT" in err
+  rc, _, err = main(capsys, "no-such-command")
+  assert rc == 2 and "invalid choice" in err
+
+
+def test_generate_unknown_model_is_a_clear_error(capsys):
+  rc, out, err = main(capsys, "generate", "--model", "no-such-model", "hi")
+  assert rc == 2 and out == ""
+  assert "error:" in err and "no-such-model" in err and "tiny" in err   # lists the known cards
+
+
+def test_generate_bad_sampling_flag_is_a_clear_error(capsys):
+  rc, _, err = main(capsys, "generate", "--model", "tiny", "--top-p", "0", "hi")
+  assert rc == 2 and "top_p" in err
+
+
+def test_generate_runs(tmp_path):
+  """A real run in a fresh process (its compile cache goes under tmp_path, the working directory)."""
+  env = dict(os.environ)
+  proc = subprocess.run(
+      [sys.executable, "-m", "flying_jax.cli", "generate", "--model", "tiny", "--mesh", "cpu-1",
+       "--max-tokens", "4", "hi"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.endswith("\n") and proc.stdout.count("\n") >= 1
+  assert "Traceback" not in proc.stderr
+
+
+def _toml(tables: dict) -> str:
+  def value(v):
+    if isinstance(v, bool):
+      return "true" if v else "false"
+    if isinstance(v, str):
+      return json.dumps(v)
+    if isinstance(v, (tuple, list)):
+      return "[" + ", ".join(value(x) for x in v) + "]"
+    return repr(v)
+  lines = []
+  for name, table in tables.items():
+    if isinstance(table, dict):
+      lines.append(f"[{name}]")
+      lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    else:
+      lines.insert(0, f"{name} = {value(table)}")
+  return "\n".join(lines) + "\n"
+
+
+def _greedy(engine, prompts, max_tokens=10):
+  for i, p in enumerate(prompts):
+    engine.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+  while engine.has_unfinished():
+    engine.step()
+  out = [engine.request(f"g{i}")[0].output_ids for i in range(len(prompts))]
+  assert engine.no_leaks()
+  return out
+
+
+def test_convert_then_orbax_card_generates_the_same(capsys, tmp_path):
+  ckpt = tmp_path / "x"
+  rc, out, err = main(capsys, "convert", "--model", "tiny", "--output", str(ckpt))
+  assert rc == 0, err
+  assert str(ckpt) in out and (ckpt / "flying_jax.json").exists()
+  with pytest.raises(FileExistsError):
+    cli.main(["convert", "--model", "tiny", "--output", str(ckpt)])
+
+  tiny = load_model_card("tiny")
+  card_path = tmp_path / "tiny-orbax.toml"
+  card_path.write_text(_toml({
+      "name": "tiny-orbax", "description": "tiny, converted to orbax",
+      "architecture": dataclasses.asdict(tiny.arch),
+      "weights": {"format": "orbax", "path": str(ckpt)},
+      "tokenizer": dataclasses.asdict(tiny.tokenizer)}))
+  card = load_model_card(str(card_path))
+  assert card.arch == tiny.arch and card.weights.format == "orbax"
+  rc, _, err = main(capsys, "convert", "--model", str(card_path), "--output", str(tmp_path / "y"))
+  assert rc == 2 and "already points at an orbax checkpoint" in err
+
+  preset = dataclasses.replace(load_mesh_preset("cpu-1"), decode_buckets=(8,), prefill_chunks=(32,),
+                               token_budget=40)
+  config = EngineConfig(pages_per_device=32)
+  restored = Engine(card, preset, config)
+  original = Engine(tiny, preset, config)
+  for a, b in zip(jax.tree.leaves(restored.weights), jax.tree.leaves(original.weights)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  prompts = [[1, 2, 3], list(range(40, 90)), [7]]
+  assert _greedy(restored, prompts) == _greedy(original, prompts)

@@ -1,0 +1,152 @@
+"""SmolLM2-135M-Instruct against the golden file, at every width, through one engine and the LLM API.
+
+One `LLM` (the only one in the suite) is built on a copy of the cpu-8 preset with small buckets,
+compiled for widths 1, 2, 4 and 8; its engine switches width between workloads.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flying_jax import LLM
+from flying_jax.config import MeshPreset, load_mesh_preset
+from flying_jax.sampling import SamplingParams
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2-135m-instruct.json"
+WIDTHS = (1, 2, 4, 8)
+EXTRA = ["Hello", "1, 2, 3,", "The sky is", "def add(a, b):"]
+QUESTION = "What is the capital of France?"
+
+
+def write_preset(path: Path, preset: MeshPreset):
+  """A mesh preset as a flat TOML file (load_mesh_preset accepts the keys at top level)."""
+  def value(v):
+    if isinstance(v, bool):
+      return "true" if v else "false"
+    if isinstance(v, str):
+      return json.dumps(v)
+    if isinstance(v, (tuple, list)):
+      return "[" + ", ".join(value(x) for x in v) + "]"
+    return repr(v)
+  path.write_text("".join(f"{f.name} = {value(getattr(preset, f.name))}\n"
+                          for f in dataclasses.fields(preset)))
+
+
+@pytest.fixture(scope="module")
+def golden():
+  return json.loads(GOLDEN.read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+  preset = dataclasses.replace(load_mesh_preset("cpu-8"), name="cpu-8-small", decode_buckets=(8,),
+                               prefill_chunks=(32,), token_budget=40)
+  path = tmp_path_factory.mktemp("mesh") / "cpu-8-small.toml"
+  write_preset(path, preset)
+  assert load_mesh_preset(str(path)) == preset
+  return LLM(model="smollm2-135m", mesh=str(path), widths=WIDTHS, pages_per_device=64,
+             progress=False)
+
+
+@contextlib.contextmanager
+def captured_logits(engine):
+  """The float32 logits row of every sampled token, per seq_id, in sampling order."""
+  got = collections.defaultdict(list)
+  original = engine.executor.run
+
+  def run_and_keep(ws, work, banned_for):
+    res = original(ws, work, banned_for)
+    logits = np.asarray(res.logits)
+    for g, w in enumerate(work):
+      for i, seq in enumerate(w.decode):
+        got[seq.seq_id].append(logits[g, i])
+      if w.prefill_samples:
+        got[w.prefill.seq_id].append(logits[g, res.shape.decode])
+    return res
+
+  engine.executor.run = run_and_keep
+  try:
+    yield got
+  finally:
+    del engine.executor.run
+
+
+@pytest.fixture(scope="module")
+def runs(llm, golden):
+  """Per width: {name: (output ids, text, logits of every step)} for the golden cases and EXTRA,
+  all in one batch."""
+  engine, tok = llm.engine, llm.tokenizer
+  requests = {name: (c["prompt_ids"], len(c["greedy_ids"])) for name, c in golden.items()}
+  requests.update({p: (tok.encode(p), 8) for p in EXTRA})
+  out = {}
+  for w in WIDTHS:
+    engine.set_width(w)
+    with captured_logits(engine) as got:
+      for name, (ids, n) in requests.items():
+        engine.add_request(f"w{w}-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
+      while engine.has_unfinished():
+        engine.step()
+    out[w] = {}
+    for name in requests:
+      (seq,) = engine.request(f"w{w}-{name}")
+      engine.release(f"w{w}-{name}")
+      out[w][name] = (seq.output_ids, seq.text, np.stack(got[seq.seq_id]))
+    assert engine.no_leaks()
+  return out
+
+
+def test_golden_prompt_ids(llm, golden):
+  tok = llm.tokenizer
+  for case in golden.values():
+    prompt = case["prompt"]
+    if prompt.startswith("<|im_start|>"):
+      content = prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+      assert tok.apply_chat_template([{"role": "user", "content": content}]) == prompt
+      assert llm.encode(content, chat=True) == (prompt, case["prompt_ids"])
+    assert tok.encode(prompt) == case["prompt_ids"]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_golden_greedy_ids_and_logits(runs, golden, llm, width):
+  for name, case in golden.items():
+    ids, text, logits = runs[width][name]
+    assert ids == case["greedy_ids"], f"{name} at width {width}"
+    assert text == llm.tokenizer.decode(case["greedy_ids"])
+    assert logits.shape == (len(ids), 49152)
+    for i, step in enumerate(case["steps"]):
+      np.testing.assert_allclose(logits[i, step["top_ids"]], step["top_logits"], rtol=0, atol=1e-2,
+                                 err_msg=f"{name} step {i} at width {width}")
+
+
+def test_widths_agree_on_other_prompts(runs):
+  for p in EXTRA:
+    ref_ids, ref_text, ref_logits = runs[1][p]
+    assert len(ref_ids) == 8
+    for w in WIDTHS[1:]:
+      ids, text, logits = runs[w][p]
+      assert (ids, text) == (ref_ids, ref_text), f"{p!r} at width {w}"
+      np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-2 * np.abs(ref_logits).max())
+
+
+def test_llm_generate_and_chat(llm, runs):
+  llm.engine.set_width(8)
+  prompts = [QUESTION, "Name a color.", "What is 2+2?"]
+  params = SamplingParams(temperature=0.0, max_tokens=8)
+  outs = llm.generate(prompts, params, chat=True, use_tqdm=False)
+  assert outs[0].outputs[0].text == "The capital of France is Paris."
+  assert outs[0].outputs[0].finish_reason == "stop" and outs[0].outputs[0].stop_reason == 2
+  assert len(outs) == len(prompts)
+  for p, out in zip(prompts, outs):                        # in input order
+    text, ids = llm.encode(p, chat=True)
+    assert (out.prompt, out.prompt_token_ids) == (text, ids) and p in out.prompt
+    assert out.finished and len(out.outputs) == 1 and 1 <= len(out.outputs[0].token_ids) <= 8
+  assert len({o.request_id for o in outs}) == len(prompts)
+  (chat,) = llm.chat([{"role": "user", "content": QUESTION}], params, use_tqdm=False)
+  assert chat.outputs[0].text == outs[0].outputs[0].text
+  assert chat.outputs[0].token_ids == outs[0].outputs[0].token_ids
+  assert llm.engine.no_leaks()
