@@ -17,7 +17,7 @@ from flying_jax.config import (
     load_model_card,
 )
 from flying_jax.kv import PageLayout, PagePool, PoolExhausted
-from flying_jax.model.attention import KVGeometry, _gather_block, write_kv
+from flying_jax.model.attention import KVGeometry, _gather_block, _gather_keys, write_k, write_kv
 from flying_jax.model.heads import padding_report, plan_heads
 
 WIDTHS = (1, 2, 4, 8)
@@ -206,7 +206,9 @@ def test_write_kv_then_gather_block_round_trip(slots, kvpd):
   ppb = 1 + (slots + kvpd) % 3
   geom = KVGeometry(slots=slots, kv_per_device=kvpd, pages_per_block=ppb, max_pages=8)
   n_writes = 2 * max_seq_pages * tpp + 5
-  write = jax.jit(write_kv)
+  write = jax.jit(write_kv, static_argnums=3)
+  write_keys = jax.jit(write_k, static_argnums=3)
+  gather_keys = jax.jit(_gather_keys, static_argnums=2)
   gather = jax.jit(_gather_block, static_argnums=2)
   for seed in range(6):
     rng = np.random.default_rng([seed, slots, kvpd])
@@ -220,23 +222,38 @@ def test_write_kv_then_gather_block_round_trip(slots, kvpd):
       length = int(rng.integers(1, npg * tpp + 1))
       kv = rng.normal(size=(length, kvpd, hd)).astype(np.float32)  # in position order
       pos = rng.permutation(length)                                 # written in any order
-      base[at:at + length] = pages[pos // tpp] * slots + (pos % tpp) * kvpd  # as the executor does
+      base[at:at + length] = pages[pos // tpp] * slots + pos % tpp  # as the executor does
       writes[at:at + length] = kv[pos]
       at += length
       seqs.append((pages, kv))
-    out = np.asarray(write(jnp.asarray(pool), jnp.asarray(writes), jnp.asarray(base)))
+    out = np.asarray(write(jnp.asarray(pool), jnp.asarray(writes), jnp.asarray(base), tpp))
+    out_k = np.asarray(write_keys(jnp.asarray(pool), jnp.asarray(writes), jnp.asarray(base), geom))
     for pages, kv in seqs:
       cols = -(-len(pages) // ppb) * ppb
       table = np.zeros((1, cols), np.int32)                        # unused columns: the null page
       table[0, :len(pages)] = pages
       got = np.concatenate([np.asarray(gather(jnp.asarray(out), jnp.asarray(table[:, b:b + ppb]),
-                                              geom)) for b in range(0, cols, ppb)], axis=1)[0]
-      assert got.shape == (cols * tpp, kvpd, hd)
+                                              geom)) for b in range(0, cols, ppb)], axis=2)[0]
+      assert got.shape == (kvpd, cols * tpp, hd)
+      got = got.transpose(1, 0, 2)                                 # [position, head, hd]
+      keys = np.concatenate([np.asarray(gather_keys(jnp.asarray(out_k),
+                                                    jnp.asarray(table[:, b:b + ppb]), geom))
+                             for b in range(0, cols, ppb)], axis=3)[0]   # [head, hd, position]
+      np.testing.assert_array_equal(keys.transpose(2, 0, 1)[:len(kv)], kv)
       np.testing.assert_array_equal(got[:len(kv)], kv)
     # nothing but the written slots changed, the null page included
     touched = np.zeros(pool.shape[:2], bool)
     for b in base[:at]:
-      touched[b // slots, b % slots:b % slots + kvpd] = True
+      touched[b // slots, b % slots + tpp * np.arange(kvpd)] = True
     assert touched.sum() == at * kvpd
     assert not touched[0].any()
     np.testing.assert_array_equal(out[~touched], pool[~touched])
+    # keys are stored transposed: (head, d, token) of a page at (head * hd + d) * tpp + token
+    touched_k = np.zeros(pool.size, bool)
+    for b in base[:at]:
+      page, off = divmod(int(b), slots)
+      cols_hd = (np.arange(kvpd)[:, None] * hd + np.arange(hd)[None, :]) * tpp
+      touched_k[page * slots * hd + off + cols_hd.reshape(-1)] = True
+    assert not touched_k[:slots * hd].any()                       # the null page is untouched
+    flat_in, flat_out = pool.reshape(-1), out_k.reshape(-1)
+    np.testing.assert_array_equal(flat_out[~touched_k], flat_in[~touched_k])

@@ -1,9 +1,12 @@
 """Paged attention over one device's KV pool, blocked with an online softmax.
 
 The pool of one layer on one device is `[pages, slots, hd]`; under a page interpretation with
-`kv_per_device` heads a page holds `tokens_per_page = slots // kv_per_device` tokens, slot
-`token * kv_per_device + head`. Attention walks a sequence's pages in blocks of `pages_per_block`
-with a loop whose trip count is a run-time value, so one program serves every context length.
+`kv_per_device` heads a page holds `tokens_per_page = slots // kv_per_device` tokens, head-major,
+so that both attention contractions are plain matrix products on what a page read returns: a V
+page is `[heads, tokens, hd]` (slot `head * tokens_per_page + token`), a K page the same bytes read
+as `[heads, hd, tokens]` (keys stored transposed). Attention walks a sequence's pages in blocks of
+`pages_per_block` with a loop whose trip count is a run-time value, so one program serves every
+context length.
 """
 
 from __future__ import annotations
@@ -29,22 +32,51 @@ class KVGeometry:
     return self.slots // self.kv_per_device
 
 
-def write_kv(pool_PxSxH, new_TxKxH, base_T):
-  """Store the new tokens' heads at slots `base + head` of the flattened pool (in place if donated)."""
+def write_kv(pool_PxSxH, new_TxKxH, base_T, tokens_per_page: int):
+  """Store each token's heads at slots `base + head * tokens_per_page` (in place if donated).
+
+  `base` is `page * slots + offset_in_page` (the host computes it; padding points at the null page).
+  """
   p, s, h = pool_PxSxH.shape
   k = new_TxKxH.shape[1]
-  addr_TxK = base_T[:, None] + jnp.arange(k, dtype=base_T.dtype)[None, :]
+  addr_TxK = base_T[:, None] + tokens_per_page * jnp.arange(k, dtype=base_T.dtype)[None, :]
   flat = pool_PxSxH.reshape(p * s, h)
   flat = flat.at[addr_TxK.reshape(-1)].set(new_TxKxH.reshape(-1, h).astype(flat.dtype), mode="drop")
   return flat.reshape(p, s, h)
 
 
-def _gather_block(pool_PxSxH, pages_SxB, geom: KVGeometry):
-  blk = pool_PxSxH[pages_SxB]                                   # [S, B, slots, hd]
+def write_k(pool_PxSxH, new_TxKxH, base_T, geom: KVGeometry):
+  """Store keys transposed: element (head, d, token) of a page at `(head * hd + d) * T + token`."""
+  p, s, h = pool_PxSxH.shape
+  k, t = new_TxKxH.shape[1], geom.tokens_per_page
+  page_T, off_T = base_T // s, base_T % s
+  col_KxH = (jnp.arange(k, dtype=base_T.dtype)[:, None] * h
+             + jnp.arange(h, dtype=base_T.dtype)[None, :]) * t
+  addr_TxKxH = (page_T * (s * h) + off_T)[:, None, None] + col_KxH[None]
+  flat = pool_PxSxH.reshape(-1)
+  flat = flat.at[addr_TxKxH.reshape(-1)].set(new_TxKxH.reshape(-1).astype(flat.dtype), mode="drop")
+  return flat.reshape(p, s, h)
+
+
+def _gather_keys(pool_PxSxH, pages_SxB, geom: KVGeometry):
+  """The keys of `B` pages per sequence as [S, heads, hd, B * tokens_per_page]."""
   s, b = pages_SxB.shape
-  used = geom.tokens_per_page * geom.kv_per_device
-  blk = blk[:, :, :used]
-  return blk.reshape(s, b * geom.tokens_per_page, geom.kv_per_device, pool_PxSxH.shape[-1])
+  k, t, hd = geom.kv_per_device, geom.tokens_per_page, pool_PxSxH.shape[-1]
+  blk = pool_PxSxH[pages_SxB][:, :, :k * t].reshape(s, b, k, hd, t)
+  if b > 1:
+    blk = blk.transpose(0, 2, 3, 1, 4)
+  return blk.reshape(s, k, hd, b * t)
+
+
+def _gather_block(pool_PxSxH, pages_SxB, geom: KVGeometry):
+  """The KV of `B` pages per sequence as [S, heads, B * tokens_per_page, hd]."""
+  s, b = pages_SxB.shape
+  k, t, hd = geom.kv_per_device, geom.tokens_per_page, pool_PxSxH.shape[-1]
+  blk = pool_PxSxH[pages_SxB][:, :, :k * t]                     # [S, B, K*T, hd]
+  blk = blk.reshape(s, b, k, t, hd)
+  if b > 1:
+    blk = blk.transpose(0, 2, 1, 3, 4)
+  return blk.reshape(s, k, b * t, hd)
 
 
 def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n_blocks,
@@ -57,31 +89,33 @@ def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n
   """
   s, q, k, g, hd = q_SxQxKxGxH.shape
   blk_tokens = geom.pages_per_block * geom.tokens_per_page
-  scale = hd ** -0.5
-  qf = q_SxQxKxGxH.astype(jnp.float32) * scale
+  # Rows r = (g, q) of each kv head: [S, K, G*Q, hd] (a free reshape when Q == 1).
+  qf = (q_SxQxKxGxH.astype(jnp.float32) * hd ** -0.5).transpose(0, 2, 3, 1, 4).reshape(s, k, g * q, hd)
+  qpos_SxR = jnp.broadcast_to(qpos_SxQ[:, None, :], (s, g, q)).reshape(s, g * q)
 
   def body(b, carry):
-    m_SxKxGxQ, l_SxKxGxQ, acc = carry
+    m_SxKxR, l_SxKxR, acc = carry
     pages = jax.lax.dynamic_slice_in_dim(table_SxM, b * geom.pages_per_block,
                                          geom.pages_per_block, axis=1)
-    kb = _gather_block(k_pool, pages, geom).astype(jnp.float32)  # [S, N, K, hd]
+    kb = _gather_keys(k_pool, pages, geom).astype(jnp.float32)   # [S, K, hd, N]
     vb = _gather_block(v_pool, pages, geom).astype(jnp.float32)
     kv_pos = b * blk_tokens + jnp.arange(blk_tokens)
-    mask_SxQxN = ((kv_pos[None, None, :] <= qpos_SxQ[:, :, None])
+    mask_SxRxN = ((kv_pos[None, None, :] <= qpos_SxR[:, :, None])
                   & (kv_pos[None, None, :] < kvlen_S[:, None, None]))
-    mask = mask_SxQxN[:, None, None]                               # [S, 1, 1, Q, N]
-    sc = jnp.einsum("sqkgh,snkh->skgqn", qf, kb)
+    mask = mask_SxRxN[:, None]                                      # [S, 1, R, N]
+    sc = jnp.einsum("skrh,skhn->skrn", qf, kb)
     sc = jnp.where(mask, sc, _NEG)
-    m_new = jnp.maximum(m_SxKxGxQ, sc.max(-1))
+    m_new = jnp.maximum(m_SxKxR, sc.max(-1))
     p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-    corr = jnp.exp(m_SxKxGxQ - m_new)
-    l_new = l_SxKxGxQ * corr + p.sum(-1)
-    acc = acc * corr[..., None] + jnp.einsum("skgqn,snkh->skgqh", p, vb)
+    corr = jnp.exp(m_SxKxR - m_new)
+    l_new = l_SxKxR * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum("skrn,sknh->skrh", p, vb)
     return m_new, l_new, acc
 
-  init = (jnp.full((s, k, g, q), _NEG, jnp.float32), jnp.zeros((s, k, g, q), jnp.float32),
-          jnp.zeros((s, k, g, q, hd), jnp.float32))
+  init = (jnp.full((s, k, g * q), _NEG, jnp.float32), jnp.zeros((s, k, g * q), jnp.float32),
+          jnp.zeros((s, k, g * q, hd), jnp.float32))
   with jax.named_scope("paged_attention"):
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-  out = acc / jnp.maximum(l, 1e-30)[..., None]                     # [S, K, G, Q, hd]
-  return out.transpose(0, 3, 1, 2, 4).astype(q_SxQxKxGxH.dtype)   # [S, Q, K, G, hd]
+  out = acc / jnp.maximum(l, 1e-30)[..., None]                     # [S, K, G*Q, hd]
+  out = out.reshape(s, k, g, q, hd).transpose(0, 3, 1, 2, 4)       # [S, Q, K, G, hd]
+  return out.astype(q_SxQxKxGxH.dtype)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flying_jax.config import Architecture
-from flying_jax.model.attention import KVGeometry, paged_attention, write_kv
+from flying_jax.model.attention import KVGeometry, paged_attention, write_k, write_kv
 from flying_jax.model.batch import StepMeta, StepShape
 from flying_jax.model.heads import HeadPlan
 from flying_jax.model.weights import LayerWeights, shard_layer
@@ -68,10 +68,11 @@ def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Arch
     q = rope(qkv[:, :nq], meta.positions, arch.rope_theta)
     k = rope(qkv[:, nq:nq + nkv], meta.positions, arch.rope_theta)
     v = qkv[:, nq + nkv:]
-    k_pool = write_kv(k_pool, k, meta.write_base)
-    v_pool = write_kv(v_pool, v, meta.write_base)
+    k_pool = write_k(k_pool, k, meta.write_base, geom)
+    v_pool = write_kv(v_pool, v, meta.write_base, geom.tokens_per_page)
     o = _attention(q, k_pool, v_pool, meta, shape, plan, geom)
-    x_TxD = x_TxD + coll.sum(jnp.einsum("tqh,qhd->td", o, wo))
+    t, dh = o.shape[0], nq * arch.head_dim      # merged (head, hd) axes: a plain GEMM, no weight copy
+    x_TxD = x_TxD + coll.sum(o.reshape(t, dh) @ wo.reshape(dh, arch.dim))
   with jax.named_scope("ffn"):
     h = rms_norm(x_TxD, lw.ffn_norm, arch.norm_eps)
     gu = jnp.einsum("td,dkf->tkf", h, w_gu)

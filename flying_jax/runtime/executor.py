@@ -58,7 +58,7 @@ class Executor:
     hb = HostBatch(g, shape)
     f = hb.fields
     geom = ws.geom
-    tpp, kvpd, slots = geom.tokens_per_page, geom.kv_per_device, geom.slots
+    tpp, slots = geom.tokens_per_page, geom.slots
     blk = geom.pages_per_block * tpp
     nrows = self.registry.rows
     sf = np.zeros((g, nrows, SAMPLE_F32), np.float32)
@@ -71,7 +71,7 @@ class Executor:
         pos = seq.computed
         f["tokens"][gi, i] = seq.token_at(pos)
         f["positions"][gi, i] = pos
-        f["write_base"][gi, i] = seq.pages[pos // tpp] * slots + (pos % tpp) * kvpd
+        f["write_base"][gi, i] = seq.pages[pos // tpp] * slots + pos % tpp
         f["dec_table"][gi, i, :len(seq.pages)] = seq.pages
         f["dec_len"][gi, i] = pos + 1
         rows[i] = _row(seq, banned_for(seq))
@@ -81,7 +81,7 @@ class Executor:
         f["tokens"][gi, d:d + n] = [seq.token_at(p) for p in pos]
         f["positions"][gi, d:d + n] = pos
         pages = np.asarray(seq.pages)
-        f["write_base"][gi, d:d + n] = pages[pos // tpp] * slots + (pos % tpp) * kvpd
+        f["write_base"][gi, d:d + n] = pages[pos // tpp] * slots + pos % tpp
         f["pre_table"][gi, 0, :len(seq.pages)] = seq.pages
         f["pre_len"][gi, 0] = start + n
         f["rows"][gi, d] = d + n - 1
