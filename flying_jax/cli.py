@@ -32,8 +32,9 @@ def _add_engine_flags(p: argparse.ArgumentParser):
   p.add_argument("--width", type=int, default=None,
                  help="partition width: 1 = data parallel replicas, N = one tensor-parallel group "
                       "of N devices (default: the smallest width of the mesh)")
-  p.add_argument("--compile-cache", default=os.path.join(".cache", "jax"),
-                 help="persistent XLA compilation cache directory ('' to disable)")
+  p.add_argument("--compile-cache", default=None,
+                 help="persistent XLA compilation cache directory ('' to disable; default: "
+                      "$XDG_CACHE_HOME/flying-jax/xla)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
 

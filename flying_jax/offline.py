@@ -72,7 +72,9 @@ class LLM:
     elif widths is None and width is not None:
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
-                          cache_dir=cache_dir, pages_per_device=pages_per_device, progress=progress)
+                          pages_per_device=pages_per_device, progress=progress)
+    if cache_dir is not None:                 # None: the default cache; "": no cache
+      config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer)
     self._ids = itertools.count()
 

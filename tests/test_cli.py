@@ -2,7 +2,6 @@
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from flying_jax.config import available, load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
+from helpers import toml_value
 
 
 def main(capsys, *argv):
@@ -88,21 +88,13 @@ def test_generate_runs(tmp_path):
 
 
 def _toml(tables: dict) -> str:
-  def value(v):
-    if isinstance(v, bool):
-      return "true" if v else "false"
-    if isinstance(v, str):
-      return json.dumps(v)
-    if isinstance(v, (tuple, list)):
-      return "[" + ", ".join(value(x) for x in v) + "]"
-    return repr(v)
   lines = []
   for name, table in tables.items():
     if isinstance(table, dict):
       lines.append(f"[{name}]")
-      lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+      lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None]
     else:
-      lines.insert(0, f"{name} = {value(table)}")
+      lines.insert(0, f"{name} = {toml_value(table)}")
   return "\n".join(lines) + "\n"
 
 

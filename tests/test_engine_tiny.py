@@ -5,8 +5,6 @@ workloads with `Engine.set_width`; one more engine with a tiny KV pool forces wa
 preemption. Every workload ends with `no_leaks()`.
 """
 
-import collections
-import contextlib
 import dataclasses
 import itertools
 
@@ -22,6 +20,7 @@ from flying_jax.model.batch import StepShape
 from flying_jax.runtime.programs import MissingProgram
 from flying_jax.sampling import SamplingParams
 from flying_jax.tokenizers import load_tokenizer
+from helpers import captured_logits
 
 WIDTHS = (1, 2, 4, 8)
 VOCAB = 512
@@ -89,27 +88,6 @@ def ids(out):
   return [seqs[0].output_ids for seqs in out]
 
 
-@contextlib.contextmanager
-def captured_logits(engine):
-  """The float32 logits row of every sampled token, per seq_id, in sampling order."""
-  got = collections.defaultdict(list)
-  original = engine.executor.run
-
-  def run_and_keep(ws, work, banned_for):
-    res = original(ws, work, banned_for)
-    logits = np.asarray(res.logits)
-    for g, w in enumerate(work):
-      for i, seq in enumerate(w.decode):
-        got[seq.seq_id].append(logits[g, i])
-      if w.prefill_samples:
-        got[w.prefill.seq_id].append(logits[g, res.shape.decode])
-    return res
-
-  engine.executor.run = run_and_keep
-  try:
-    yield got
-  finally:
-    del engine.executor.run
 
 
 # ---------------------------------------------------------------- widths agree

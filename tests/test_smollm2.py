@@ -4,8 +4,6 @@ One `LLM` (the only one in the suite) is built on a copy of the cpu-8 preset wit
 compiled for widths 1, 2, 4 and 8; its engine switches width between workloads.
 """
 
-import collections
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 from flying_jax import LLM
 from flying_jax.config import MeshPreset, load_mesh_preset
 from flying_jax.sampling import SamplingParams
+from helpers import captured_logits, toml_value
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2-135m-instruct.json"
 WIDTHS = (1, 2, 4, 8)
@@ -25,15 +24,7 @@ QUESTION = "What is the capital of France?"
 
 def write_preset(path: Path, preset: MeshPreset):
   """A mesh preset as a flat TOML file (load_mesh_preset accepts the keys at top level)."""
-  def value(v):
-    if isinstance(v, bool):
-      return "true" if v else "false"
-    if isinstance(v, str):
-      return json.dumps(v)
-    if isinstance(v, (tuple, list)):
-      return "[" + ", ".join(value(x) for x in v) + "]"
-    return repr(v)
-  path.write_text("".join(f"{f.name} = {value(getattr(preset, f.name))}\n"
+  path.write_text("".join(f"{f.name} = {toml_value(getattr(preset, f.name))}\n"
                           for f in dataclasses.fields(preset)))
 
 
@@ -53,27 +44,6 @@ def llm(tmp_path_factory):
              progress=False)
 
 
-@contextlib.contextmanager
-def captured_logits(engine):
-  """The float32 logits row of every sampled token, per seq_id, in sampling order."""
-  got = collections.defaultdict(list)
-  original = engine.executor.run
-
-  def run_and_keep(ws, work, banned_for):
-    res = original(ws, work, banned_for)
-    logits = np.asarray(res.logits)
-    for g, w in enumerate(work):
-      for i, seq in enumerate(w.decode):
-        got[seq.seq_id].append(logits[g, i])
-      if w.prefill_samples:
-        got[w.prefill.seq_id].append(logits[g, res.shape.decode])
-    return res
-
-  engine.executor.run = run_and_keep
-  try:
-    yield got
-  finally:
-    del engine.executor.run
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import setup as S
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
-from flying_jax.engine.sequence import Sequence, Status
+from flying_jax.engine.sequence import Sequence
 from flying_jax.kv import DevicePools, PagePool
 from flying_jax.model import weights as W
 from flying_jax.runtime.executor import Executor

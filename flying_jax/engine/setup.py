@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flying_jax.config import MeshPreset, ModelCard
-from flying_jax.kv import DevicePools, PageLayout
+from flying_jax.kv import PageLayout
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
@@ -32,7 +33,8 @@ class EngineConfig:
   width: int | None = None                # the partition served (default: the smallest width)
   hist_len: int = 256                     # tokens of history seen by the penalties
   max_banned: int = 8                     # ids banned per row (stop ids below min_tokens)
-  cache_dir: str | None = None            # persistent compilation cache
+  cache_dir: str | None = dataclasses.field(default_factory=lambda: default_cache_dir())
+  # ^ persistent XLA compilation cache ("" or None: off)
   pages_per_device: int | None = None     # override the preset's KV pool size
   progress: bool = False                  # a progress bar while compiling
 
@@ -64,6 +66,12 @@ class StartupReport:
                  f"heads per device, padding +{100 * p['attn_proj_flops_extra']:.0f}% attention "
                  f"projection FLOPs, +{100 * p['kv_bytes_per_token_extra']:.0f}% KV bytes per token")
     return out
+
+
+def default_cache_dir() -> str:
+  """Where compiled programs persist between runs: $XDG_CACHE_HOME/flying-jax/xla."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "flying-jax", "xla")
 
 
 def enable_compile_cache(cache_dir: str | None):

@@ -22,7 +22,7 @@ from flying_jax.model import llama
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
-from flying_jax.model.weights import LayerWeights, ResidentWeights
+from flying_jax.model.weights import ResidentWeights
 from flying_jax.parallel import Collectives, MeshSpecs, per_device
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
 from flying_jax.sampling import sample

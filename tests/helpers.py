@@ -1,0 +1,41 @@
+"""Helpers shared by the test modules."""
+
+import collections
+import contextlib
+import json
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def captured_logits(engine):
+  """The float32 logits row of every sampled token, per seq_id, in sampling order."""
+  got = collections.defaultdict(list)
+  original = engine.executor.run
+
+  def run_and_keep(ws, work, banned_for):
+    res = original(ws, work, banned_for)
+    logits = np.asarray(res.logits)
+    for g, w in enumerate(work):
+      for i, seq in enumerate(w.decode):
+        got[seq.seq_id].append(logits[g, i])
+      if w.prefill_samples:
+        got[w.prefill.seq_id].append(logits[g, res.shape.decode])
+    return res
+
+  engine.executor.run = run_and_keep
+  try:
+    yield got
+  finally:
+    del engine.executor.run
+
+
+def toml_value(v) -> str:
+  """A Python value as a TOML literal (enough for model cards and mesh presets)."""
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, str):
+    return json.dumps(v)
+  if isinstance(v, (tuple, list)):
+    return "[" + ", ".join(toml_value(x) for x in v) + "]"
+  return repr(v)
