@@ -73,7 +73,7 @@ def _last_logits(w, arch, ids):
 def smollm2():
   card = load_model_card("smollm2-135m")
   if importlib.util.find_spec(card.weights.package) is None:
-    pytest.skip(f"{card.weights.package} is not installed")
+    pytest.fail(f"{card.weights.package} is not installed (make test installs it)")
   return card, ck.load_checkpoint(card)
 
 
@@ -149,8 +149,7 @@ def test_smollm2_gguf_shapes(smollm2):
 
 @pytest.mark.parametrize("case", ["chat_france", "capital_plain"])
 def test_smollm2_matches_golden_first_step(smollm2, case):
-  if not GOLDEN.exists():
-    pytest.skip(f"{GOLDEN} not found")
+  assert GOLDEN.exists(), f"{GOLDEN} not found (shared/ must sit beside the repository)"
   card, w = smollm2
   golden = json.loads(GOLDEN.read_text())["cases"][case]
   logits = _last_logits(w, card.arch, golden["prompt_ids"])
@@ -162,7 +161,7 @@ def test_smollm2_matches_golden_first_step(smollm2, case):
 def test_sha256_mismatch_is_clear():
   card = load_model_card("smollm2-135m")
   if importlib.util.find_spec(card.weights.package) is None:
-    pytest.skip(f"{card.weights.package} is not installed")
+    pytest.fail(f"{card.weights.package} is not installed (make test installs it)")
   with pytest.raises(ValueError, match="sha256 mismatch"):
     ck.load_checkpoint(_card_with(card, sha256="0" * 64))
 
