@@ -89,6 +89,7 @@ class MeshPreset:
   page_tokens: int
   pages_per_device: int
   attention_block_tokens: int
+  prefill_rows: tuple[int, ...] = (1,)   # a prefill chunk of C tokens may also run as R rows of C/R
 
   def __post_init__(self):
     for w in self.widths:
@@ -98,6 +99,8 @@ class MeshPreset:
       raise ConfigError(f"mesh {self.name}: only base_width = 1 is supported so far")
     if not self.decode_buckets or not self.prefill_chunks:
       raise ConfigError(f"mesh {self.name}: decode_buckets and prefill_chunks must not be empty")
+    if 1 not in self.prefill_rows:
+      raise ConfigError(f"mesh {self.name}: prefill_rows must include 1")
 
 
 def _find(kind: str, name: str) -> Path:

@@ -19,8 +19,9 @@ def captured_logits(engine):
     for g, w in enumerate(work):
       for i, seq in enumerate(w.decode):
         got[seq.seq_id].append(logits[g, i])
-      if w.prefill_samples:
-        got[w.prefill.seq_id].append(logits[g, res.shape.decode])
+      for j, pre in enumerate(w.prefills):
+        if pre.samples:
+          got[pre.seq.seq_id].append(logits[g, res.shape.decode + j])
     return res
 
   engine.executor.run = run_and_keep

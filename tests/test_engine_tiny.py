@@ -88,8 +88,6 @@ def ids(out):
   return [seqs[0].output_ids for seqs in out]
 
 
-
-
 # ---------------------------------------------------------------- widths agree
 
 def test_greedy_ids_and_logits_agree_across_widths(engine):
@@ -371,3 +369,17 @@ def test_weights_stay_resident_across_widths(engine):
       assert st.temp_bytes > 0
     if kind == "layer":
       assert st.alias_bytes > 0                           # pools and activations are donated
+
+
+def test_several_prompts_prefill_side_by_side(card, engine):
+  """With 4-row prefill shapes, short prompts are prefilled 4 per step; tokens are unchanged."""
+  preset = dataclasses.replace(small_preset(), prefill_rows=(1, 4))
+  multi = Engine(card, preset, EngineConfig(widths=(4,)), tokenizer=load_tokenizer(card))
+  assert (4, 8) in multi.scheduler.limits.prefill_modes      # 32 tokens as 4 rows of 8
+  ps = prompts(11, [3, 7, 30, 12, 5, 64, 9, 2, 17, 40])
+  reqs = [(p, GREEDY) for p in ps]
+  got = run(multi, reqs)
+  used = {t.shape.pre_rows for t in multi.timings}
+  assert 4 in used and 1 in used
+  assert ids(got) == ids(run(engine, reqs, width=4))
+  assert multi.no_leaks() and engine.no_leaks()

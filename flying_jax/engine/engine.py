@@ -104,7 +104,8 @@ class Engine:
     rep.place_s = time.perf_counter() - t0
     self.pool = PagePool(len(self.devices), self.pages)
     self.registry = ProgramRegistry(card.arch, dtype, self.setups, self.device_pools.struct(),
-                                    cfg.hist_len, cfg.max_banned, max(preset.decode_buckets) + 1)
+                                    cfg.hist_len, cfg.max_banned,
+                                    max(s.rows for ws in self.setups.values() for s in ws.shapes))
     bar = _progress(cfg.progress, self.registry.count())
     rep.compile_s = self.registry.build(W.abstract(card.arch, dtype, replicated), bar)
     if bar is not None:
@@ -124,8 +125,8 @@ class Engine:
     """Serve `width`: a scheduler over its uniform groups and the capacity of one group."""
     ws = self.setups[width]
     groups = [Group(i * width, width) for i in range(ws.specs.groups)]
-    limits = SchedulerLimits(max(self.preset.decode_buckets), max(self.preset.prefill_chunks),
-                             self.preset.token_budget)
+    modes = tuple(sorted({(s.pre_rows, s.chunk) for s in ws.shapes if s.chunk}))
+    limits = SchedulerLimits(max(self.preset.decode_buckets), modes, self.preset.token_budget)
     self.width = width
     self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
     self.capacity = S.capacity_tokens(self.card, ws, self.pages)
@@ -210,15 +211,15 @@ class Engine:
       for i, seq in enumerate(w.decode):
         seq.computed += 1
         events.append(self._accept(seq, result, g, i))
-      if w.prefill is not None:
-        seq = w.prefill
-        seq.computed += w.prefill_len
+      for j, pre in enumerate(w.prefills):
+        seq = pre.seq
+        seq.computed += pre.length
         if seq.scheduled_time is None:
           seq.scheduled_time = t0
-        if w.prefill_samples:
-          events.append(self._accept(seq, result, g, result.shape.decode))
+        if pre.samples:
+          events.append(self._accept(seq, result, g, result.shape.decode + j))
     self.steps += 1
-    n_tok = sum(len(w.decode) + w.prefill_len for w in work)
+    n_tok = sum(len(w.decode) + w.prefill_tokens for w in work)
     sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
     self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s,
                                    time.perf_counter() - t0, n_tok,
@@ -228,7 +229,7 @@ class Engine:
   def _fail(self, work, message: str) -> list[SeqEvent]:
     events = []
     for w in work:
-      for seq in w.decode + ([w.prefill] if w.prefill is not None else []):
+      for seq in w.decode + [p.seq for p in w.prefills]:
         seq.error = message
         self.scheduler.remove(seq)
         self.outputs.finish(seq, "error")

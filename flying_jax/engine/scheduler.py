@@ -1,7 +1,9 @@
 """Continuous batching: which sequences run in each group this step.
 
 Pure host logic, no JAX. Every step each group runs its decoding sequences (one token each, up to
-the largest decode bucket) plus at most one prefill chunk, within a per-step token budget.
+the largest decode bucket) plus prefill chunks, within a per-step token budget: one long chunk of
+one sequence, or, when several sequences wait for prefill, shorter chunks of several side by side
+(the (rows, tokens per row) modes come from the compiled step shapes).
 Waiting sequences are admitted in arrival order (no overtaking, so none starves) to the group with
 the most free pages, with pages for their whole prompt reserved up front. A decoding sequence that
 needs a page when none is free preempts the most recently admitted sequence of its group, which
@@ -23,28 +25,42 @@ class Group:
   width: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillRow:
+  seq: Sequence
+  start: int
+  length: int
+
+  @property
+  def samples(self) -> bool:
+    """Whether the chunk reaches the end of the sequence (its last token's logits are sampled)."""
+    return self.start + self.length == self.seq.length
+
+
 @dataclasses.dataclass
 class GroupWork:
   decode: list[Sequence]
-  prefill: Sequence | None = None
-  prefill_start: int = 0
-  prefill_len: int = 0
+  prefills: list[PrefillRow] = dataclasses.field(default_factory=list)
 
   @property
   def empty(self) -> bool:
-    return not self.decode and self.prefill is None
+    return not self.decode and not self.prefills
 
   @property
-  def prefill_samples(self) -> bool:
-    """Whether the chunk reaches the end of the sequence (its last token's logits are sampled)."""
-    return self.prefill is not None and self.prefill_start + self.prefill_len == self.prefill.length
+  def prefill_tokens(self) -> int:
+    return sum(p.length for p in self.prefills)
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerLimits:
-  max_decode: int            # decode slots per group (largest decode bucket)
-  max_chunk: int             # largest prefill chunk
-  token_budget: int          # decode tokens + chunk per group per step
+  max_decode: int                          # decode slots per group (largest decode bucket)
+  prefill_modes: tuple[tuple[int, int], ...]   # (rows, tokens per row) the programs allow
+  token_budget: int                        # decode tokens + prefill tokens per group per step
+
+  def mode_for(self, waiting_rows: int) -> tuple[int, int]:
+    """The most rows not above `waiting_rows` (at least one), then the longest chunk."""
+    fit = [m for m in self.prefill_modes if m[0] <= max(1, waiting_rows)] or [min(self.prefill_modes)]
+    return max(fit)
 
 
 class Scheduler:
@@ -88,7 +104,17 @@ class Scheduler:
   # one step ------------------------------------------------------------------------------------
   def schedule(self) -> list[GroupWork]:
     self._admit()
-    work = [self._group_work(g) for g in range(len(self.groups))]
+    work = [GroupWork(decode=self._decodes(g)) for g in range(len(self.groups))]
+    waiting = [[s for s in self.running[g] if not s.is_decoding] for g in range(len(self.groups))]
+    rows, chunk = self.limits.mode_for(max(len(w) for w in waiting))
+    for w, cands in zip(work, waiting):
+      budget = self.limits.token_budget - len(w.decode)
+      for seq in cands[:rows]:
+        n = min(seq.remaining, chunk, budget)
+        if n <= 0:
+          break
+        w.prefills.append(PrefillRow(seq, seq.computed, n))
+        budget -= n
     return work
 
   def _admit(self):
@@ -117,20 +143,12 @@ class Scheduler:
         best, best_free = g, free
     return best
 
-  def _group_work(self, g: int) -> GroupWork:
+  def _decodes(self, g: int) -> list[Sequence]:
     grp = self.groups[g]
     decode = [s for s in self.running[g] if s.is_decoding][: self.limits.max_decode]
     for s in decode:
       self._ensure_page(s, g, grp)
-    decode = [s for s in decode if s.status is Status.RUNNING and s.group == g]
-    work = GroupWork(decode=decode)
-    budget = self.limits.token_budget - len(decode)
-    for seq in self.running[g]:
-      if not seq.is_decoding and budget > 0:
-        work.prefill, work.prefill_start = seq, seq.computed
-        work.prefill_len = min(seq.remaining, self.limits.max_chunk, budget)
-        break
-    return work
+    return [s for s in decode if s.status is Status.RUNNING and s.group == g]
 
   def _ensure_page(self, seq: Sequence, g: int, grp: Group):
     """Make room for the token this step writes; preempt younger sequences if needed."""

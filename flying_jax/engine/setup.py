@@ -91,8 +91,9 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, width: int, pages:
   max_pages = -(-(-(-capacity // tpp)) // ppb) * ppb
   geom = KVGeometry(slots=slots, kv_per_device=plan.kv_per_device, pages_per_block=ppb,
                     max_pages=max_pages)
-  shapes = tuple(StepShape(d, c, max_pages)
-                 for d in preset.decode_buckets for c in (0,) + tuple(preset.prefill_chunks))
+  prefill = [(0, 0)] + [(r, c // r) for c in preset.prefill_chunks for r in preset.prefill_rows
+                        if c // r > 0]
+  shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
   return WidthSetup(MeshSpecs(mesh_for_width(devices, width)), plan, geom, shapes)
 
 
@@ -148,9 +149,9 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
   lines = []
   for w, ws in registry.setups.items():
     stats = [st for st in registry.stats if st.key[0] == w]
-    shapes = ", ".join(f"{s.decode}+{s.chunk}" for s in ws.shapes)
+    shapes = ", ".join(f"{s.decode}+{s.pre_rows}x{s.chunk}" for s in ws.shapes)
     slow = max(stats, key=lambda st: st.compile_s)
-    lines.append(f"width {w}: {len(stats)} programs (embed/layer/head for decode+chunk "
+    lines.append(f"width {w}: {len(stats)} programs (embed/layer/head for decode+prefill "
                  f"{shapes}; sample), {sum(st.compile_s for st in stats):.1f}s, slowest "
                  f"{slow.key[1]} {slow.compile_s:.1f}s")
   return lines

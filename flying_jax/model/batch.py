@@ -1,4 +1,7 @@
-"""The step batch of one group: `decode` sequences with one token each, then one prefill chunk.
+"""The step batch of one group: `decode` sequences with one token each, then prefill chunks.
+
+Prefill comes as `prefill_rows` rows of `chunk` tokens, one sequence per row (one long chunk, or
+several short prompts side by side).
 
 On the host it is packed into a single int32 row per group (one transfer per step); inside the
 program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
@@ -15,23 +18,32 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True, order=True)
 class StepShape:
-  decode: int        # decode slots D (sequences contributing one token)
-  chunk: int         # prefill chunk tokens C (of one sequence), 0 for none
-  max_pages: int     # page-table columns M
+  decode: int            # decode slots D (sequences contributing one token)
+  chunk: int             # prefill tokens per row C, 0 for none
+  max_pages: int         # page-table columns M
+  prefill_rows: int = 1  # prefill rows R (sequences prefilled side by side)
+
+  def __post_init__(self):
+    if self.chunk and self.prefill_rows < 1:
+      raise ValueError("a step shape with a prefill chunk needs at least one prefill row")
+
+  @property
+  def pre_rows(self) -> int:
+    return self.prefill_rows if self.chunk else 0
 
   @property
   def tokens(self) -> int:
-    return self.decode + self.chunk
+    return self.decode + self.pre_rows * self.chunk
 
   @property
   def rows(self) -> int:
-    """Rows sampled: one per decode slot, plus the last token of the prefill chunk."""
-    return self.decode + (1 if self.chunk else 0)
+    """Rows sampled: one per decode slot, plus the last token of each prefill row."""
+    return self.decode + self.pre_rows
 
   def _fields(self) -> list[tuple[str, tuple[int, ...]]]:
-    t, d, m = self.tokens, self.decode, self.max_pages
+    t, d, m, r = self.tokens, self.decode, self.max_pages, self.pre_rows
     return [("tokens", (t,)), ("positions", (t,)), ("write_base", (t,)),
-            ("dec_table", (d, m)), ("dec_len", (d,)), ("pre_table", (1, m)), ("pre_len", (1,)),
+            ("dec_table", (d, m)), ("dec_len", (d,)), ("pre_table", (r, m)), ("pre_len", (r,)),
             ("n_blocks", (2,)), ("rows", (self.rows,))]
 
   @property
@@ -47,8 +59,8 @@ class StepMeta:
   write_base: jax.Array   # [T] first pool slot of each token's KV (padding -> the null page)
   dec_table: jax.Array    # [D, M] page ids of the decode sequences
   dec_len: jax.Array      # [D] KV length after this step (0 for an empty slot)
-  pre_table: jax.Array    # [1, M] page ids of the prefill sequence
-  pre_len: jax.Array      # [1] KV length after this chunk
+  pre_table: jax.Array    # [R, M] page ids of each prefill row's sequence
+  pre_len: jax.Array      # [R] KV length after this step's chunk
   n_blocks: jax.Array     # [2] attention blocks to visit: decode, prefill
   rows: jax.Array         # [R] token index of each sampled row
 

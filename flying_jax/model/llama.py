@@ -50,9 +50,11 @@ def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: 
         q[:d, None], meta.positions[:d, None], k_pool, v_pool, meta.dec_table, meta.dec_len,
         meta.n_blocks[0], geom)[:, 0])
   if shape.chunk:
+    r, c = shape.pre_rows, shape.chunk
+    qp = q[d:].reshape(r, c, plan.kv_per_device, plan.q_per_kv, hd)
     parts.append(paged_attention(
-        q[None, d:], meta.positions[None, d:], k_pool, v_pool, meta.pre_table, meta.pre_len,
-        meta.n_blocks[1], geom)[0])
+        qp, meta.positions[d:].reshape(r, c), k_pool, v_pool, meta.pre_table, meta.pre_len,
+        meta.n_blocks[1], geom).reshape(r * c, plan.kv_per_device, plan.q_per_kv, hd))
   out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
   return out.reshape(t, plan.q_per_device, hd)
 

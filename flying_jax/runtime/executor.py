@@ -36,14 +36,19 @@ class StepResult:
 
 
 def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
-  """The smallest compiled bucket that holds every group's decode slots and chunk."""
+  """The smallest compiled bucket that holds every group's decode slots and prefill rows."""
   d = max(len(w.decode) for w in work)
-  c = max(w.prefill_len for w in work)
+  r = max(len(w.prefills) for w in work)
+  c = max((p.length for w in work for p in w.prefills), default=0)
   decodes = sorted({s.decode for s in ws.shapes})
-  chunks = sorted({s.chunk for s in ws.shapes})
   dd = decodes[bisect.bisect_left(decodes, d)]
-  cc = chunks[bisect.bisect_left(chunks, c)] if c else 0
-  return StepShape(dd, cc, ws.geom.max_pages)
+  if not r:
+    return StepShape(dd, 0, ws.geom.max_pages, 0)
+  fits = [s for s in ws.shapes if s.decode == dd and s.pre_rows >= r and s.chunk >= c]
+  if not fits:
+    raise ValueError(f"no compiled step shape holds {d} decode slots and {r} prefill rows of "
+                     f"up to {c} tokens")
+  return min(fits, key=lambda s: (s.tokens, s.pre_rows))
 
 
 class Executor:
@@ -75,20 +80,22 @@ class Executor:
         f["dec_table"][gi, i, :len(seq.pages)] = seq.pages
         f["dec_len"][gi, i] = pos + 1
         rows[i] = _row(seq, banned_for(seq))
-      if w.prefill is not None:
-        seq, d, n, start = w.prefill, shape.decode, w.prefill_len, w.prefill_start
+      for j, pre in enumerate(w.prefills):
+        seq, n, start = pre.seq, pre.length, pre.start
+        at = shape.decode + j * shape.chunk
         pos = np.arange(start, start + n)
-        f["tokens"][gi, d:d + n] = [seq.token_at(p) for p in pos]
-        f["positions"][gi, d:d + n] = pos
+        toks = seq.prompt_ids + seq.output_ids if start + n > len(seq.prompt_ids) else seq.prompt_ids
+        f["tokens"][gi, at:at + n] = toks[start:start + n]
+        f["positions"][gi, at:at + n] = pos
         pages = np.asarray(seq.pages)
-        f["write_base"][gi, d:d + n] = pages[pos // tpp] * slots + pos % tpp
-        f["pre_table"][gi, 0, :len(seq.pages)] = seq.pages
-        f["pre_len"][gi, 0] = start + n
-        f["rows"][gi, d] = d + n - 1
-        if w.prefill_samples:
-          rows[d] = _row(seq, banned_for(seq))
+        f["write_base"][gi, at:at + n] = pages[pos // tpp] * slots + pos % tpp
+        f["pre_table"][gi, j, :len(seq.pages)] = seq.pages
+        f["pre_len"][gi, j] = start + n
+        f["rows"][gi, shape.decode + j] = at + n - 1
+        if pre.samples:
+          rows[shape.decode + j] = _row(seq, banned_for(seq))
       f["n_blocks"][gi, 0] = -(-int(f["dec_len"][gi].max(initial=0)) // blk)
-      f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi, 0]) // blk)
+      f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi].max(initial=0)) // blk)
       fields = pack_sampling(rows + [None] * (nrows - shape.rows), nrows, self.hist_len,
                              self.max_banned)
       pack_rows(fields, sf[gi], si[gi])
