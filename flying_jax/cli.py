@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--model", default="smollm2-135m")
   bench.add_argument("--mesh", default=None)
   bench.add_argument("--single-mesh", default=None,
-                     help="the single-device preset to compare with (default: cpu-1 / gpu-1)")
+                     help="the single-device preset to compare with (default: cpu-1 / gpu-1; "
+                          "'none' to skip)")
   bench.add_argument("--prompts", type=int, default=64)
   bench.add_argument("--output-tokens", type=int, default=128)
   bench.add_argument("--widths", default=None, help="comma-separated widths (default: all)")

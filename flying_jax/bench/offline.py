@@ -104,7 +104,7 @@ def _row_line(mesh: str, w: int, row: dict) -> str:
 def run_bench(args) -> int:
   card = load_model_card(args.model)
   preset = load_mesh_preset(args.mesh or default_mesh_name())
-  single = load_mesh_preset(args.single_mesh or ("cpu-1" if preset.platform == "cpu" else "gpu-1"))
+  single_name = args.single_mesh or ("cpu-1" if preset.platform == "cpu" else "gpu-1")
   widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else preset.widths
   prompts = _prompts(args.prompts, card.arch.vocab_size)
   print(f"bench-offline: {card.name}, {args.prompts} prompts x {args.output_tokens} output tokens, "
@@ -112,7 +112,11 @@ def run_bench(args) -> int:
   print("mesh/width | output tok/s | decode step (median) at batch 1 / 8 / 32 (host share)")
   result = {"model": card.name, "prompts": args.prompts, "output_tokens": args.output_tokens,
             "machine": platform.platform(), "runs": []}
-  for p, ws in ((preset, widths), (single, single.widths)):
+  runs = [(preset, widths)]
+  if single_name != "none" and single_name != preset.name:
+    single = load_mesh_preset(single_name)
+    runs.append((single, single.widths))
+  for p, ws in runs:
     r = bench_mesh(card, p, ws, prompts, args.output_tokens)
     print(f"{p.name}: start-up with widths {list(ws)} compiled: cold {r['startup_cold_s']:.1f} s, "
           f"warm {r['startup_warm_s']:.1f} s", flush=True)

@@ -129,7 +129,7 @@ class ProgramRegistry:
         for kind in ("layer", "head", "embed"):
           yield (kind, ws, shape)
 
-  def build(self, weights_abstract: ResidentWeights, progress=None, threads: int = 1):
+  def build(self, weights_abstract: ResidentWeights, progress=None, threads: int = 2):
     """Lower and compile every program (a few at a time: XLA compiles off the GIL)."""
     t0 = time.perf_counter()
     jobs = list(self._jobs())
