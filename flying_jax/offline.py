@@ -136,6 +136,9 @@ class LLM:
       events = self.engine.step()
       if not events and not self.engine.has_unfinished():
         break
+      if not events and not self.engine.scheduler.has_work():
+        raise RuntimeError("only paused requests remain: switch back to their partition "
+                           "(Engine.switch) to resume them")
       done = {r for r in pending if all(s.finished for s in self.engine.request(r))}
       if bar is not None and done:
         bar.update(len(done))

@@ -21,7 +21,8 @@ from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import setup as S
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
-from flying_jax.engine.sequence import Sequence
+from flying_jax.engine.sequence import Sequence, Status
+from flying_jax.engine.switching import PausedSequences, Strategy, SwitchRecord, cut_over
 from flying_jax.kv import DevicePools, PagePool
 from flying_jax.model import weights as W
 from flying_jax.runtime.executor import Executor
@@ -76,6 +77,9 @@ class Engine:
     self._seed_base = random.getrandbits(31)
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0
+    self.paused = PausedSequences()
+    self.switches: list[SwitchRecord] = []
+    self._pending: SwitchRecord | None = None
 
   # start-up ------------------------------------------------------------------------------------
   def _build(self, widths, host_weights):
@@ -131,6 +135,47 @@ class Engine:
     self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
     self.capacity = S.capacity_tokens(self.card, ws, self.pages)
 
+  # switching -----------------------------------------------------------------------------------
+  def switch(self, width: int, strategy: str = "recompute", reason: str = "manual") -> SwitchRecord:
+    """Serve `width` from the next step on; in-flight sequences follow `strategy`.
+
+    With "drain" the switch happens at the first step boundary where nothing runs any more (no
+    admissions until then); "pause" and "recompute" cut over at once. Weights do not move.
+    """
+    if width not in self.setups:
+      raise ValueError(f"width {width} is not among the compiled widths {tuple(self.setups)}")
+    strategy = Strategy(strategy)
+    cap = S.capacity_tokens(self.card, self.setups[width], self.pages)
+    movable = list(self.scheduler.waiting) + (
+        [] if strategy is Strategy.PAUSE else [s for g in self.scheduler.running for s in g])
+    too_long = [s.request_id for s in movable if s.max_length() > cap]
+    if too_long:
+      raise RuntimeError(f"cannot switch to width {width}: requests {sorted(set(too_long))[:5]} "
+                         f"are longer than one width-{width} group holds ({cap} tokens)")
+    record = SwitchRecord(self.width, width, strategy.value, reason, time.monotonic())
+    if strategy is Strategy.DRAIN:
+      self.scheduler.admitting = False
+      self._pending = record
+      self._maybe_finish_drain()
+    else:
+      self._cut_over(record, strategy)
+    return record
+
+  def _maybe_finish_drain(self):
+    if self._pending is not None and self.scheduler.num_running() == 0:
+      record, self._pending = self._pending, None
+      self._cut_over(record, Strategy.DRAIN)     # nothing runs: waiting ones move, paused stay
+
+  def _cut_over(self, record: SwitchRecord, strategy: Strategy):
+    old = self.scheduler
+    self._partition(record.to_width)
+    cut_over(old, self.scheduler, strategy, self.paused, record)
+    self.switches.append(record)
+    log.info("switch %d -> %d (%s, %s): %d paused, %d recomputed, %d resumed, %d abandoned, "
+             "%.2f ms", record.from_width, record.to_width, record.strategy, record.reason,
+             record.paused, record.recomputed, record.resumed, record.abandoned,
+             1e3 * record.cutover_s)
+
   def set_width(self, width: int):
     """Serve another compiled width from the next step on; only while no request is in flight."""
     if width not in self.setups:
@@ -180,9 +225,14 @@ class Engine:
     if seqs is None:
       return False
     for s in seqs:
-      if not s.finished:
+      if s.status is Status.PAUSED and self.paused.remove(s):
+        self.pool.release(s.first_device, s.layout.width, s.pages)
+        s.pages = []
+      elif not s.finished:
         self.scheduler.remove(s)
+      if not s.finished:
         self.outputs.finish(s, "abort")
+    self._maybe_finish_drain()
     return True
 
   def release(self, request_id: str):
@@ -190,11 +240,12 @@ class Engine:
     self._requests.pop(request_id, None)
 
   def has_unfinished(self) -> bool:
-    return self.scheduler.has_work()
+    return self.scheduler.has_work() or len(self.paused) > 0
 
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
     t0 = time.perf_counter()
+    self._maybe_finish_drain()
     work = self.scheduler.schedule()
     if all(w.empty for w in work):
       return []
@@ -224,6 +275,7 @@ class Engine:
     self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s,
                                    time.perf_counter() - t0, n_tok,
                                    sum(len(w.decode) for w in work)))
+    self._maybe_finish_drain()
     return events
 
   def _fail(self, work, message: str) -> list[SeqEvent]:
@@ -256,7 +308,7 @@ class Engine:
     return float(self.pool.used_fraction().mean())
 
   def no_leaks(self) -> bool:
-    return self.pool.all_free() and not self.scheduler.has_work()
+    return self.pool.all_free() and not self.has_unfinished()
 
 
 def _progress(enabled: bool, total: int):

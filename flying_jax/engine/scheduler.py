@@ -73,6 +73,7 @@ class Scheduler:
     self.running: list[list[Sequence]] = [[] for _ in groups]
     self._admissions = 0
     self.preempted_total = 0
+    self.admitting = True        # False while draining for a switch
 
   # queue ---------------------------------------------------------------------------------------
   def add(self, seq: Sequence):
@@ -93,9 +94,14 @@ class Scheduler:
         pass
     elif seq.group is not None and seq in self.running[seq.group]:
       self.running[seq.group].remove(seq)
-    self._release(seq)
+    self.release_pages(seq)
 
-  def _release(self, seq: Sequence):
+  def continue_admissions(self, previous: "Scheduler"):
+    """Keep admission order (and preemption choice) consistent across a partition switch."""
+    self._admissions = max(self._admissions, previous._admissions)
+    self.preempted_total += previous.preempted_total
+
+  def release_pages(self, seq: Sequence):
     if seq.pages:
       self.pool.release(seq.first_device, seq.layout.width, seq.pages)
     seq.pages = []
@@ -118,7 +124,7 @@ class Scheduler:
     return work
 
   def _admit(self):
-    while self.waiting:
+    while self.waiting and self.admitting:
       seq = self.waiting[0]
       g = self._pick_group(seq)
       if g is None:
@@ -160,7 +166,7 @@ class Scheduler:
 
   def _preempt(self, seq: Sequence):
     self.running[seq.group].remove(seq)
-    self._release(seq)
+    self.release_pages(seq)
     seq.status, seq.computed = Status.WAITING, 0
     seq.preemptions += 1
     self.preempted_total += 1

@@ -18,6 +18,7 @@ from flying_jax.sampling import SamplingParams
 class Status(enum.Enum):
   WAITING = "waiting"
   RUNNING = "running"
+  PAUSED = "paused"          # pages kept while its group is absent from the partition
   FINISHED = "finished"
 
 
@@ -48,6 +49,7 @@ class Sequence:
   computed: int = 0
   admitted_at: int = -1                       # admission order, for preemption choice
   preemptions: int = 0
+  recomputes: int = 0                         # times a switch made it prefill again
   finish_reason: str | None = None
   stop_reason: int | str | None = None
   error: str | None = None

@@ -1,0 +1,111 @@
+"""Changing the partition at a step boundary, and what happens to the requests in flight.
+
+Strategies for sequences running in the old partition:
+  drain      stop admitting; let the running sequences finish; then switch (waiting ones carry over);
+  pause      keep their pages and layout untouched; they resume when a group with their exact
+             devices and width exists again;
+  recompute  free their pages; they prefill prompt + generated tokens again in the new layout.
+             Sequences paused by an earlier switch whose group does not return now are recomputed
+             too (a recompute switch gives up waiting for their layout).
+Weights never move: every width's programs read the same resident arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from flying_jax.engine.scheduler import Scheduler
+from flying_jax.engine.sequence import Sequence, Status
+
+
+class Strategy(str, enum.Enum):
+  DRAIN = "drain"
+  PAUSE = "pause"
+  RECOMPUTE = "recompute"
+
+
+@dataclasses.dataclass
+class SwitchRecord:
+  """One switch, for logs and metrics."""
+  from_width: int
+  to_width: int
+  strategy: str
+  reason: str
+  requested_at: float
+  cutover_s: float = 0.0          # host bookkeeping of the cutover itself
+  paused: int = 0
+  recomputed: int = 0
+  resumed: int = 0
+  abandoned: int = 0              # paused earlier, recomputed now (their group did not return)
+  carried_waiting: int = 0
+
+
+class PausedSequences:
+  """Sequences whose pages wait, untouched, for their group (first device, width) to return."""
+
+  def __init__(self):
+    self._by_group: dict[tuple[int, int], list[Sequence]] = {}
+
+  def add(self, seq: Sequence):
+    seq.status = Status.PAUSED
+    self._by_group.setdefault((seq.first_device, seq.layout.width), []).append(seq)
+
+  def take(self, first_device: int, width: int) -> list[Sequence]:
+    return self._by_group.pop((first_device, width), [])
+
+  def remove(self, seq: Sequence) -> bool:
+    group = self._by_group.get((seq.first_device, seq.layout.width), [])
+    if seq in group:
+      group.remove(seq)
+      return True
+    return False
+
+  def all(self) -> list[Sequence]:
+    return [s for group in self._by_group.values() for s in group]
+
+  def __len__(self):
+    return sum(len(g) for g in self._by_group.values())
+
+
+def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedSequences,
+             record: SwitchRecord):
+  """Move every sequence of `old` into `new` (or into `paused`) according to `strategy`."""
+  t0 = time.perf_counter()
+  running = sorted((s for group in old.running for s in group), key=lambda s: s.admitted_at)
+  requeue = []
+  for seq in running:
+    if strategy is Strategy.PAUSE:
+      seq.group = None
+      paused.add(seq)
+      record.paused += 1
+    else:
+      _requeue(old, seq)
+      requeue.append(seq)
+      record.recomputed += 1
+  record.carried_waiting = len(old.waiting)
+  new.waiting.extend(requeue)
+  new.waiting.extend(old.waiting)
+  old.waiting.clear()
+  old.running = [[] for _ in old.groups]
+  new.continue_admissions(old)
+  for g, grp in enumerate(new.groups):
+    for seq in paused.take(grp.first_device, grp.width):
+      seq.group, seq.status = g, Status.RUNNING
+      new.running[g].append(seq)
+      record.resumed += 1
+  if strategy is Strategy.RECOMPUTE:
+    stale = sorted(paused.all(), key=lambda s: s.admitted_at)
+    for seq in stale:
+      paused.remove(seq)
+      _requeue(old, seq)
+      record.abandoned += 1
+    new.waiting.extendleft(reversed(stale))
+  record.cutover_s = time.perf_counter() - t0
+
+
+def _requeue(scheduler: Scheduler, seq: Sequence):
+  scheduler.release_pages(seq)
+  seq.status, seq.computed = Status.WAITING, 0
+  seq.recomputes += 1
