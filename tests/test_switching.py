@@ -77,6 +77,12 @@ def test_random_forced_switches_keep_greedy_ids(engine, seed):
   # every paused sequence either resumed in its own layout or was recomputed later
   assert sum(r.paused for r in records) == sum(r.resumed + r.abandoned for r in records)
   assert sum(r.resumed for r in records) > 0
+  stats = engine.stats()
+  assert stats["switches"] == len(engine.switches) and stats["running"] == 0
+  assert sum(stats["switches_by_reason_strategy"].values()) == len(engine.switches)
+  assert stats["sequences_paused"] >= sum(r.paused for r in records)
+  assert stats["switch_cutover_ms_median"] is not None and stats["switch_cutover_ms_median"] < 50
+  assert set(stats["seconds_per_width"]) <= set(WIDTHS) and len(stats["seconds_per_width"]) >= 2
 
 
 def test_drain_admits_nothing_until_running_ones_finish(engine):

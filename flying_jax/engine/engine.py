@@ -78,6 +78,7 @@ class Engine:
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0
     self.paused = PausedSequences()
+    self.seconds_per_width: collections.Counter[int] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self._pending: SwitchRecord | None = None
 
@@ -272,8 +273,9 @@ class Engine:
     self.steps += 1
     n_tok = sum(len(w.decode) + w.prefill_tokens for w in work)
     sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
-    self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s,
-                                   time.perf_counter() - t0, n_tok,
+    total_s = time.perf_counter() - t0
+    self.seconds_per_width[self.width] += total_s
+    self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s, total_s, n_tok,
                                    sum(len(w.decode) for w in work)))
     self._maybe_finish_drain()
     return events
@@ -303,6 +305,28 @@ class Engine:
   # introspection -------------------------------------------------------------------------------
   def request(self, request_id: str) -> list[Sequence]:
     return self._requests[request_id]
+
+  def stats(self) -> dict:
+    """What an operator watches: the partition, the queues, KV use and the switches so far."""
+    by_kind = collections.Counter((r.reason, r.strategy) for r in self.switches)
+    cutovers = sorted(r.cutover_s for r in self.switches)
+    return {
+        "width": self.width,
+        "groups": len(self.scheduler.groups),
+        "running": self.scheduler.num_running(),
+        "waiting": len(self.scheduler.waiting),
+        "paused": len(self.paused),
+        "draining": self._pending is not None,
+        "kv_usage": self.kv_usage(),
+        "steps": self.steps,
+        "switches": len(self.switches),
+        "switches_by_reason_strategy": {f"{r}/{s}": n for (r, s), n in sorted(by_kind.items())},
+        "switch_cutover_ms_median": 1e3 * cutovers[len(cutovers) // 2] if cutovers else None,
+        "sequences_paused": sum(r.paused for r in self.switches),
+        "sequences_recomputed": sum(r.recomputed + r.abandoned for r in self.switches),
+        "sequences_preempted": self.scheduler.preempted_total,
+        "seconds_per_width": dict(sorted(self.seconds_per_width.items())),
+    }
 
   def kv_usage(self) -> float:
     return float(self.pool.used_fraction().mean())
