@@ -37,6 +37,9 @@ def _add_engine_flags(p: argparse.ArgumentParser):
                       "$XDG_CACHE_HOME/flying-jax/xla)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
+  p.add_argument("--policy", default=None,
+                 help="choose the partition every step: static:W, load, priority, memory or auto "
+                      "(needs --all-widths to have somewhere to switch to)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser):

@@ -24,7 +24,7 @@ def run_generate(args) -> int:
     params = sampling_from_args(args)
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width,
               widths="all" if args.all_widths else None,
-              cache_dir=args.compile_cache, progress=sys.stderr.isatty())
+              cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy)
   except (ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -58,12 +58,14 @@ class LLM:
 
   `width` is the partition served (1 = data-parallel replicas); `widths` the widths compiled at
   start-up: by default only `width` when it is given, else all; `"all"` for every width the mesh
-  allows.
+  allows. `policy` picks the partition every step: `"static:W"`, `"load"`, `"priority"`,
+  `"memory"` or `"auto"` (None: stay on `width`).
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
-               pages_per_device: int | None = None, progress: bool = True):
+               pages_per_device: int | None = None, progress: bool = True,
+               policy: str | None = None):
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
@@ -75,7 +77,7 @@ class LLM:
                           pages_per_device=pages_per_device, progress=progress)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
-    self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer)
+    self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)
     self._ids = itertools.count()
 
   @property

@@ -20,6 +20,7 @@ import jax
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import setup as S
 from flying_jax.engine.outputs import OutputProcessor
+from flying_jax.engine.policies import Observation, Policy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.engine.switching import PausedSequences, Strategy, SwitchRecord, cut_over
@@ -56,7 +57,7 @@ class StepTiming:
 
 class Engine:
   def __init__(self, card: ModelCard, preset: MeshPreset, config: S.EngineConfig = S.EngineConfig(),
-               tokenizer=None, devices=None, host_weights: dict | None = None):
+               tokenizer=None, devices=None, host_weights: dict | None = None, policy=None):
     self.card, self.preset, self.config = card, preset, config
     self.tokenizer = tokenizer
     devices = list(devices if devices is not None else jax.devices()[: preset.devices])
@@ -77,6 +78,7 @@ class Engine:
     self._seed_base = random.getrandbits(31)
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0
+    self.policy = make_policy(policy)
     self.paused = PausedSequences()
     self.seconds_per_width: collections.Counter[int] = collections.Counter()
     self.switches: list[SwitchRecord] = []
@@ -133,8 +135,8 @@ class Engine:
     modes = tuple(sorted({(s.pre_rows, s.chunk) for s in ws.shapes if s.chunk}))
     limits = SchedulerLimits(max(self.preset.decode_buckets), modes, self.preset.token_budget)
     self.width = width
-    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits)
     self.capacity = S.capacity_tokens(self.card, ws, self.pages)
+    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits, self.capacity)
 
   # switching -----------------------------------------------------------------------------------
   def switch(self, width: int, strategy: str = "recompute", reason: str = "manual") -> SwitchRecord:
@@ -161,6 +163,29 @@ class Engine:
     else:
       self._cut_over(record, strategy)
     return record
+
+  def observe(self) -> Observation:
+    sch, now = self.scheduler, time.monotonic()
+    inflight = list(sch.waiting) + [s for g in sch.running for s in g]
+    return Observation(
+        width=self.width, widths=tuple(sorted(self.setups)),
+        capacity={w: S.capacity_tokens(self.card, ws, self.pages) for w, ws in self.setups.items()},
+        waiting=len(sch.waiting), running=sch.num_running(), paused=len(self.paused),
+        paused_widths=tuple(sorted({s.layout.width for s in self.paused.all()})),
+        waiting_max_length=max((s.max_length() for s in sch.waiting), default=0),
+        max_priority=max((s.priority for s in inflight), default=0),
+        oldest_wait_s=max((now - s.arrival_time for s in sch.waiting), default=0.0),
+        kv_usage=self.kv_usage(), step=self.steps)
+
+  def _apply_policy(self):
+    if self._pending is not None or type(self.policy) is Policy:
+      return
+    decision = self.policy.decide(self.observe())
+    if decision is not None and decision.width != self.width:
+      try:
+        self.switch(decision.width, decision.strategy, decision.reason)
+      except RuntimeError as e:                    # e.g. an in-flight request too long for it
+        log.info("policy %s: switch to %d refused: %s", self.policy.name, decision.width, e)
 
   def _maybe_finish_drain(self):
     if self._pending is not None and self.scheduler.num_running() == 0:
@@ -215,11 +240,16 @@ class Engine:
     if bad:
       raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5]}")
     total = len(prompt_ids) + params.max_tokens
-    if total > self.capacity:
+    width, cap = self.width, self.capacity
+    if self.policy.dynamic:                       # the policy may move to a wider partition
+      width = max(self.setups, key=lambda w: S.capacity_tokens(self.card, self.setups[w], self.pages))
+      cap = S.capacity_tokens(self.card, self.setups[width], self.pages)
+    if total > cap:
       raise RequestRejected(
           f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-          f"the longest sequence this engine can hold ({self.capacity} tokens: model context "
-          f"{self.card.arch.max_context}, KV pool of one width-{self.width} group)")
+          f"the longest sequence this engine can hold ({cap} tokens: model context "
+          f"{self.card.arch.max_context}, KV pool of one width-{width} group, policy "
+          f"{self.policy.name})")
 
   def abort(self, request_id: str) -> bool:
     seqs = self._requests.pop(request_id, None)
@@ -247,6 +277,7 @@ class Engine:
   def step(self) -> list[SeqEvent]:
     t0 = time.perf_counter()
     self._maybe_finish_drain()
+    self._apply_policy()
     work = self.scheduler.schedule()
     if all(w.empty for w in work):
       return []

@@ -67,8 +67,9 @@ class Scheduler:
   """Owns the waiting queue and the running sequences of each group of one uniform partition."""
 
   def __init__(self, pool: PagePool, groups: list[Group], layout: PageLayout,
-               limits: SchedulerLimits):
+               limits: SchedulerLimits, capacity: int):
     self.pool, self.groups, self.layout, self.limits = pool, groups, layout, limits
+    self.capacity = capacity     # the longest sequence one group holds (longer ones wait)
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[list[Sequence]] = [[] for _ in groups]
     self._admissions = 0
@@ -139,6 +140,8 @@ class Scheduler:
       self.running[g].append(seq)
 
   def _pick_group(self, seq: Sequence) -> int | None:
+    if seq.max_length() > self.capacity:
+      return None                # waits for a partition whose groups hold it
     need = self.layout.pages_for(seq.length)
     best, best_free = None, -1
     for g, grp in enumerate(self.groups):

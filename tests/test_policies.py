@@ -1,0 +1,150 @@
+"""Policies: pure decisions on hand-made observations, then on a real (tiny) engine."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from flying_jax.config import load_mesh_preset, load_model_card
+from flying_jax.engine.engine import Engine, RequestRejected
+from flying_jax.engine.policies import (AutoPolicy, LoadPolicy, MemoryPolicy, Observation,
+                                        PriorityPolicy, StaticPolicy, make_policy)
+from flying_jax.engine.setup import EngineConfig
+from flying_jax.sampling import SamplingParams
+
+CAP = {1: 192, 2: 384, 4: 768, 8: 1536}
+
+
+def obs(**kw):
+  base = dict(width=1, widths=(1, 2, 4, 8), capacity=CAP, waiting=0, running=0, paused=0,
+              paused_widths=(),
+              waiting_max_length=0, max_priority=0, oldest_wait_s=0.0, kv_usage=0.0, step=0)
+  base.update(kw)
+  return Observation(**base)
+
+
+def test_make_policy_parses_and_refuses():
+  assert isinstance(make_policy("auto"), AutoPolicy)
+  assert make_policy("static:4").width == 4
+  assert make_policy(None).decide(obs()) is None
+  for bad in ("static", "static:x", "fastest", "load:3"):
+    with pytest.raises(ValueError):
+      make_policy(bad)
+
+
+def test_load_policy_has_hysteresis():
+  p = LoadPolicy(high=8, low=2, hold_steps=3)
+  busy = obs(width=8, waiting=6, running=4)
+  assert [p.decide(busy) for _ in range(2)] == [None, None]       # not yet: must hold 3 steps
+  d = p.decide(busy)
+  assert d.width == 1 and d.reason == "load:busy"
+  middling = obs(width=1, waiting=1, running=3)                   # between low and high: stay
+  assert all(p.decide(middling) is None for _ in range(10))
+  quiet = obs(width=1, running=1)
+  assert [p.decide(quiet) for _ in range(2)] == [None, None]
+  assert p.decide(quiet).width == 8
+
+
+def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
+  p = LoadPolicy(high=100, max_wait_s=1.0)
+  assert p.decide(obs(width=8, waiting=1, oldest_wait_s=0.5)) is None
+  assert p.decide(obs(width=8, waiting=1, oldest_wait_s=1.5)).width == 1
+
+
+def test_priority_and_memory_policies():
+  assert PriorityPolicy().decide(obs(max_priority=1)) == dataclasses.replace(
+      PriorityPolicy().decide(obs(max_priority=1)), width=8, strategy="pause")
+  assert PriorityPolicy().decide(obs(width=8, max_priority=1)) is None
+  assert MemoryPolicy().decide(obs(waiting_max_length=500)).width == 4   # narrowest that holds it
+  assert MemoryPolicy().decide(obs(waiting_max_length=100)) is None
+  assert MemoryPolicy().decide(obs(waiting_max_length=10**6)) is None    # nothing holds it
+
+
+def test_auto_policy_orders_memory_priority_load():
+  p = AutoPolicy(load=LoadPolicy(hold_steps=1))
+  assert p.decide(obs(waiting_max_length=1000, max_priority=1)).reason == "memory"
+  assert p.decide(obs(max_priority=1)).reason == "priority"
+  assert p.decide(obs(width=4, waiting=20, waiting_max_length=500)) is None  # keep the wide group
+  assert p.decide(obs(width=8, waiting=20, running=8)).reason == "load:busy"
+  back = p.decide(obs(width=8, paused=3, paused_widths=(1,)))
+  assert (back.width, back.strategy, back.reason) == (1, "pause", "resume")
+
+
+# ---------------------------------------------------------------- on the engine
+@pytest.fixture(scope="module")
+def engine():
+  """Widths 1 and 8 with 4 pages per device: one DP group holds 192 tokens, a TP8 group 1536."""
+  preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
+                               prefill_chunks=(32,), token_budget=40)
+  return Engine(load_model_card("tiny"), preset,
+                EngineConfig(widths=(1, 8), width=1, pages_per_device=4))
+
+
+def drain(engine, max_steps=3000):
+  for _ in range(max_steps):
+    if not engine.has_unfinished():
+      return
+    engine.step()
+  raise AssertionError("did not finish")
+
+
+def test_memory_policy_serves_what_static_dp_refuses(engine):
+  prompt = np.random.default_rng(3).integers(0, 512, size=300).tolist()
+  params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+  engine.set_width(1)
+  engine.policy = make_policy("static:1")
+  with pytest.raises(RequestRejected, match="192 tokens"):
+    engine.add_request("long-static", prompt, params)
+  assert engine.no_leaks()
+  engine.policy = make_policy("auto")
+  engine.add_request("long-auto", prompt, params)
+  drain(engine)
+  got = engine.request("long-auto")[0]
+  assert got.finish_reason == "length" and len(got.output_ids) == 20
+  assert any(r.reason == "memory" and r.to_width == 8 for r in engine.switches)
+  engine.policy = make_policy(None)
+  engine.set_width(8)
+  engine.add_request("long-tp8", prompt, params)
+  drain(engine)
+  assert engine.request("long-tp8")[0].output_ids == got.output_ids
+  assert engine.no_leaks()
+
+
+def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine):
+  engine.policy = make_policy(None)
+  engine.set_width(1)
+  engine.policy = make_policy("auto")
+  rng = np.random.default_rng(4)
+  params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+  for i in range(6):
+    engine.add_request(f"bg-{i}", rng.integers(0, 512, size=20).tolist(), params)
+  engine.step()
+  engine.add_request("urgent", rng.integers(0, 512, size=20).tolist(), params, priority=1)
+  engine.step()
+  assert engine.width == 8 and engine.switches[-1].reason == "priority"
+  drain(engine)
+  for rid in [f"bg-{i}" for i in range(6)] + ["urgent"]:
+    seq, = engine.request(rid)
+    assert seq.finished and len(seq.output_ids) == 24
+  assert engine.no_leaks()
+
+
+def test_load_policy_goes_dp_under_a_burst_and_back_to_tp_when_quiet(engine):
+  engine.policy = make_policy(None)
+  engine.set_width(8)
+  engine.policy = LoadPolicy(high=6, low=1, hold_steps=2)
+  rng = np.random.default_rng(5)
+  params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+  for i in range(12):
+    engine.add_request(f"burst-{i}", rng.integers(0, 512, size=10).tolist(), params)
+  widths = []
+  while engine.has_unfinished():
+    engine.step()
+    widths.append(engine.width)
+  assert 1 in widths                                        # went DP for the burst
+  for _ in range(4):                                        # idle steps: quiet -> TP
+    engine.step()
+  assert engine.width == 8
+  assert all(engine.request(f"burst-{i}")[0].finished for i in range(12))
+  assert engine.no_leaks()
+  engine.policy = make_policy(None)
