@@ -1,4 +1,4 @@
-"""The `flying-jax` command line: generate, convert, bench-offline, list.
+"""The `flying-jax` command line: generate, convert, bench-offline, bench-switch, list.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--widths", default=None, help="comma-separated widths (default: all)")
   bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
+  sw = sub.add_parser("bench-switch", help="what a partition switch costs, per strategy",
+                      description="Cutover time (host bookkeeping and first step in the new "
+                                  "partition), bytes moved per strategy, and the time a recompute "
+                                  "costs for 256, 1024 and 4096-token contexts.")
+  sw.add_argument("--model", default="smollm2-135m")
+  sw.add_argument("--mesh", default=None)
+  sw.add_argument("--switches", type=int, default=20, help="switches measured per strategy")
+  sw.add_argument("--requests", type=int, default=8, help="requests decoding during the switches")
+  sw.add_argument("--json", default=None)
+
   sub.add_parser("list", help="list model cards and mesh presets")
   return parser
 
@@ -115,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "bench-offline":
     from flying_jax.bench.offline import run_bench
     return run_bench(args)
+  if args.command == "bench-switch":
+    from flying_jax.bench.switch import run_bench_switch
+    return run_bench_switch(args)
   return 2
 
 

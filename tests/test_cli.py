@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,15 @@ def test_convert_then_orbax_card_generates_the_same(capsys, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   prompts = [[1, 2, 3], list(range(40, 90)), [7]]
   assert _greedy(restored, prompts) == _greedy(original, prompts)
+
+
+def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys):
+  out = tmp_path / "switch.json"
+  assert cli.main(["bench-switch", "--model", "tiny", "--mesh", "cpu-8", "--switches", "2",
+                   "--requests", "4", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert set(result["strategies"]) == {"pause", "recompute", "drain"}
+  assert all(r["weight_bytes_moved"] == 0 for r in result["strategies"].values())
+  assert result["strategies"]["recompute"]["kv_tokens_recomputed_per_switch"] > 0
+  assert result["recompute_s"]["256"] > 0
+  assert "cutover host" in capsys.readouterr().out

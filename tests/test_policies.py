@@ -8,7 +8,7 @@ import pytest
 from flying_jax.config import load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine, RequestRejected
 from flying_jax.engine.policies import (AutoPolicy, LoadPolicy, MemoryPolicy, Observation,
-                                        PriorityPolicy, StaticPolicy, make_policy)
+                                        PriorityPolicy, make_policy)
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
 
