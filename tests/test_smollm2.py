@@ -44,8 +44,6 @@ def llm(tmp_path_factory):
              progress=False)
 
 
-
-
 @pytest.fixture(scope="module")
 def runs(llm, golden):
   """Per width: {name: (output ids, text, logits of every step)} for the golden cases and EXTRA,
@@ -121,3 +119,27 @@ def test_llm_generate_and_chat(llm, runs):
   assert chat.outputs[0].text == outs[0].outputs[0].text
   assert chat.outputs[0].token_ids == outs[0].outputs[0].token_ids
   assert llm.engine.no_leaks()
+
+
+def test_forced_switches_mid_generation_keep_greedy_ids(llm, runs, golden):
+  """The real model, head padding and all: pause and recompute across every width mid-decode."""
+  engine = llm.engine
+  engine.set_width(1)
+  requests = {name: (c["prompt_ids"], len(c["greedy_ids"])) for name, c in golden.items()}
+  requests.update({p: (llm.tokenizer.encode(p), 8) for p in EXTRA})
+  for name, (ids, n) in requests.items():
+    engine.add_request(f"sw-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
+  plan = [(8, "pause"), (2, "recompute"), (1, "pause"), (4, "recompute"), (8, "recompute")]
+  pointers = engine.weights.buffer_pointers()
+  step = 0
+  while engine.has_unfinished():
+    engine.step()
+    step += 1
+    if step % 2 == 0 and plan:
+      engine.switch(*plan.pop(0), reason="test")
+  assert not plan, "the switches did not all happen during generation"
+  for name in requests:
+    (seq,) = engine.request(f"sw-{name}")
+    engine.release(f"sw-{name}")
+    assert seq.output_ids == runs[1][name][0], name
+  assert engine.no_leaks() and engine.weights.buffer_pointers() == pointers
