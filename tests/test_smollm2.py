@@ -122,14 +122,15 @@ def test_llm_generate_and_chat(llm, runs):
 
 
 def test_forced_switches_mid_generation_keep_greedy_ids(llm, runs, golden):
-  """The real model, head padding and all: pause and recompute across every width mid-decode."""
+  """The real model, head padding and all: pause, recompute and migrate across every width."""
   engine = llm.engine
   engine.set_width(1)
   requests = {name: (c["prompt_ids"], len(c["greedy_ids"])) for name, c in golden.items()}
   requests.update({p: (llm.tokenizer.encode(p), 8) for p in EXTRA})
   for name, (ids, n) in requests.items():
     engine.add_request(f"sw-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
-  plan = [(8, "pause"), (2, "recompute"), (1, "pause"), (4, "recompute"), (8, "recompute")]
+  plan = [(4, "migrate"), (8, "migrate"), (2, "pause"), (1, "recompute"), (8, "migrate"),
+          (2, "migrate"), (1, "recompute")]
   pointers = engine.weights.buffer_pointers()
   step = 0
   while engine.has_unfinished():
@@ -138,6 +139,8 @@ def test_forced_switches_mid_generation_keep_greedy_ids(llm, runs, golden):
     if step % 2 == 0 and plan:
       engine.switch(*plan.pop(0), reason="test")
   assert not plan, "the switches did not all happen during generation"
+  done = [r for r in engine.switches if r.reason == "test"][-7:]
+  assert sum(r.migrated for r in done) > 0 and sum(r.recomputed for r in done) > 0
   for name in requests:
     (seq,) = engine.request(f"sw-{name}")
     engine.release(f"sw-{name}")

@@ -60,7 +60,7 @@ def test_random_forced_switches_keep_greedy_ids(engine, seed):
   reference = run(engine, requests)
   pointers = engine.weights.buffer_pointers()
   rng = random.Random(seed)
-  strategies = itertools.cycle(["pause", "recompute", "pause", "drain", "recompute", "pause"])
+  strategies = itertools.cycle(["pause", "migrate", "recompute", "pause", "drain", "migrate"])
   before = len(engine.switches)
 
   def switch_now(k):
@@ -72,7 +72,8 @@ def test_random_forced_switches_keep_greedy_ids(engine, seed):
   assert engine.no_leaks()
   assert engine.weights.buffer_pointers() == pointers
   records = engine.switches[before:]
-  assert {r.strategy for r in records} >= {"recompute", "pause", "drain"}
+  assert {r.strategy for r in records} >= {"recompute", "pause", "drain", "migrate"}
+  assert sum(r.migrated for r in records) > 0
   assert sum(r.recomputed for r in records) > 0 and sum(r.paused for r in records) > 0
   # every paused sequence either resumed in its own layout or was recomputed later
   assert sum(r.paused for r in records) == sum(r.resumed + r.abandoned for r in records)

@@ -25,6 +25,7 @@ from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.engine.switching import PausedSequences, Strategy, SwitchRecord, cut_over
 from flying_jax.kv import DevicePools, PagePool
+from flying_jax.kv.migrate import Placement, migration_indices
 from flying_jax.model import weights as W
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry
@@ -119,6 +120,8 @@ class Engine:
       bar.close()
     self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
                              cfg.max_banned)
+    self.migrator = S.build_migrator(card, self.setups, self.device_pools, self.pages) \
+        if len(widths) > 1 else None
     rep.warmup_s = S.warm_up(self.registry, self.weights, self.device_pools, self.setups)
     rep.programs = len(self.registry)
     rep.weight_bytes = self.weights.nbytes()
@@ -143,11 +146,14 @@ class Engine:
     """Serve `width` from the next step on; in-flight sequences follow `strategy`.
 
     With "drain" the switch happens at the first step boundary where nothing runs any more (no
-    admissions until then); "pause" and "recompute" cut over at once. Weights do not move.
+    admissions until then); "pause", "recompute" and "migrate" cut over at once. Weights do not
+    move; with "migrate" the KV of running sequences is re-laid by a compiled program.
     """
     if width not in self.setups:
       raise ValueError(f"width {width} is not among the compiled widths {tuple(self.setups)}")
     strategy = Strategy(strategy)
+    if strategy is Strategy.MIGRATE and self.migrator is None:
+      raise ValueError("the migrate strategy needs more than one compiled width")
     cap = S.capacity_tokens(self.card, self.setups[width], self.pages)
     movable = list(self.scheduler.waiting) + (
         [] if strategy is Strategy.PAUSE else [s for g in self.scheduler.running for s in g])
@@ -187,6 +193,26 @@ class Engine:
       except RuntimeError as e:                    # e.g. an in-flight request too long for it
         log.info("policy %s: switch to %d refused: %s", self.policy.name, decision.width, e)
 
+  def _migrate_one(self, seq: Sequence) -> int | None:
+    """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
+    if self.migrator is None:
+      raise RuntimeError("migration needs more than one compiled width")
+    new = self.scheduler
+    g = new.place(seq)
+    if g is None:
+      return None
+    grp = new.groups[g]
+    pages = self.pool.allocate(grp.first_device, grp.width, new.layout.pages_for(seq.length))
+    src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
+    dst = Placement(grp.first_device, new.layout, tuple(pages))
+    idx = migration_indices(self.card.arch, src, dst, seq.computed, self.pages,
+                            self.preset.page_tokens * self.card.arch.n_kv_heads)
+    moved = self.migrator.run(self.device_pools.k, self.device_pools.v, idx)
+    self.pool.release(seq.first_device, seq.layout.width, seq.pages)
+    seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, new.layout, g
+    new.running[g].append(seq)
+    return moved
+
   def _maybe_finish_drain(self):
     if self._pending is not None and self.scheduler.num_running() == 0:
       record, self._pending = self._pending, None
@@ -195,7 +221,7 @@ class Engine:
   def _cut_over(self, record: SwitchRecord, strategy: Strategy):
     old = self.scheduler
     self._partition(record.to_width)
-    cut_over(old, self.scheduler, strategy, self.paused, record)
+    cut_over(old, self.scheduler, strategy, self.paused, record, self._migrate_one)
     self.switches.append(record)
     log.info("switch %d -> %d (%s, %s): %d paused, %d recomputed, %d resumed, %d abandoned, "
              "%.2f ms", record.from_width, record.to_width, record.strategy, record.reason,

@@ -139,6 +139,10 @@ class Scheduler:
       self._admissions += 1
       self.running[g].append(seq)
 
+  def place(self, seq: Sequence) -> int | None:
+    """A group for a sequence that arrives with its KV (migration); None if none has room."""
+    return self._pick_group(seq)
+
   def _pick_group(self, seq: Sequence) -> int | None:
     if seq.max_length() > self.capacity:
       return None                # waits for a partition whose groups hold it

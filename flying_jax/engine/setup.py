@@ -157,5 +157,17 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
   return lines
 
 
+def build_migrator(card: ModelCard, setups: dict[int, WidthSetup], pools, pages: int):
+  """Migration programs sized for the longest sequence any width holds."""
+  from flying_jax.kv.migrate import MigrationPrograms
+
+  arch = card.arch
+  copies = max(ws.width * ws.plan.kv_per_device for ws in setups.values())
+  longest = max(capacity_tokens(card, ws, pages) for ws in setups.values())
+  any_ws = next(iter(setups.values()))
+  return MigrationPrograms(pools.struct(), any_ws.specs.per_device(), any_ws.specs.replicated(),
+                           longest * copies * arch.head_dim)
+
+
 def report_padding(card: ModelCard, widths) -> list[dict]:
   return [padding_report(card.arch, w) for w in widths]

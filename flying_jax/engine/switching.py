@@ -6,7 +6,9 @@ Strategies for sequences running in the old partition:
              devices and width exists again;
   recompute  free their pages; they prefill prompt + generated tokens again in the new layout.
              Sequences paused by an earlier switch whose group does not return now are recomputed
-             too (a recompute switch gives up waiting for their layout).
+             too (a recompute switch gives up waiting for their layout);
+  migrate    re-lay their KV into pages of a new group with a compiled program and go on
+             decoding (a sequence that finds no room in the new partition is recomputed).
 Weights never move: every width's programs read the same resident arrays.
 """
 
@@ -24,6 +26,7 @@ class Strategy(str, enum.Enum):
   DRAIN = "drain"
   PAUSE = "pause"
   RECOMPUTE = "recompute"
+  MIGRATE = "migrate"
 
 
 @dataclasses.dataclass
@@ -38,6 +41,8 @@ class SwitchRecord:
   paused: int = 0
   recomputed: int = 0
   resumed: int = 0
+  migrated: int = 0
+  migrated_elements: int = 0      # KV elements moved per layer, K and V each
   abandoned: int = 0              # paused earlier, recomputed now (their group did not return)
   carried_waiting: int = 0
 
@@ -70,13 +75,20 @@ class PausedSequences:
 
 
 def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedSequences,
-             record: SwitchRecord):
-  """Move every sequence of `old` into `new` (or into `paused`) according to `strategy`."""
+             record: SwitchRecord, migrate=None):
+  """Move every sequence of `old` into `new` (or into `paused`) according to `strategy`.
+
+  `migrate(seq) -> elements moved or None` re-lays one sequence into `new` (migrate strategy).
+  """
   t0 = time.perf_counter()
   running = sorted((s for group in old.running for s in group), key=lambda s: s.admitted_at)
   requeue = []
   for seq in running:
-    if strategy is Strategy.PAUSE:
+    moved = migrate(seq) if strategy is Strategy.MIGRATE else None
+    if moved is not None:
+      record.migrated += 1
+      record.migrated_elements += moved
+    elif strategy is Strategy.PAUSE:
       seq.group = None
       paused.add(seq)
       record.paused += 1

@@ -1,0 +1,123 @@
+"""Migration: re-lay a sequence's KV from one page layout to another inside a compiled program.
+
+A switch that changes a sequence's group (devices, width) changes which device holds each KV head
+and how many tokens a page holds. The host computes, for every (token, KV head, head-dim element)
+of the sequence, its flat address in the old layout and its address(es) in the new one (a head
+replicated over several devices is written to each copy). One program per size bucket gathers the
+old values and scatters them to the new addresses across the whole mesh; XLA turns the
+cross-device part into a collective. Keys are stored transposed (see `model.attention`), values
+head-major, so the two get different addresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flying_jax.config import Architecture
+from flying_jax.kv.pool import PageLayout
+from flying_jax.model.heads import plan_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a sequence's KV lives: its group's first device, its layout and its page ids."""
+  first_device: int
+  layout: PageLayout
+  pages: tuple[int, ...]
+
+
+def _head_homes(arch: Architecture, width: int) -> dict[int, list[tuple[int, int]]]:
+  """KV head -> [(device offset in the group, slot of the head on that device)]."""
+  plan = plan_heads(arch, width)
+  homes: dict[int, list[tuple[int, int]]] = {}
+  for d in range(width):
+    for s, h in enumerate(plan.kv_index[d]):
+      if h >= 0:
+        homes.setdefault(int(h), []).append((d, s))
+  return homes
+
+
+def _addresses(p: Placement, dev_offset: int, slot: int, tokens: np.ndarray, pages_per_device: int,
+               slots: int, hd: int):
+  """Flat V and K addresses [T, hd] of one head's tokens on one device of the placement."""
+  tpp = p.layout.tokens_per_page
+  device = p.first_device + dev_offset
+  page = np.asarray(p.pages, np.int64)[tokens // tpp]
+  off = tokens % tpp
+  base = (device * pages_per_device + page) * slots * hd                  # [T]
+  e = np.arange(hd, dtype=np.int64)
+  v = base[:, None] + (slot * tpp + off)[:, None] * hd + e[None, :]
+  k = base[:, None] + (slot * hd + e[None, :]) * tpp + off[:, None]
+  return v, k
+
+
+def migration_indices(arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
+                      pages_per_device: int, slots: int):
+  """(src_v, dst_v, src_k, dst_k) flat int arrays of equal length: copy pool[src] to pool[dst]."""
+  hd = arch.head_dim
+  tokens = np.arange(n_tokens, dtype=np.int64)
+  homes_src = _head_homes(arch, src.layout.width)
+  homes_dst = _head_homes(arch, dst.layout.width)
+  parts = ([], [], [], [])
+  for h in range(arch.n_kv_heads):
+    sv, sk = _addresses(src, *homes_src[h][0], tokens, pages_per_device, slots, hd)
+    for d, s in homes_dst[h]:
+      dv, dk = _addresses(dst, d, s, tokens, pages_per_device, slots, hd)
+      for acc, a in zip(parts, (sv, dv, sk, dk)):
+        acc.append(a.reshape(-1))
+  return tuple(np.concatenate(a) if a else np.zeros(0, np.int64) for a in parts)
+
+
+def buckets(max_elements: int, smallest: int = 1 << 12) -> list[int]:
+  out, b = [], smallest
+  while True:
+    out.append(b)
+    if b >= max_elements:
+      return out
+    b *= 2
+
+
+def _migrate_layer(k_pool, v_pool, src_v, dst_v, src_k, dst_k):
+  def move(pool, src, dst):
+    flat = pool.reshape(-1)
+    return flat.at[dst].set(flat[src], mode="drop").reshape(pool.shape)
+  return move(k_pool, src_k, dst_k), move(v_pool, src_v, dst_v)
+
+
+class MigrationPrograms:
+  """AOT-compiled migration programs, one per size bucket, for one layer's K and V pools."""
+
+  def __init__(self, pool_struct, per_device_sharding, replicated_sharding, max_elements: int):
+    self.size = int(np.prod(pool_struct.shape))
+    if self.size >= 2 ** 31:
+      raise ValueError("KV pools over 2^31 elements per layer need 64-bit migration indices")
+    self.rep = replicated_sharding
+    pool = jax.ShapeDtypeStruct(pool_struct.shape, pool_struct.dtype, sharding=per_device_sharding)
+    jitted = jax.jit(_migrate_layer, donate_argnums=(0, 1),
+                     out_shardings=(per_device_sharding, per_device_sharding))
+    self._programs = {}
+    for m in buckets(max_elements):
+      idx = jax.ShapeDtypeStruct((m,), jnp.int32, sharding=replicated_sharding)
+      self._programs[m] = jitted.lower(pool, pool, idx, idx, idx, idx).compile()
+
+  def run(self, k_pools: list, v_pools: list, indices) -> int:
+    """Move one sequence's KV in every layer; returns the elements moved per layer."""
+    n = len(indices[0])
+    m = next((b for b in self._programs if b >= n), None)
+    if m is None:
+      raise ValueError(f"a migration of {n} elements exceeds the largest compiled bucket")
+    padded = []
+    for i, a in enumerate(indices):
+      fill = 0 if i % 2 == 0 else self.size                 # sources read 0, padding writes drop
+      buf = np.full(m, fill, np.int32)
+      buf[:n] = a
+      padded.append(buf)
+    args = jax.device_put(padded, self.rep)
+    program = self._programs[m]
+    for l in range(len(k_pools)):
+      k_pools[l], v_pools[l] = program(k_pools[l], v_pools[l], *args)
+    return n
