@@ -145,7 +145,9 @@ def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys):
   assert cli.main(["bench-switch", "--model", "tiny", "--mesh", "cpu-8", "--switches", "2",
                    "--requests", "4", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
-  assert set(result["strategies"]) == {"pause", "recompute", "drain"}
+  assert set(result["strategies"]) == {"pause", "recompute", "migrate", "drain"}
+  assert result["strategies"]["migrate"]["weight_bytes_moved"] == 0
+  assert result["migrate_s"]["256"] > 0
   assert all(r["weight_bytes_moved"] == 0 for r in result["strategies"].values())
   assert result["strategies"]["recompute"]["kv_tokens_recomputed_per_switch"] > 0
   assert result["recompute_s"]["256"] > 0

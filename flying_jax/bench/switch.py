@@ -6,8 +6,8 @@ On the given mesh, with every width compiled, it measures while requests decode:
   - bytes moved: weights (checked through buffer pointers: always 0) and KV (0 for pause and drain;
     recompute moves none but recomputes the KV of every in-flight token, reported as tokens and
     the bytes that prefill rewrites);
-  - the price of recompute for one request: time to prefill a context of 256, 1024 and 4096 tokens
-    in the new layout (migration, the alternative, is not implemented yet).
+  - recompute against migrate for one request holding 256, 1024 and 4096 tokens: the time to
+    prefill it again in the new layout, and the time to re-lay its KV there.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import platform
 import time
 
+import jax
 import numpy as np
 
 from flying_jax.config import default_mesh_name, load_mesh_preset, load_model_card
@@ -56,7 +57,7 @@ def _finish(engine: Engine, rids):
 
 def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dict:
   widths = sorted(engine.setups)
-  host, first, inflight_tokens = [], [], []
+  host, first, inflight_tokens, moved_elements = [], [], [], []
   pointers = engine.weights.buffer_pointers()
   room = min(capacity_tokens(engine.card, ws, engine.pages) for ws in engine.setups.values()) - 33
   rids = _start_decoding(engine, requests, 32, min(room, 8 * switches + 64)
@@ -72,6 +73,7 @@ def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dic
     steps = engine.steps
     engine.step()
     host.append(rec.cutover_s)
+    moved_elements.append(rec.migrated_elements)
     if engine.steps > steps:                    # the new partition had work to run
       first.append(time.perf_counter() - t1 + (t1 - t0 - rec.cutover_s if strategy != "drain" else 0))
     if strategy == "drain":
@@ -87,7 +89,8 @@ def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dic
       "first_step_ms_median": 1e3 * float(np.median(first)) if first else None,
       "first_step_ms_p99": 1e3 * float(np.percentile(first, 99)) if first else None,
       "weight_bytes_moved": "changed!" if moved else 0,
-      "kv_bytes_moved": 0,
+      "kv_bytes_moved": float(np.mean(moved_elements)) * 2 * engine.card.arch.n_layers
+      * np.dtype(engine.preset.dtype).itemsize,
       "kv_tokens_recomputed_per_switch": float(np.mean(inflight_tokens)) if strategy == "recompute" else 0,
       "kv_bytes_rewritten_per_switch": float(np.mean(inflight_tokens)) * kv
       if strategy == "recompute" else 0,
@@ -111,6 +114,29 @@ def recompute_cost(engine: Engine, width: int, context: int) -> float | None:
   return dt
 
 
+def migrate_cost(engine: Engine, from_width: int, to_width: int, context: int) -> float | None:
+  """Seconds to migrate one request holding `context` tokens of KV (None: it does not fit)."""
+  if min(capacity_tokens(engine.card, engine.setups[w], engine.pages)
+         for w in (from_width, to_width)) < context + 2:
+    return None
+  engine.set_width(from_width)
+  rid = f"mg-{next(_ids)}"
+  prompt = np.random.default_rng(context).integers(0, engine.card.arch.vocab_size,
+                                                    size=context).tolist()
+  engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+  (seq,) = engine.request(rid)
+  while not seq.is_decoding or seq.computed < context:
+    engine.step()
+  jax.block_until_ready(engine.device_pools.k)
+  t0 = time.perf_counter()
+  record = engine.switch(to_width, "migrate", reason="bench")
+  jax.block_until_ready((engine.device_pools.k, engine.device_pools.v))
+  dt = time.perf_counter() - t0
+  assert record.migrated == 1
+  _finish(engine, [rid])
+  return dt
+
+
 def run_bench_switch(args) -> int:
   card = load_model_card(args.model)
   preset = load_mesh_preset(args.mesh or default_mesh_name())
@@ -120,7 +146,7 @@ def run_bench_switch(args) -> int:
         f"{platform.machine()}")
   result = {"model": card.name, "mesh": preset.name, "machine": platform.platform(),
             "strategies": {}, "recompute_s": {}}
-  for strategy in ("pause", "recompute", "drain"):
+  for strategy in ("pause", "recompute", "migrate", "drain"):
     r = cutovers(engine, strategy, args.switches, args.requests)
     result["strategies"][strategy] = r
     first = ("no work in the new partition" if not r["first_steps_with_work"] else
@@ -129,15 +155,19 @@ def run_bench_switch(args) -> int:
     print(f"{strategy:>9}: cutover host {r['host_ms_median']:.3f} ms median / "
           f"{r['host_ms_p99']:.3f} ms p99, first step {first}; weight bytes moved "
           f"{r['weight_bytes_moved']}, "
-          f"KV bytes moved 0, KV rewritten by prefill "
+          f"KV moved {r['kv_bytes_moved'] / 2**20:.1f} MiB, KV rewritten by prefill "
           f"{r['kv_bytes_rewritten_per_switch'] / 2**20:.1f} MiB per switch", flush=True)
-  wide = max(engine.setups)
+  widths = sorted(engine.setups)
+  wide, source = widths[-1], widths[-2] if len(widths) > 1 else widths[-1]
+  result["migrate_s"] = {}
   for ctx in (256, 1024, 4096):
-    dt = recompute_cost(engine, wide, ctx)
-    result["recompute_s"][ctx] = dt
-    print(f"recompute {ctx:>5} tokens at width {wide}: "
-          + ("does not fit" if dt is None else f"{dt:.2f} s") + "; migrate: not implemented yet",
-          flush=True)
+    rc = recompute_cost(engine, wide, ctx)
+    mg = migrate_cost(engine, source, wide, ctx) if source != wide else None
+    result["recompute_s"][ctx], result["migrate_s"][ctx] = rc, mg
+    fmt = lambda x: "does not fit" if x is None else f"{x:.3f} s"
+    ratio = f", migrate {rc / mg:.0f}x faster" if rc and mg else ""
+    print(f"{ctx:>5} tokens into width {wide}: recompute {fmt(rc)}, migrate from width {source} "
+          f"{fmt(mg)}{ratio}", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
