@@ -148,3 +148,9 @@ def test_load_policy_goes_dp_under_a_burst_and_back_to_tp_when_quiet(engine):
   assert all(engine.request(f"burst-{i}")[0].finished for i in range(12))
   assert engine.no_leaks()
   engine.policy = make_policy(None)
+
+
+def test_a_policy_needing_an_uncompiled_width_is_refused_at_start(engine):
+  with pytest.raises(ValueError, match="not compiled"):
+    Engine(engine.card, engine.preset, EngineConfig(widths=(1,), pages_per_device=4),
+           policy="static:8")

@@ -70,6 +70,10 @@ class Engine:
     self.width = config.width or widths[0]
     if self.width not in widths:
       raise ValueError(f"width {self.width} is not among the compiled widths {widths}")
+    needed = getattr(make_policy(policy), "width", None)
+    if needed is not None and needed not in widths:          # refused now, not at run time
+      raise ValueError(f"policy {policy} needs width {needed}, which is not compiled "
+                       f"(compiled: {widths})")
     self.report = S.StartupReport()
     self._build(widths, host_weights)
     self.outputs = OutputProcessor(tokenizer)
