@@ -55,6 +55,9 @@ def test_priority_and_memory_policies():
   assert PriorityPolicy().decide(obs(max_priority=1)) == dataclasses.replace(
       PriorityPolicy().decide(obs(max_priority=1)), width=8, strategy="pause")
   assert PriorityPolicy().decide(obs(width=8, max_priority=1)) is None
+  back = PriorityPolicy().decide(obs(width=8, paused=2, paused_widths=(1,)))
+  assert (back.width, back.strategy, back.reason) == (1, "pause", "resume")
+  assert PriorityPolicy().decide(obs(width=8, max_priority=1, paused_widths=(1,))) is None
   assert MemoryPolicy().decide(obs(waiting_max_length=500)).width == 4   # narrowest that holds it
   assert MemoryPolicy().decide(obs(waiting_max_length=100)) is None
   assert MemoryPolicy().decide(obs(waiting_max_length=10**6)) is None    # nothing holds it
@@ -110,20 +113,22 @@ def test_memory_policy_serves_what_static_dp_refuses(engine):
   assert engine.no_leaks()
 
 
-def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine):
+@pytest.mark.parametrize("policy", ["auto", "priority"])
+def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine, policy):
   engine.policy = make_policy(None)
   engine.set_width(1)
-  engine.policy = make_policy("auto")
+  engine.policy = make_policy(policy)
   rng = np.random.default_rng(4)
   params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
   for i in range(6):
-    engine.add_request(f"bg-{i}", rng.integers(0, 512, size=20).tolist(), params)
+    engine.add_request(f"bg-{policy}-{i}", rng.integers(0, 512, size=20).tolist(), params)
   engine.step()
-  engine.add_request("urgent", rng.integers(0, 512, size=20).tolist(), params, priority=1)
+  engine.add_request(f"urgent-{policy}", rng.integers(0, 512, size=20).tolist(), params, priority=1)
   engine.step()
   assert engine.width == 8 and engine.switches[-1].reason == "priority"
   drain(engine)
-  for rid in [f"bg-{i}" for i in range(6)] + ["urgent"]:
+  assert any(r.reason == "resume" for r in engine.switches)   # the paused ones came back
+  for rid in [f"bg-{policy}-{i}" for i in range(6)] + [f"urgent-{policy}"]:
     seq, = engine.request(rid)
     assert seq.finished and len(seq.output_ids) == 24
   assert engine.no_leaks()

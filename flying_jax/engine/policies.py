@@ -9,10 +9,11 @@ The engine applies a decision at the step boundary through `Engine.switch`, and 
             the queue builds, for throughput; hysteresis so it does not flap, and a limit on how
             long a TP episode may keep waiting requests behind it;
   priority  a latency-critical request (priority >= threshold) is served by the widest width at
-            once; the others are paused, not recomputed;
+            once; the others are paused, not recomputed, and resume in their own layout once no
+            latency-critical request is left;
   memory    a request longer than one group of the current width holds moves the engine to the
             narrowest width that holds it (instead of refusing it);
-  auto      memory, then priority, then back to the layout of paused sequences, then load.
+  auto      memory, then priority (with its return to paused sequences' layout), then load.
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ class PriorityPolicy(Policy):
 
   def decide(self, obs):
     tp = obs.widths[-1]
-    if obs.max_priority >= self.threshold and obs.width != tp:
-      return Decision(tp, "pause", "priority")
+    if obs.max_priority >= self.threshold:
+      return Decision(tp, "pause", "priority") if obs.width != tp else None
+    if obs.paused_widths and obs.width not in obs.paused_widths:
+      return Decision(obs.paused_widths[0], "pause", "resume")   # back to what it paused
     return None
 
 
@@ -130,8 +133,6 @@ class AutoPolicy(Policy):
     if obs.waiting_max_length > obs.capacity[obs.widths[0]] or obs.max_priority >= \
         self.priority.threshold:
       return None                  # a wide group is needed now: load does not narrow it
-    if obs.paused_widths and obs.width not in obs.paused_widths:
-      return Decision(obs.paused_widths[0], "pause", "resume")
     return self.load.decide(obs)
 
 
