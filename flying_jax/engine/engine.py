@@ -23,9 +23,9 @@ from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
-from flying_jax.engine.switching import PausedSequences, Strategy, SwitchRecord, cut_over
+from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, cut_over,
+                                        migrate_sequence)
 from flying_jax.kv import DevicePools, PagePool
-from flying_jax.kv.migrate import Placement, migration_indices
 from flying_jax.model import weights as W
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry
@@ -199,23 +199,9 @@ class Engine:
 
   def _migrate_one(self, seq: Sequence) -> int | None:
     """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
-    if self.migrator is None:
-      raise RuntimeError("migration needs more than one compiled width")
-    new = self.scheduler
-    g = new.place(seq)
-    if g is None:
-      return None
-    grp = new.groups[g]
-    pages = self.pool.allocate(grp.first_device, grp.width, new.layout.pages_for(seq.length))
-    src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
-    dst = Placement(grp.first_device, new.layout, tuple(pages))
-    idx = migration_indices(self.card.arch, src, dst, seq.computed, self.pages,
-                            self.preset.page_tokens * self.card.arch.n_kv_heads)
-    moved = self.migrator.run(self.device_pools.k, self.device_pools.v, idx)
-    self.pool.release(seq.first_device, seq.layout.width, seq.pages)
-    seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, new.layout, g
-    new.running[g].append(seq)
-    return moved
+    slots = self.preset.page_tokens * self.card.arch.n_kv_heads
+    return migrate_sequence(seq, self.scheduler, self.pool, self.migrator, self.device_pools,
+                            self.card.arch, self.pages, slots)
 
   def _maybe_finish_drain(self):
     if self._pending is not None and self.scheduler.num_running() == 0:

@@ -19,6 +19,7 @@ import enum
 import time
 
 from flying_jax.engine.scheduler import Scheduler
+from flying_jax.kv.migrate import Placement, migration_indices
 from flying_jax.engine.sequence import Sequence, Status
 
 
@@ -121,3 +122,21 @@ def _requeue(scheduler: Scheduler, seq: Sequence):
   scheduler.release_pages(seq)
   seq.status, seq.computed = Status.WAITING, 0
   seq.recomputes += 1
+
+
+def migrate_sequence(seq: Sequence, new: Scheduler, pool, migrator, device_pools, arch,
+                     pages_per_device: int, slots: int) -> int | None:
+  """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room)."""
+  g = new.place(seq)
+  if g is None:
+    return None
+  grp = new.groups[g]
+  pages = pool.allocate(grp.first_device, grp.width, new.layout.pages_for(seq.length))
+  src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
+  dst = Placement(grp.first_device, new.layout, tuple(pages))
+  idx = migration_indices(arch, src, dst, seq.computed, pages_per_device, slots)
+  moved = migrator.run(device_pools.k, device_pools.v, idx)
+  pool.release(seq.first_device, seq.layout.width, seq.pages)
+  seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, new.layout, g
+  new.running[g].append(seq)
+  return moved
