@@ -82,6 +82,7 @@ def test_random_forced_switches_keep_greedy_ids(engine, seed):
   assert stats["switches"] == len(engine.switches) and stats["running"] == 0
   assert sum(stats["switches_by_reason_strategy"].values()) == len(engine.switches)
   assert stats["sequences_paused"] >= sum(r.paused for r in records)
+  assert stats["sequences_migrated"] >= sum(r.migrated for r in records) > 0
   assert stats["switch_cutover_ms_median"] is not None and stats["switch_cutover_ms_median"] < 50
   assert set(stats["seconds_per_width"]) <= set(WIDTHS) and len(stats["seconds_per_width"]) >= 2
 

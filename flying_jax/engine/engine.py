@@ -371,6 +371,7 @@ class Engine:
         "switch_cutover_ms_median": 1e3 * cutovers[len(cutovers) // 2] if cutovers else None,
         "sequences_paused": sum(r.paused for r in self.switches),
         "sequences_recomputed": sum(r.recomputed + r.abandoned for r in self.switches),
+        "sequences_migrated": sum(r.migrated for r in self.switches),
         "sequences_preempted": self.scheduler.preempted_total,
         "seconds_per_width": dict(sorted(self.seconds_per_width.items())),
     }
