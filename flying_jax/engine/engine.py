@@ -124,10 +124,12 @@ class Engine:
       bar.close()
     self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
                              cfg.max_banned)
+    t0 = time.perf_counter()
     self.migrator = S.build_migrator(card, self.setups, self.device_pools, self.pages) \
         if len(widths) > 1 else None
+    rep.compile_s += time.perf_counter() - t0
     rep.warmup_s = S.warm_up(self.registry, self.weights, self.device_pools, self.setups)
-    rep.programs = len(self.registry)
+    rep.programs = len(self.registry) + (len(self.migrator) if self.migrator else 0)
     rep.weight_bytes = self.weights.nbytes()
     rep.kv_bytes = self.device_pools.nbytes()
     rep.padding = S.report_padding(card, widths)

@@ -104,6 +104,9 @@ class MigrationPrograms:
       idx = jax.ShapeDtypeStruct((m,), jnp.int32, sharding=replicated_sharding)
       self._programs[m] = jitted.lower(pool, pool, idx, idx, idx, idx).compile()
 
+  def __len__(self):
+    return len(self._programs)
+
   def run(self, k_pools: list, v_pools: list, indices) -> int:
     """Move one sequence's KV in every layer; returns the elements moved per layer."""
     n = len(indices[0])
