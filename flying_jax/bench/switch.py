@@ -22,7 +22,7 @@ import numpy as np
 
 from flying_jax.config import default_mesh_name, load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
-from flying_jax.engine.setup import EngineConfig, capacity_tokens
+from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -59,7 +59,7 @@ def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dic
   widths = sorted(engine.setups)
   host, first, inflight_tokens, moved_elements = [], [], [], []
   pointers = engine.weights.buffer_pointers()
-  room = min(capacity_tokens(engine.card, ws, engine.pages) for ws in engine.setups.values()) - 33
+  room = min(ws.capacity for ws in engine.setups.values()) - 33
   rids = _start_decoding(engine, requests, 32, min(room, 8 * switches + 64)
                          if strategy != "drain" else 8)
   for k in range(switches):
@@ -99,7 +99,7 @@ def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dic
 
 def recompute_cost(engine: Engine, width: int, context: int) -> float | None:
   """Seconds to prefill `context` tokens of one request at `width` (None: one group cannot hold it)."""
-  if capacity_tokens(engine.card, engine.setups[width], engine.pages) < context + 1:
+  if engine.setups[width].capacity < context + 1:
     return None
   engine.set_width(width)
   rid = f"rc-{next(_ids)}"
@@ -116,8 +116,7 @@ def recompute_cost(engine: Engine, width: int, context: int) -> float | None:
 
 def migrate_cost(engine: Engine, from_width: int, to_width: int, context: int) -> float | None:
   """Seconds to migrate one request holding `context` tokens of KV (None: it does not fit)."""
-  if min(capacity_tokens(engine.card, engine.setups[w], engine.pages)
-         for w in (from_width, to_width)) < context + 2:
+  if min(engine.setups[w].capacity for w in (from_width, to_width)) < context + 2:
     return None
   engine.set_width(from_width)
   rid = f"mg-{next(_ids)}"

@@ -125,10 +125,10 @@ class Engine:
     self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
                              cfg.max_banned)
     t0 = time.perf_counter()
-    self.migrator = S.build_migrator(card, self.setups, self.device_pools, self.pages) \
+    self.migrator = S.build_migrator(card, self.setups, self.device_pools) \
         if len(widths) > 1 else None
     rep.compile_s += time.perf_counter() - t0
-    rep.warmup_s = S.warm_up(self.registry, self.weights, self.device_pools, self.setups)
+    rep.warmup_s = self.executor.warm_up(self.setups)
     rep.programs = len(self.registry) + (len(self.migrator) if self.migrator else 0)
     rep.weight_bytes = self.weights.nbytes()
     rep.kv_bytes = self.device_pools.nbytes()
@@ -144,7 +144,7 @@ class Engine:
     modes = tuple(sorted({(s.pre_rows, s.chunk) for s in ws.shapes if s.chunk}))
     limits = SchedulerLimits(max(self.preset.decode_buckets), modes, self.preset.token_budget)
     self.width = width
-    self.capacity = S.capacity_tokens(self.card, ws, self.pages)
+    self.capacity = ws.capacity
     self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits, self.capacity)
 
   # switching -----------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class Engine:
     strategy = Strategy(strategy)
     if strategy is Strategy.MIGRATE and self.migrator is None:
       raise ValueError("the migrate strategy needs more than one compiled width")
-    cap = S.capacity_tokens(self.card, self.setups[width], self.pages)
+    cap = self.setups[width].capacity
     movable = list(self.scheduler.waiting) + (
         [] if strategy is Strategy.PAUSE else [s for g in self.scheduler.running for s in g])
     too_long = [s.request_id for s in movable if s.max_length() > cap]
@@ -181,7 +181,7 @@ class Engine:
     inflight = list(sch.waiting) + [s for g in sch.running for s in g]
     return Observation(
         width=self.width, widths=tuple(sorted(self.setups)),
-        capacity={w: S.capacity_tokens(self.card, ws, self.pages) for w, ws in self.setups.items()},
+        capacity={w: ws.capacity for w, ws in self.setups.items()},
         waiting=len(sch.waiting), running=sch.num_running(), paused=len(self.paused),
         paused_widths=tuple(sorted({s.layout.width for s in self.paused.all()})),
         waiting_max_length=max((s.max_length() for s in sch.waiting), default=0),
@@ -260,8 +260,8 @@ class Engine:
     total = len(prompt_ids) + params.max_tokens
     width, cap = self.width, self.capacity
     if self.policy.dynamic:                       # the policy may move to a wider partition
-      width = max(self.setups, key=lambda w: S.capacity_tokens(self.card, self.setups[w], self.pages))
-      cap = S.capacity_tokens(self.card, self.setups[width], self.pages)
+      width = max(self.setups, key=lambda w: self.setups[w].capacity)
+      cap = self.setups[width].capacity
     if total > cap:
       raise RequestRejected(
           f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -294,7 +294,6 @@ class Engine:
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
     t0 = time.perf_counter()
-    self._maybe_finish_drain()
     self._apply_policy()
     work = self.scheduler.schedule()
     if all(w.empty for w in work):

@@ -127,7 +127,7 @@ class Scheduler:
   def _admit(self):
     while self.waiting and self.admitting:
       seq = self.waiting[0]
-      g = self._pick_group(seq)
+      g = self.pick_group(seq)
       if g is None:
         return
       self.waiting.popleft()
@@ -139,11 +139,8 @@ class Scheduler:
       self._admissions += 1
       self.running[g].append(seq)
 
-  def place(self, seq: Sequence) -> int | None:
-    """A group for a sequence that arrives with its KV (migration); None if none has room."""
-    return self._pick_group(seq)
-
-  def _pick_group(self, seq: Sequence) -> int | None:
+  def pick_group(self, seq: Sequence) -> int | None:
+    """The group with most free pages that can take `seq` now (admission and migration)."""
     if seq.max_length() > self.capacity:
       return None                # waits for a partition whose groups hold it
     need = self.layout.pages_for(seq.length)

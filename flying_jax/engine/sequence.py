@@ -67,6 +67,13 @@ class Sequence:
     p = len(self.prompt_ids)
     return self.prompt_ids[i] if i < p else self.output_ids[i - p]
 
+  def tokens(self, start: int, stop: int) -> list[int]:
+    """Token ids at positions [start, stop) of prompt + generated tokens."""
+    p = len(self.prompt_ids)
+    if stop <= p:
+      return self.prompt_ids[start:stop]
+    return (self.prompt_ids[start:] if start < p else []) + self.output_ids[max(start - p, 0):stop - p]
+
   @property
   def remaining(self) -> int:
     """Tokens whose KV is not computed yet (1 while decoding)."""

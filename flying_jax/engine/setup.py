@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.kv import PageLayout
@@ -88,54 +86,29 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, width: int, pages:
   tpp = slots // plan.kv_per_device
   ppb = max(1, preset.attention_block_tokens // tpp)
   capacity = min(arch.max_context, (pages - 1) * tpp)
-  max_pages = -(-(-(-capacity // tpp)) // ppb) * ppb
+  max_pages = _round_up(_ceil_div(capacity, tpp), ppb)
   geom = KVGeometry(slots=slots, kv_per_device=plan.kv_per_device, pages_per_block=ppb,
                     max_pages=max_pages)
   prefill = [(0, 0)] + [(r, c // r) for c in preset.prefill_chunks for r in preset.prefill_rows
                         if c // r > 0]
   shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
-  return WidthSetup(MeshSpecs(mesh_for_width(devices, width)), plan, geom, shapes)
+  return WidthSetup(MeshSpecs(mesh_for_width(devices, width)), plan, geom, shapes, capacity)
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+  return _ceil_div(a, b) * b
 
 
 def layout_of(ws: WidthSetup) -> PageLayout:
   return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page)
 
 
-def capacity_tokens(card: ModelCard, ws: WidthSetup, pages: int) -> int:
-  """The longest sequence (prompt + generated) one group of this width can hold."""
-  return min(card.arch.max_context, (pages - 1) * ws.geom.tokens_per_page)
-
-
 def dtype_of(preset: MeshPreset):
   return jnp.dtype(preset.dtype)
-
-
-def warm_up(registry: ProgramRegistry, weights, pools, setups: dict[int, WidthSetup]) -> float:
-  """Run every program once on an all-padding batch (KV writes go to the null page).
-
-  The layer program is the same executable for every layer, so one layer call warms it.
-  """
-  from flying_jax.model.batch import HostBatch
-  from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_rows, sample_i32_len
-  from flying_jax.sampling import pack_sampling
-
-  t0 = time.perf_counter()
-  for w, ws in setups.items():
-    g = ws.specs.groups
-    for shape in ws.shapes:
-      meta = jax.device_put(HostBatch(g, shape).pack(), ws.specs.per_group())
-      x = registry[(w, "embed", shape)](weights.embed, meta)
-      x, pools.k[0], pools.v[0] = registry[(w, "layer", shape)](
-          weights.layers[0], pools.k[0], pools.v[0], x, meta)
-      logits = registry[(w, "head", shape)](weights.logits_weight, weights.final_norm, x, meta)
-    sf = np.zeros((g, registry.rows, SAMPLE_F32), np.float32)
-    si = np.zeros((g, registry.rows, sample_i32_len(registry.hist, registry.banned)), np.int32)
-    padding = pack_sampling([None] * registry.rows, registry.rows, registry.hist, registry.banned)
-    for gi in range(g):
-      pack_rows(padding, sf[gi], si[gi])
-    sf, si = jax.device_put((sf, si), ws.specs.per_group())
-    jax.block_until_ready(registry[(w, "sample", None)](logits, sf, si))
-  return time.perf_counter() - t0
 
 
 def load_weights_host(card: ModelCard, dtype) -> dict:
@@ -157,13 +130,13 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
   return lines
 
 
-def build_migrator(card: ModelCard, setups: dict[int, WidthSetup], pools, pages: int):
+def build_migrator(card: ModelCard, setups: dict[int, WidthSetup], pools):
   """Migration programs sized for the longest sequence any width holds."""
   from flying_jax.kv.migrate import MigrationPrograms
 
   arch = card.arch
   copies = max(ws.width * ws.plan.kv_per_device for ws in setups.values())
-  longest = max(capacity_tokens(card, ws, pages) for ws in setups.values())
+  longest = max(ws.capacity for ws in setups.values())
   any_ws = next(iter(setups.values()))
   return MigrationPrograms(pools.struct(), any_ws.specs.per_device(), any_ws.specs.replicated(),
                            longest * copies * arch.head_dim)

@@ -99,9 +99,7 @@ def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedS
       record.recomputed += 1
   record.carried_waiting = len(old.waiting)
   new.waiting.extend(requeue)
-  new.waiting.extend(old.waiting)
-  old.waiting.clear()
-  old.running = [[] for _ in old.groups]
+  new.waiting.extend(old.waiting)           # the old scheduler is dropped after the cutover
   new.continue_admissions(old)
   for g, grp in enumerate(new.groups):
     for seq in paused.take(grp.first_device, grp.width):
@@ -127,7 +125,7 @@ def _requeue(scheduler: Scheduler, seq: Sequence):
 def migrate_sequence(seq: Sequence, new: Scheduler, pool, migrator, device_pools, arch,
                      pages_per_device: int, slots: int) -> int | None:
   """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room)."""
-  g = new.place(seq)
+  g = new.pick_group(seq)
   if g is None:
     return None
   grp = new.groups[g]

@@ -69,9 +69,9 @@ class Executor:
     sf = np.zeros((g, nrows, SAMPLE_F32), np.float32)
     si = np.zeros((g, nrows, sample_i32_len(self.hist_len, self.max_banned)), np.int32)
     wants_logprobs = False
+    f["rows"][:] = np.arange(shape.rows)            # row i samples token i; prefill rows below
     for gi, w in enumerate(work):
       rows: list[RowSpec | None] = [None] * shape.rows
-      f["rows"][gi] = np.arange(shape.rows)
       for i, seq in enumerate(w.decode):
         pos = seq.computed
         f["tokens"][gi, i] = seq.token_at(pos)
@@ -84,8 +84,7 @@ class Executor:
         seq, n, start = pre.seq, pre.length, pre.start
         at = shape.decode + j * shape.chunk
         pos = np.arange(start, start + n)
-        toks = seq.prompt_ids + seq.output_ids if start + n > len(seq.prompt_ids) else seq.prompt_ids
-        f["tokens"][gi, at:at + n] = toks[start:start + n]
+        f["tokens"][gi, at:at + n] = seq.tokens(start, start + n)
         f["positions"][gi, at:at + n] = pos
         pages = np.asarray(seq.pages)
         f["write_base"][gi, at:at + n] = pages[pos // tpp] * slots + pos % tpp
@@ -118,6 +117,25 @@ class Executor:
     else:
       lp = ti = tl = None
     return StepResult(tokens, lp, ti, tl, out[4], shape, host_s, dispatch_s)
+
+  def warm_up(self, setups: dict[int, WidthSetup]) -> float:
+    """Run every program once on an all-padding batch (KV writes go to the null page).
+
+    The layer program is the same executable for every layer, so one layer call warms it.
+    """
+    reg, w, pools = self.registry, self.weights, self.pools
+    t0 = time.perf_counter()
+    for width, ws in setups.items():
+      idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
+      for shape in ws.shapes:
+        meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
+        meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
+        x = reg[(width, "embed", shape)](w.embed, meta)
+        x, pools.k[0], pools.v[0] = reg[(width, "layer", shape)](w.layers[0], pools.k[0],
+                                                                 pools.v[0], x, meta)
+        logits = reg[(width, "head", shape)](w.logits_weight, w.final_norm, x, meta)
+      jax.block_until_ready(reg[(width, "sample", None)](logits, sf, si))
+    return time.perf_counter() - t0
 
   def dispatch(self, width: int, shape: StepShape, meta, sf, si):
     """Enqueue one step's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""

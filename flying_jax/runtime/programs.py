@@ -39,6 +39,7 @@ class WidthSetup:
   plan: HeadPlan
   geom: KVGeometry
   shapes: tuple[StepShape, ...]
+  capacity: int                   # the longest sequence (prompt + generated) one group holds
 
   @property
   def width(self) -> int:

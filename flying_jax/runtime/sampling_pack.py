@@ -28,8 +28,7 @@ def pack_rows(batch: SamplingBatch, out_f: np.ndarray, out_i: np.ndarray):
   for j, name in enumerate(_F32):
     out_f[:, j] = fields[name]
   for j, name in enumerate(_I32):
-    out_i[:, j] = np.asarray(fields[name]).astype(np.int64).astype(np.uint32).view(np.int32) \
-        if name == "seed" else fields[name]
+    out_i[:, j] = fields[name].view(np.int32) if name == "seed" else fields[name]
   h = fields["prompt_hist"].shape[1]
   n = len(_I32)
   out_i[:, n:n + h] = fields["prompt_hist"]
