@@ -141,7 +141,8 @@ class LLM:
       if not events and not self.engine.scheduler.has_work():
         raise RuntimeError("only paused requests remain: switch back to their partition "
                            "(Engine.switch) to resume them")
-      done = {r for r in pending if all(s.finished for s in self.engine.request(r))}
+      touched = {e.seq.request_id for e in events if e.finished} & pending
+      done = {r for r in touched if all(s.finished for s in self.engine.request(r))}
       if bar is not None and done:
         bar.update(len(done))
       pending -= done

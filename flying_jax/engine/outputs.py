@@ -36,11 +36,14 @@ class OutputProcessor:
     p = seq.params
     reason = None
     n = len(seq.output_ids)
-    if token in seq.stop_ids and n > p.min_tokens - 1:
+    if token in seq.stop_ids and n >= p.min_tokens:
       reason, seq.stop_reason = "stop", token
+    before = len(self._raw.get(seq.seq_id, ""))
     self._push_text(seq, token, is_stop_token=reason is not None)
-    if reason is None and p.stop and n >= p.min_tokens:
-      at = find_stop(self._raw[seq.seq_id], p.stop, 0)
+    if reason is None and p.stop and n >= p.min_tokens and self.tokenizer is not None:
+      # search only what the new token can complete (find_stop backs up by the longest stop);
+      # from the start every token, long generations would be quadratic
+      at = find_stop(self._raw[seq.seq_id], p.stop, before)
       if at >= 0:
         reason = "stop"
         raw = self._raw[seq.seq_id]
