@@ -90,6 +90,7 @@ class MeshPreset:
   pages_per_device: int
   attention_block_tokens: int
   prefill_rows: tuple[int, ...] = (1,)   # a prefill chunk of C tokens may also run as R rows of C/R
+  partitions: tuple[str, ...] = ()       # mixed partitions allowed besides the uniform ones
 
   def __post_init__(self):
     for w in self.widths:
@@ -101,6 +102,14 @@ class MeshPreset:
       raise ConfigError(f"mesh {self.name}: decode_buckets and prefill_chunks must not be empty")
     if 1 not in self.prefill_rows:
       raise ConfigError(f"mesh {self.name}: prefill_rows must include 1")
+    from flying_jax.parallel.partitions import Partition, PartitionError
+    for spec in self.partitions:
+      try:
+        part = Partition.parse(spec, self.devices)
+      except PartitionError as e:
+        raise ConfigError(f"mesh {self.name}: partition {spec!r}: {e}") from None
+      if not set(part.widths) <= set(self.widths):
+        raise ConfigError(f"mesh {self.name}: partition {spec!r} uses widths outside {self.widths}")
 
 
 def _find(kind: str, name: str) -> Path:

@@ -13,15 +13,15 @@ def captured_logits(engine):
   got = collections.defaultdict(list)
   original = engine.executor.run
 
-  def run_and_keep(ws, work, banned_for):
-    res = original(ws, work, banned_for)
-    logits = np.asarray(res.logits)
+  def run_and_keep(spans, work, banned_for):
+    res = original(spans, work, banned_for)
     for g, w in enumerate(work):
+      logits = res.logits_of(g)
       for i, seq in enumerate(w.decode):
-        got[seq.seq_id].append(logits[g, i])
+        got[seq.seq_id].append(logits[res.row(g, i, prefill=False)])
       for j, pre in enumerate(w.prefills):
         if pre.samples:
-          got[pre.seq.seq_id].append(logits[g, res.shape.decode + j])
+          got[pre.seq.seq_id].append(logits[res.row(g, j, prefill=True)])
     return res
 
   engine.executor.run = run_and_keep

@@ -249,7 +249,7 @@ def test_refused_requests_leave_the_engine_working(engine):
     engine.add_request("dup", prompts(8, [3])[0], GREEDY)
   with pytest.raises(RuntimeError, match="running or waiting"):
     engine.set_width(2)
-  with pytest.raises(ValueError, match="compiled widths"):
+  with pytest.raises(ValueError, match="does not divide"):
     engine.set_width(3)
   while engine.has_unfinished():
     engine.step()

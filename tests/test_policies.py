@@ -25,7 +25,7 @@ def obs(**kw):
 
 def test_make_policy_parses_and_refuses():
   assert isinstance(make_policy("auto"), AutoPolicy)
-  assert make_policy("static:4").width == 4
+  assert make_policy("static:4").width == 4 and make_policy("static:4+1x4").width == "4+1x4"
   assert make_policy(None).decide(obs()) is None
   for bad in ("static", "static:x", "fastest", "load:3"):
     with pytest.raises(ValueError):
@@ -37,28 +37,28 @@ def test_load_policy_has_hysteresis():
   busy = obs(width=8, waiting=6, running=4)
   assert [p.decide(busy) for _ in range(2)] == [None, None]       # not yet: must hold 3 steps
   d = p.decide(busy)
-  assert d.width == 1 and d.reason == "load:busy"
+  assert d.partition == 1 and d.reason == "load:busy"
   middling = obs(width=1, waiting=1, running=3)                   # between low and high: stay
   assert all(p.decide(middling) is None for _ in range(10))
   quiet = obs(width=1, running=1)
   assert [p.decide(quiet) for _ in range(2)] == [None, None]
-  assert p.decide(quiet).width == 8
+  assert p.decide(quiet).partition == 8
 
 
 def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
   p = LoadPolicy(high=100, max_wait_s=1.0)
   assert p.decide(obs(width=8, waiting=1, oldest_wait_s=0.5)) is None
-  assert p.decide(obs(width=8, waiting=1, oldest_wait_s=1.5)).width == 1
+  assert p.decide(obs(width=8, waiting=1, oldest_wait_s=1.5)).partition == 1
 
 
 def test_priority_and_memory_policies():
   assert PriorityPolicy().decide(obs(max_priority=1)) == dataclasses.replace(
-      PriorityPolicy().decide(obs(max_priority=1)), width=8, strategy="pause")
+      PriorityPolicy().decide(obs(max_priority=1)), partition=8, strategy="pause")
   assert PriorityPolicy().decide(obs(width=8, max_priority=1)) is None
   back = PriorityPolicy().decide(obs(width=8, paused=2, paused_widths=(1,)))
-  assert (back.width, back.strategy, back.reason) == (1, "pause", "resume")
+  assert (back.partition, back.strategy, back.reason) == (1, "pause", "resume")
   assert PriorityPolicy().decide(obs(width=8, max_priority=1, paused_widths=(1,))) is None
-  assert MemoryPolicy().decide(obs(waiting_max_length=500)).width == 4   # narrowest that holds it
+  assert MemoryPolicy().decide(obs(waiting_max_length=500)).partition == 4   # narrowest that holds it
   assert MemoryPolicy().decide(obs(waiting_max_length=100)) is None
   assert MemoryPolicy().decide(obs(waiting_max_length=10**6)) is None    # nothing holds it
 
@@ -70,7 +70,7 @@ def test_auto_policy_orders_memory_priority_load():
   assert p.decide(obs(width=4, waiting=20, waiting_max_length=500)) is None  # keep the wide group
   assert p.decide(obs(width=8, waiting=20, running=8)).reason == "load:busy"
   back = p.decide(obs(width=8, paused=3, paused_widths=(1,)))
-  assert (back.width, back.strategy, back.reason) == (1, "pause", "resume")
+  assert (back.partition, back.strategy, back.reason) == (1, "pause", "resume")
 
 
 # ---------------------------------------------------------------- on the engine

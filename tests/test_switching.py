@@ -15,6 +15,7 @@ from flying_jax.config import load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.sequence import Status
 from flying_jax.engine.setup import EngineConfig
+from flying_jax.parallel import Partition
 from flying_jax.sampling import SamplingParams
 
 WIDTHS = (1, 2, 4, 8)
@@ -84,7 +85,8 @@ def test_random_forced_switches_keep_greedy_ids(engine, seed):
   assert stats["sequences_paused"] >= sum(r.paused for r in records)
   assert stats["sequences_migrated"] >= sum(r.migrated for r in records) > 0
   assert stats["switch_cutover_ms_median"] is not None and stats["switch_cutover_ms_median"] < 50
-  assert set(stats["seconds_per_width"]) <= set(WIDTHS) and len(stats["seconds_per_width"]) >= 2
+  names = {Partition.uniform(8, w).name for w in WIDTHS}
+  assert set(stats["seconds_per_partition"]) <= names and len(stats["seconds_per_partition"]) >= 2
 
 
 def test_drain_admits_nothing_until_running_ones_finish(engine):

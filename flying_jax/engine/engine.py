@@ -27,8 +27,10 @@ from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord
                                         migrate_sequence)
 from flying_jax.kv import DevicePools, PagePool
 from flying_jax.model import weights as W
+from flying_jax.parallel import Partition, PartitionError, Span
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry
+from flying_jax.runtime.resident import Resident
 from flying_jax.sampling import SamplingParams
 
 log = logging.getLogger("flying_jax")
@@ -67,17 +69,22 @@ class Engine:
                          f"{len(devices)} available")
     self.devices = devices
     widths = tuple(config.widths or preset.widths)
-    self.width = config.width or widths[0]
-    if self.width not in widths:
-      raise ValueError(f"width {self.width} is not among the compiled widths {widths}")
+    n = len(devices)
+    mixed = S.mixed_partitions(preset, widths, config.partitions)     # refused now if not allowed
+    self.partitions: dict[str, Partition] = {
+        **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
+    first = self._allowed(config.width if config.width is not None else widths[0])
     needed = getattr(make_policy(policy), "width", None)
-    if needed is not None and needed not in widths:          # refused now, not at run time
-      raise ValueError(f"policy {policy} needs width {needed}, which is not compiled "
-                       f"(compiled: {widths})")
+    if needed is not None:                                    # refused now, not at run time
+      try:
+        self._allowed(needed)
+      except ValueError as e:
+        raise ValueError(f"policy {policy}: {e}") from None
     self.report = S.StartupReport()
     self._build(widths, host_weights)
     self.outputs = OutputProcessor(tokenizer)
-    self._partition(self.width)
+    self._partition(first)
+    self.resident.arrange(first.spans)
     self._ids = itertools.count()
     self._requests: dict[str, list[Sequence]] = {}
     self._seed_base = random.getrandbits(31)
@@ -85,7 +92,7 @@ class Engine:
     self.steps = 0
     self.policy = make_policy(policy)
     self.paused = PausedSequences()
-    self.seconds_per_width: collections.Counter[int] = collections.Counter()
+    self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self._pending: SwitchRecord | None = None
 
@@ -95,7 +102,11 @@ class Engine:
     dtype = S.dtype_of(preset)
     S.enable_compile_cache(cfg.cache_dir)
     self.pages = cfg.pages_per_device or preset.pages_per_device
-    self.setups = {w: S.width_setup(card, preset, self.devices, w, self.pages) for w in widths}
+    spans = sorted({sp for p in self.partitions.values() for sp in p.spans})
+    self.span_setups = {sp: S.width_setup(card, preset, self.devices, sp, self.pages)
+                        for sp in spans}
+    n = len(self.devices)
+    self.setups = {w: self.span_setups[Span(0, n, w)] for w in widths}   # uniform partitions
     replicated = self.setups[widths[0]].specs.replicated()
     t0 = time.perf_counter()
     if host_weights is None and card.weights.format == "orbax":
@@ -115,61 +126,90 @@ class Engine:
     jax.block_until_ready((self.weights, self.device_pools.k, self.device_pools.v))
     rep.place_s = time.perf_counter() - t0
     self.pool = PagePool(len(self.devices), self.pages)
-    self.registry = ProgramRegistry(card.arch, dtype, self.setups, self.device_pools.struct(),
+    self.registry = ProgramRegistry(card.arch, dtype, self.span_setups,
+                                    self.device_pools.device_struct(len(self.devices)),
                                     cfg.hist_len, cfg.max_banned,
                                     max(s.rows for ws in self.setups.values() for s in ws.shapes))
     bar = _progress(cfg.progress, self.registry.count())
     rep.compile_s = self.registry.build(W.abstract(card.arch, dtype, replicated), bar)
     if bar is not None:
       bar.close()
-    self.executor = Executor(self.registry, self.weights, self.device_pools, cfg.hist_len,
-                             cfg.max_banned)
+    self.resident = Resident(self.weights, self.device_pools, self.span_setups, len(self.devices))
+    self.executor = Executor(self.registry, self.resident, cfg.hist_len, cfg.max_banned)
     t0 = time.perf_counter()
     self.migrator = S.build_migrator(card, self.setups, self.device_pools) \
         if len(widths) > 1 else None
     rep.compile_s += time.perf_counter() - t0
-    rep.warmup_s = self.executor.warm_up(self.setups)
+    rep.warmup_s = self.executor.warm_up(
+        [[self.span_setups[sp] for sp in p.spans] for p in self.partitions.values()])
     rep.programs = len(self.registry) + (len(self.migrator) if self.migrator else 0)
     rep.weight_bytes = self.weights.nbytes()
     rep.kv_bytes = self.device_pools.nbytes()
     rep.padding = S.report_padding(card, widths)
     rep.compiled = S.describe_programs(self.registry)
+    if len(self.partitions) > len(widths):
+      rep.compiled.append("mixed partitions: " + ", ".join(
+          p for p in self.partitions if self.partitions[p].uniform_width is None))
     for line in rep.lines():
       log.info(line)
 
-  def _partition(self, width: int):
-    """Serve `width`: a scheduler over its uniform groups and the capacity of one group."""
-    ws = self.setups[width]
-    groups = [Group(i * width, width) for i in range(ws.specs.groups)]
+  def _allowed(self, target) -> Partition:
+    """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition)."""
+    try:
+      part = Partition.parse(target, len(self.devices))
+    except PartitionError as e:
+      raise ValueError(str(e)) from None
+    if part.name not in self.partitions:
+      raise ValueError(f"partition {part.name} is not compiled (compiled: "
+                       f"{', '.join(self.partitions)}); widths come from the mesh preset's "
+                       f"`widths`, mixed partitions from its `partitions`")
+    return part
+
+  def _partition(self, part: Partition):
+    """Serve `part`: a scheduler over its groups, each with its span's layout and capacity."""
+    self._spans = [self.span_setups[sp] for sp in part.spans]
+    groups = [Group(first, w, S.layout_of(self.setups[w]), self.setups[w].capacity)
+              for first, w in part.groups]
+    ws = self._spans[0]
     modes = tuple(sorted({(s.pre_rows, s.chunk) for s in ws.shapes if s.chunk}))
     limits = SchedulerLimits(max(self.preset.decode_buckets), modes, self.preset.token_budget)
-    self.width = width
-    self.capacity = ws.capacity
-    self.scheduler = Scheduler(self.pool, groups, S.layout_of(ws), limits, self.capacity)
+    self.partition = part
+    self.width = part.uniform_width          # None in a mixed partition
+    self.scheduler = Scheduler(self.pool, groups, limits)
+    self.capacity = self.scheduler.capacity  # the longest sequence its widest group holds
 
   # switching -----------------------------------------------------------------------------------
-  def switch(self, width: int, strategy: str = "recompute", reason: str = "manual") -> SwitchRecord:
-    """Serve `width` from the next step on; in-flight sequences follow `strategy`.
+  def switch(self, target, strategy: str = "recompute", reason: str = "manual") -> SwitchRecord:
+    """Serve partition `target` (a width, or a mixed partition's name such as "4+1x4") from the
+    next step on; sequences in groups the new partition does not keep follow `strategy`.
 
-    With "drain" the switch happens at the first step boundary where nothing runs any more (no
-    admissions until then); "pause", "recompute" and "migrate" cut over at once. Weights do not
-    move; with "migrate" the KV of running sequences is re-laid by a compiled program.
+    With "drain" the switch happens at the first step boundary where those groups run nothing
+    any more (they admit nothing until then); "pause", "recompute" and "migrate" cut over at once.
+    Weights do not move; with "migrate" the KV of moved sequences is re-laid by a compiled
+    program. Switching to the current partition with "recompute" gives up on paused sequences
+    (they prefill again here).
     """
-    if width not in self.setups:
-      raise ValueError(f"width {width} is not among the compiled widths {tuple(self.setups)}")
+    part = self._allowed(target)
     strategy = Strategy(strategy)
     if strategy is Strategy.MIGRATE and self.migrator is None:
       raise ValueError("the migrate strategy needs more than one compiled width")
-    cap = self.setups[width].capacity
-    movable = list(self.scheduler.waiting) + (
-        [] if strategy is Strategy.PAUSE else [s for g in self.scheduler.running for s in g])
+    if self._pending is not None:
+      raise RuntimeError(f"a drain to {self._pending.to_width} is in progress")
+    kept = {(f, w) for f, w in part.groups}
+    cap = max(self.setups[w].capacity for w in part.widths)
+    moved = [s for g, grp in enumerate(self.scheduler.groups) if (grp.first_device, grp.width)
+             not in kept for s in self.scheduler.running[g]]
+    movable = list(self.scheduler.waiting) + ([] if strategy is Strategy.PAUSE else moved)
     too_long = [s.request_id for s in movable if s.max_length() > cap]
     if too_long:
-      raise RuntimeError(f"cannot switch to width {width}: requests {sorted(set(too_long))[:5]} "
-                         f"are longer than one width-{width} group holds ({cap} tokens)")
-    record = SwitchRecord(self.width, width, strategy.value, reason, time.monotonic())
+      raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
+                         f"are longer than its widest group holds ({cap} tokens)")
+    record = SwitchRecord(_label(self.partition), _label(part), strategy.value, reason,
+                          time.monotonic())
+    record.target = part
     if strategy is Strategy.DRAIN:
-      self.scheduler.admitting = False
+      self.scheduler.closed = {g for g, grp in enumerate(self.scheduler.groups)
+                               if (grp.first_device, grp.width) not in kept}
       self._pending = record
       self._maybe_finish_drain()
     else:
@@ -179,8 +219,14 @@ class Engine:
   def observe(self) -> Observation:
     sch, now = self.scheduler, time.monotonic()
     inflight = list(sch.waiting) + [s for g in sch.running for s in g]
+    paused = self.paused.all()
     return Observation(
         width=self.width, widths=tuple(sorted(self.setups)),
+        partition=self.partition.name, widest=max(self.partition.widths),
+        mixed={n: max(p.widths) for n, p in self.partitions.items() if p.uniform_width is None},
+        priority_inflight=sum(s.priority > 0 for s in inflight),
+        running_max_length=max((s.max_length() for g in sch.running for s in g), default=0),
+        oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
         capacity={w: ws.capacity for w, ws in self.setups.items()},
         waiting=len(sch.waiting), running=sch.num_running(), paused=len(self.paused),
         paused_widths=tuple(sorted({s.layout.width for s in self.paused.all()})),
@@ -193,11 +239,15 @@ class Engine:
     if self._pending is not None or type(self.policy) is Policy:
       return
     decision = self.policy.decide(self.observe())
-    if decision is not None and decision.width != self.width:
-      try:
-        self.switch(decision.width, decision.strategy, decision.reason)
-      except RuntimeError as e:                    # e.g. an in-flight request too long for it
-        log.info("policy %s: switch to %d refused: %s", self.policy.name, decision.width, e)
+    if decision is None:
+      return
+    target = Partition.parse(decision.partition, len(self.devices))
+    if target == self.partition and not (decision.strategy == "recompute" and len(self.paused)):
+      return
+    try:
+      self.switch(target, decision.strategy, decision.reason)
+    except (RuntimeError, ValueError) as e:      # e.g. an in-flight request too long for it
+      log.info("policy %s: switch to %s refused: %s", self.policy.name, target.name, e)
 
   def _migrate_one(self, seq: Sequence) -> int | None:
     """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
@@ -206,29 +256,35 @@ class Engine:
                             self.card.arch, self.pages, slots)
 
   def _maybe_finish_drain(self):
-    if self._pending is not None and self.scheduler.num_running() == 0:
+    sch = self.scheduler
+    if self._pending is not None and not any(sch.running[g] for g in sch.closed):
       record, self._pending = self._pending, None
-      self._cut_over(record, Strategy.DRAIN)     # nothing runs: waiting ones move, paused stay
+      self._cut_over(record, Strategy.DRAIN)     # nothing runs there: waiting ones move, paused stay
 
   def _cut_over(self, record: SwitchRecord, strategy: Strategy):
+    t0 = time.perf_counter()
     old = self.scheduler
-    self._partition(record.to_width)
+    if strategy is Strategy.MIGRATE:
+      self.resident.merge()                      # the migration programs see the whole mesh
+    self._partition(record.target)
     cut_over(old, self.scheduler, strategy, self.paused, record, self._migrate_one)
+    self.resident.arrange(self.partition.spans)
+    record.cutover_s = time.perf_counter() - t0
     self.switches.append(record)
-    log.info("switch %d -> %d (%s, %s): %d paused, %d recomputed, %d resumed, %d abandoned, "
-             "%.2f ms", record.from_width, record.to_width, record.strategy, record.reason,
-             record.paused, record.recomputed, record.resumed, record.abandoned,
-             1e3 * record.cutover_s)
+    log.info("switch %s -> %s (%s, %s): %d kept, %d paused, %d recomputed, %d migrated, "
+             "%d resumed, %d abandoned, %.2f ms", record.from_width, record.to_width,
+             record.strategy, record.reason, record.kept, record.paused, record.recomputed,
+             record.migrated, record.resumed, record.abandoned, 1e3 * record.cutover_s)
 
-  def set_width(self, width: int):
-    """Serve another compiled width from the next step on; only while no request is in flight."""
-    if width not in self.setups:
-      raise ValueError(f"width {width} is not among the compiled widths {tuple(self.setups)}")
+  def set_width(self, width):
+    """Serve another compiled partition from the next step on; only while nothing is in flight."""
+    part = self._allowed(width)
     if not self.no_leaks():
-      raise RuntimeError(f"cannot switch to width {width} while requests are running or waiting "
+      raise RuntimeError(f"cannot switch to {part.name} while requests are running or waiting "
                          f"({self.scheduler.num_running()} running, "
                          f"{len(self.scheduler.waiting)} waiting)")
-    self._partition(width)
+    self._partition(part)
+    self.resident.arrange(part.spans)
 
   # requests ------------------------------------------------------------------------------------
   def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -258,10 +314,10 @@ class Engine:
     if bad:
       raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5]}")
     total = len(prompt_ids) + params.max_tokens
-    width, cap = self.width, self.capacity
+    width = max(self.partition.widths)
     if self.policy.dynamic:                       # the policy may move to a wider partition
       width = max(self.setups, key=lambda w: self.setups[w].capacity)
-      cap = self.setups[width].capacity
+    cap = self.setups[width].capacity
     if total > cap:
       raise RequestRejected(
           f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -298,10 +354,9 @@ class Engine:
     work = self.scheduler.schedule()
     if all(w.empty for w in work):
       return []
-    ws = self.setups[self.width]
     t_sched = time.perf_counter() - t0
     try:
-      result = self.executor.run(ws, work, self.outputs.banned_ids)
+      result = self.executor.run(self._spans, work, self.outputs.banned_ids)
     except Exception as e:  # a failed step fails its sequences, frees their pages, and is logged
       log.exception("step failed")
       return self._fail(work, f"{type(e).__name__}: {e}")
@@ -317,12 +372,12 @@ class Engine:
         if seq.scheduled_time is None:
           seq.scheduled_time = t0
         if pre.samples:
-          events.append(self._accept(seq, result, g, result.shape.decode + j))
+          events.append(self._accept(seq, result, g, result.row(g, j, prefill=True)))
     self.steps += 1
     n_tok = sum(len(w.decode) + w.prefill_tokens for w in work)
     sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
     total_s = time.perf_counter() - t0
-    self.seconds_per_width[self.width] += total_s
+    self.seconds_per_partition[self.partition.name] += total_s
     self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s, total_s, n_tok,
                                    sum(len(w.decode) for w in work)))
     self._maybe_finish_drain()
@@ -345,7 +400,7 @@ class Engine:
       k = seq.params.logprobs
       lp = (float(result.logprob[g, row]),
             list(zip(result.top_ids[g, row, :k].tolist(), result.top_logprobs[g, row, :k].tolist())))
-    delta, finished = self.outputs.append(seq, token, lp, self.capacity)
+    delta, finished = self.outputs.append(seq, token, lp, self.scheduler.groups[g].capacity)
     if finished:
       self.scheduler.remove(seq)
     return SeqEvent(seq, [token], delta, finished)
@@ -359,6 +414,7 @@ class Engine:
     by_kind = collections.Counter((r.reason, r.strategy) for r in self.switches)
     cutovers = sorted(r.cutover_s for r in self.switches)
     return {
+        "partition": self.partition.name,
         "width": self.width,
         "groups": len(self.scheduler.groups),
         "running": self.scheduler.num_running(),
@@ -374,7 +430,8 @@ class Engine:
         "sequences_recomputed": sum(r.recomputed + r.abandoned for r in self.switches),
         "sequences_migrated": sum(r.migrated for r in self.switches),
         "sequences_preempted": self.scheduler.preempted_total,
-        "seconds_per_width": dict(sorted(self.seconds_per_width.items())),
+        "sequences_kept": sum(r.kept for r in self.switches),
+        "seconds_per_partition": dict(sorted(self.seconds_per_partition.items())),
     }
 
   def kv_usage(self) -> float:
@@ -382,6 +439,11 @@ class Engine:
 
   def no_leaks(self) -> bool:
     return self.pool.all_free() and not self.has_unfinished()
+
+
+def _label(part: Partition) -> int | str:
+  """A uniform partition by its width, a mixed one by its name (logs and switch records)."""
+  return part.uniform_width if part.uniform_width is not None else part.name
 
 
 def _progress(enabled: bool, total: int):

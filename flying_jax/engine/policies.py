@@ -1,29 +1,35 @@
 """Policies: what partition the next step should run in, and why.
 
 A policy sees an `Observation` of the engine (queue, running and paused sequences, priorities,
-KV use, what each width can hold, recent step times) and returns a `Decision` or None (stay).
-The engine applies a decision at the step boundary through `Engine.switch`, and counts the reason.
+KV use, what each width can hold, the compiled mixed partitions) and returns a `Decision` or None
+(stay). A decision names a partition: a width (uniform) or a mixed partition's name ("4+1x4").
+The engine applies it at the step boundary through `Engine.switch`, and counts the reason.
 
-  static    pin one width;
+  static    pin one partition;
   load      TP (the widest width) while the engine is quiet, for latency; DP (the narrowest) when
             the queue builds, for throughput; hysteresis so it does not flap, and a limit on how
             long a TP episode may keep waiting requests behind it;
-  priority  a latency-critical request (priority >= threshold) is served by the widest width at
-            once; the others are paused, not recomputed, and resume in their own layout once no
-            latency-critical request is left;
-  memory    a request longer than one group of the current width holds moves the engine to the
-            narrowest width that holds it (instead of refusing it);
+  priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
+            when other work is in flight and a mixed partition is compiled, by its TP group while
+            its DP replicas keep serving the rest (moved sequences migrate); otherwise by the
+            widest width, the others paused, to resume in their own layout once no
+            latency-critical request is left. Paused sequences never wait longer than
+            `max_pause_s`: then they are recomputed in the partition in force (no starvation);
+  memory    a request longer than the current partition's widest group holds moves the engine to
+            a mixed partition with a group that holds it (when other work is in flight), else to
+            the narrowest width that holds it (instead of refusing it);
   auto      memory, then priority (with its return to paused sequences' layout), then load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
-  width: int
+  width: int | None                  # the width in force (None: a mixed partition)
   widths: tuple[int, ...]            # compiled widths, ascending
   capacity: dict                     # width -> longest sequence one group holds
   waiting: int
@@ -35,11 +41,22 @@ class Observation:
   oldest_wait_s: float
   kv_usage: float
   step: int
+  partition: str = ""                # the partition in force, by name
+  widest: int = 0                    # its widest group's width
+  mixed: dict = dataclasses.field(default_factory=dict)   # compiled mixed partition -> widest width
+  priority_inflight: int = 0         # latency-critical requests waiting or running
+  running_max_length: int = 0        # longest prompt + max_tokens among running requests
+  oldest_paused_s: float = 0.0
+
+  @property
+  def others(self) -> int:
+    """Requests in flight that are not latency-critical."""
+    return self.waiting + self.running - self.priority_inflight
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  width: int
+  partition: int | str               # a width (uniform partition) or a mixed partition's name
   strategy: str = "recompute"
   reason: str = ""
 
@@ -55,11 +72,11 @@ class Policy:
 
 @dataclasses.dataclass
 class StaticPolicy(Policy):
-  width: int
+  width: int | str                   # a width or a mixed partition's name
   name = "static"
 
   def decide(self, obs):
-    return Decision(self.width, "drain", "static") if obs.width != self.width else None
+    return Decision(self.width, "drain", "static")        # the engine ignores "stay where you are"
 
 
 @dataclasses.dataclass
@@ -92,14 +109,25 @@ class LoadPolicy(Policy):
 @dataclasses.dataclass
 class PriorityPolicy(Policy):
   threshold: int = 1
+  max_pause_s: float = 10.0          # a paused sequence waits at most this long, then recomputes
+  mixed: bool = True                 # serve priority in a mixed partition's TP group when busy
   name = "priority"
 
   def decide(self, obs):
-    tp = obs.widths[-1]
+    tp, dp = obs.widths[-1], obs.widths[0]
+    if obs.paused and obs.oldest_paused_s >= self.max_pause_s:
+      return Decision(obs.partition, "recompute", "priority:paused-too-long")
     if obs.max_priority >= self.threshold:
-      return Decision(tp, "pause", "priority") if obs.width != tp else None
+      if obs.width == tp or obs.partition in obs.mixed:
+        return None                  # a wide group serves them already
+      if self.mixed and obs.mixed and obs.others > 0:
+        return Decision(next(iter(obs.mixed)), "migrate", "priority")
+      return Decision(tp, "pause", "priority")
     if obs.paused_widths and obs.width not in obs.paused_widths:
       return Decision(obs.paused_widths[0], "pause", "resume")   # back to what it paused
+    if obs.partition in obs.mixed and max(obs.waiting_max_length, obs.running_max_length) <= \
+        obs.capacity[dp]:
+      return Decision(dp, "migrate", "priority:done")            # the TP group's work is over
     return None
 
 
@@ -109,9 +137,14 @@ class MemoryPolicy(Policy):
   dynamic = True
 
   def decide(self, obs):
-    if obs.waiting_max_length <= obs.capacity[obs.width]:
+    need = obs.waiting_max_length
+    if need <= obs.capacity[obs.widest or obs.width]:
       return None
-    fits = [w for w in obs.widths if obs.capacity[w] >= obs.waiting_max_length]
+    if obs.others > 1:             # keep the rest on DP replicas beside a group that holds it
+      for name, widest in obs.mixed.items():
+        if obs.capacity[widest] >= need:
+          return Decision(name, "migrate", "memory")
+    fits = [w for w in obs.widths if obs.capacity[w] >= need]
     if not fits:
       return None
     return Decision(fits[0], "recompute", "memory")
@@ -137,16 +170,18 @@ class AutoPolicy(Policy):
 
 
 def make_policy(spec: str | Policy | None) -> Policy:
-  """`"static:4"`, `"load"`, `"priority"`, `"memory"`, `"auto"` or a Policy (None: stay)."""
+  """`"static:4"`, `"static:4+1x4"`, `"load"`, `"priority"`, `"memory"`, `"auto"` or a Policy
+  (None: stay)."""
   if spec is None or isinstance(spec, Policy):
     return spec or Policy()
   name, _, arg = spec.partition(":")
   if name == "static":
-    if not arg.isdigit():
-      raise ValueError("the static policy needs a width: static:W")
-    return StaticPolicy(int(arg))
+    if not re.fullmatch(r"\d+(x\d+)?(\+\d+(x\d+)?)*", arg):
+      raise ValueError("the static policy needs a partition: static:W or static:4+1x4")
+    return StaticPolicy(int(arg) if arg.isdigit() else arg)
   table = {"none": Policy, "load": LoadPolicy, "priority": PriorityPolicy, "memory": MemoryPolicy,
            "auto": AutoPolicy}
   if name not in table or arg:
-    raise ValueError(f"unknown policy {spec!r}; use static:W, load, priority, memory or auto")
+    raise ValueError(f"unknown policy {spec!r}; use static:W (or static:4+1x4), load, priority, "
+                     f"memory or auto")
   return table[name]()

@@ -5,7 +5,10 @@ the largest decode bucket) plus prefill chunks, within a per-step token budget: 
 one sequence, or, when several sequences wait for prefill, shorter chunks of several side by side
 (the (rows, tokens per row) modes come from the compiled step shapes).
 Waiting sequences are admitted in arrival order (no overtaking, so none starves) to the group with
-the most free pages, with pages for their whole prompt reserved up front. A decoding sequence that
+the most free pages, with pages for their whole prompt reserved up front. In a mixed partition the
+groups wider than the narrowest are kept for latency-critical requests (priority > 0) and for
+requests no narrow group can hold; those may pass ordinary requests that wait for a narrow group,
+never each other. A decoding sequence that
 needs a page when none is free preempts the most recently admitted sequence of its group, which
 frees its pages and later recomputes (prompt + generated tokens) from the front of the queue.
 """
@@ -23,6 +26,8 @@ from flying_jax.kv import PageLayout, PagePool, PoolExhausted
 class Group:
   first_device: int
   width: int
+  layout: PageLayout
+  capacity: int                # the longest sequence it holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +69,19 @@ class SchedulerLimits:
 
 
 class Scheduler:
-  """Owns the waiting queue and the running sequences of each group of one uniform partition."""
+  """Owns the waiting queue and the running sequences of each group of one partition."""
 
-  def __init__(self, pool: PagePool, groups: list[Group], layout: PageLayout,
-               limits: SchedulerLimits, capacity: int):
-    self.pool, self.groups, self.layout, self.limits = pool, groups, layout, limits
-    self.capacity = capacity     # the longest sequence one group holds (longer ones wait)
+  def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits):
+    self.pool, self.groups, self.limits = pool, groups, limits
+    self.capacity = max(g.capacity for g in groups)   # longer sequences wait for another partition
+    narrow = min(g.width for g in groups)
+    self._narrow_capacity = max(g.capacity for g in groups if g.width == narrow)
+    self._uniform = len({g.width for g in groups}) == 1
+    self.closed: set[int] = set()     # groups not admitting (draining for a switch)
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[list[Sequence]] = [[] for _ in groups]
     self._admissions = 0
     self.preempted_total = 0
-    self.admitting = True        # False while draining for a switch
 
   # queue ---------------------------------------------------------------------------------------
   def add(self, seq: Sequence):
@@ -124,33 +131,59 @@ class Scheduler:
         budget -= n
     return work
 
+  def _wide_class(self, seq: Sequence) -> bool:
+    """Whether `seq` belongs to the wide groups of a mixed partition."""
+    return seq.priority > 0 or seq.max_length() > self._narrow_capacity
+
   def _admit(self):
-    while self.waiting and self.admitting:
-      seq = self.waiting[0]
+    blocked: set[bool] = set()          # classes whose head could not be placed: FIFO within one
+    admitted = []
+    for seq in self.waiting:
+      cls = self._wide_class(seq)
+      if cls in blocked:
+        continue
       g = self.pick_group(seq)
       if g is None:
-        return
-      self.waiting.popleft()
+        blocked.add(cls)
+        if len(blocked) == 2 or self._uniform:
+          break
+        continue
       grp = self.groups[g]
-      seq.pages = self.pool.allocate(grp.first_device, grp.width, self.layout.pages_for(seq.length))
-      seq.group, seq.first_device, seq.layout = g, grp.first_device, self.layout
+      seq.pages = self.pool.allocate(grp.first_device, grp.width, grp.layout.pages_for(seq.length))
+      seq.group, seq.first_device, seq.layout = g, grp.first_device, grp.layout
       seq.status, seq.computed = Status.RUNNING, 0
       seq.admitted_at = self._admissions
       self._admissions += 1
       self.running[g].append(seq)
+      admitted.append(seq)
+    if admitted:
+      done = set(map(id, admitted))
+      kept = [s for s in self.waiting if id(s) not in done]
+      self.waiting.clear()
+      self.waiting.extend(kept)
 
   def pick_group(self, seq: Sequence) -> int | None:
-    """The group with most free pages that can take `seq` now (admission and migration)."""
-    if seq.max_length() > self.capacity:
-      return None                # waits for a partition whose groups hold it
-    need = self.layout.pages_for(seq.length)
-    best, best_free = None, -1
+    """The group that takes `seq` now (admission and migration), or None.
+
+    Ordinary requests go to the narrowest groups, latency-critical and long ones to the widest
+    that hold them; among equals, the group with most free pages.
+    """
+    wide = self._wide_class(seq)
+    narrow = min(g.width for g in self.groups)
+    best, best_key = None, None
     for g, grp in enumerate(self.groups):
+      if g in self.closed or seq.max_length() > grp.capacity:
+        continue
+      if not wide and grp.width != narrow:
+        continue
       if len(self.running[g]) >= self.limits.max_decode:
         continue
       free = self.pool.free_count(grp.first_device, grp.width)
-      if free >= need and free > best_free:
-        best, best_free = g, free
+      if free < grp.layout.pages_for(seq.length):
+        continue
+      key = (grp.width if wide else 0, free)
+      if best_key is None or key > best_key:
+        best, best_key = g, key
     return best
 
   def _decodes(self, g: int) -> list[Sequence]:
@@ -162,7 +195,7 @@ class Scheduler:
 
   def _ensure_page(self, seq: Sequence, g: int, grp: Group):
     """Make room for the token this step writes; preempt younger sequences if needed."""
-    while seq.status is Status.RUNNING and self.layout.pages_for(seq.computed + 1) > len(seq.pages):
+    while seq.status is Status.RUNNING and grp.layout.pages_for(seq.computed + 1) > len(seq.pages):
       try:
         seq.pages += self.pool.allocate(grp.first_device, grp.width, 1)
       except PoolExhausted:

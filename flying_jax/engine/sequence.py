@@ -55,6 +55,7 @@ class Sequence:
   error: str | None = None
   arrival_time: float = dataclasses.field(default_factory=time.monotonic)
   scheduled_time: float | None = None
+  paused_at: float = 0.0                      # when a switch last paused it
   first_token_time: float | None = None
   finish_time: float | None = None
   text: str = ""                              # detokenized output (stop strings already cut)

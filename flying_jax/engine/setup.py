@@ -19,7 +19,7 @@ from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
 from flying_jax.model.heads import padding_report, plan_heads
-from flying_jax.parallel import MeshSpecs, mesh_for_width
+from flying_jax.parallel import MeshSpecs, Partition, Span, mesh_for_span
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 
 log = logging.getLogger("flying_jax")
@@ -29,6 +29,8 @@ log = logging.getLogger("flying_jax")
 class EngineConfig:
   widths: tuple[int, ...] | None = None   # widths to compile (default: all the preset allows)
   width: int | None = None                # the partition served (default: the smallest width)
+  partitions: tuple[str, ...] | None = None
+  # ^ mixed partitions to compile (default: those of the preset whose widths are all compiled)
   hist_len: int = 256                     # tokens of history seen by the penalties
   max_banned: int = 8                     # ids banned per row (stop ids below min_tokens)
   cache_dir: str | None = dataclasses.field(default_factory=lambda: default_cache_dir())
@@ -79,7 +81,12 @@ def enable_compile_cache(cache_dir: str | None):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def width_setup(card: ModelCard, preset: MeshPreset, devices, width: int, pages: int) -> WidthSetup:
+def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
+                pages: int) -> WidthSetup:
+  """The static set-up of one span (a bare width: the uniform partition's span over all devices)."""
+  if isinstance(span, int):
+    span = Span(0, len(devices), span)
+  width = span.width
   arch = card.arch
   plan = plan_heads(arch, width)
   slots = preset.page_tokens * arch.n_kv_heads
@@ -92,7 +99,7 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, width: int, pages:
   prefill = [(0, 0)] + [(r, c // r) for c in preset.prefill_chunks for r in preset.prefill_rows
                         if c // r > 0]
   shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
-  return WidthSetup(MeshSpecs(mesh_for_width(devices, width)), plan, geom, shapes, capacity)
+  return WidthSetup(MeshSpecs(mesh_for_span(devices, span)), plan, geom, shapes, capacity, span)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -107,6 +114,32 @@ def layout_of(ws: WidthSetup) -> PageLayout:
   return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page)
 
 
+def mixed_partitions(preset: MeshPreset, widths, requested) -> dict[str, Partition]:
+  """The mixed partitions to compile, by name; refuses any the preset or the widths do not allow.
+
+  `requested` None: every partition the preset lists whose widths are all compiled.
+  """
+  allowed = {Partition.parse(p, preset.devices).name: Partition.parse(p, preset.devices)
+             for p in preset.partitions}
+  if requested is None:
+    return {n: p for n, p in allowed.items() if set(p.widths) <= set(widths)}
+  out = {}
+  for spec in requested:
+    part = Partition.parse(spec, preset.devices)
+    if part.uniform_width is not None:
+      raise ValueError(f"partition {part.name} is uniform: choose it with widths, not partitions")
+    if part.name not in allowed:
+      raise ValueError(f"mesh {preset.name} does not allow partition {part.name} (allowed mixed "
+                       f"partitions: {sorted(allowed) or 'none'}); add it to the preset's "
+                       f"`partitions`")
+    missing = sorted(set(part.widths) - set(widths))
+    if missing:
+      raise ValueError(f"partition {part.name} needs widths {missing}, which are not compiled "
+                       f"(compiled: {tuple(widths)})")
+    out[part.name] = part
+  return out
+
+
 def dtype_of(preset: MeshPreset):
   return jnp.dtype(preset.dtype)
 
@@ -118,19 +151,23 @@ def load_weights_host(card: ModelCard, dtype) -> dict:
 
 
 def describe_programs(registry: ProgramRegistry) -> list[str]:
-  """One line per width: the step shapes compiled and the slowest compile."""
+  """One line per span: the step shapes compiled and the slowest compile."""
   lines = []
-  for w, ws in registry.setups.items():
-    stats = [st for st in registry.stats if st.key[0] == w]
+  for span, ws in registry.setups.items():
+    stats = [st for st in registry.stats if st.key[0] == span]
     shapes = ", ".join(f"{s.decode}+{s.pre_rows}x{s.chunk}" for s in ws.shapes)
     slow = max(stats, key=lambda st: st.compile_s)
-    lines.append(f"width {w}: {len(stats)} programs (embed/layer/head for decode+prefill "
+    lines.append(f"{_span_words(span)}: {len(stats)} programs (embed/layer/head for decode+prefill "
                  f"{shapes}; sample), {sum(st.compile_s for st in stats):.1f}s, slowest "
                  f"{slow.key[1]} {slow.compile_s:.1f}s")
   return lines
 
 
-def build_migrator(card: ModelCard, setups: dict[int, WidthSetup], pools):
+def _span_words(span: Span) -> str:
+  return f"width {span.width} on devices {span.first}-{span.first + span.devices - 1}"
+
+
+def build_migrator(card: ModelCard, setups: dict, pools):
   """Migration programs sized for the longest sequence any width holds."""
   from flying_jax.kv.migrate import MigrationPrograms
 

@@ -1,7 +1,9 @@
 """Changing the partition at a step boundary, and what happens to the requests in flight.
 
-Strategies for sequences running in the old partition:
-  drain      stop admitting; let the running sequences finish; then switch (waiting ones carry over);
+Strategies for sequences running in groups of the old partition that the new one does not have
+(a group kept by both partitions, same devices and width, keeps its sequences as they are):
+  drain      stop admitting to those groups; let their sequences finish; then switch (waiting
+             ones carry over);
   pause      keep their pages and layout untouched; they resume when a group with their exact
              devices and width exists again;
   recompute  free their pages; they prefill prompt + generated tokens again in the new layout.
@@ -33,8 +35,8 @@ class Strategy(str, enum.Enum):
 @dataclasses.dataclass
 class SwitchRecord:
   """One switch, for logs and metrics."""
-  from_width: int
-  to_width: int
+  from_width: int | str          # a width (uniform partition) or a mixed partition's name
+  to_width: int | str
   strategy: str
   reason: str
   requested_at: float
@@ -46,6 +48,8 @@ class SwitchRecord:
   migrated_elements: int = 0      # KV elements moved per layer, K and V each
   abandoned: int = 0              # paused earlier, recomputed now (their group did not return)
   carried_waiting: int = 0
+  kept: int = 0                   # in a group both partitions have: untouched
+  target: object = None           # the Partition switched to
 
 
 class PausedSequences:
@@ -56,6 +60,7 @@ class PausedSequences:
 
   def add(self, seq: Sequence):
     seq.status = Status.PAUSED
+    seq.paused_at = time.monotonic()
     self._by_group.setdefault((seq.first_device, seq.layout.width), []).append(seq)
 
   def take(self, first_device: int, width: int) -> list[Sequence]:
@@ -82,9 +87,16 @@ def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedS
   `migrate(seq) -> elements moved or None` re-lays one sequence into `new` (migrate strategy).
   """
   t0 = time.perf_counter()
+  same = {(grp.first_device, grp.width): g for g, grp in enumerate(new.groups)}
   running = sorted((s for group in old.running for s in group), key=lambda s: s.admitted_at)
   requeue = []
   for seq in running:
+    g = same.get((seq.first_device, seq.layout.width))
+    if g is not None:
+      seq.group = g
+      new.running[g].append(seq)
+      record.kept += 1
+      continue
     moved = migrate(seq) if strategy is Strategy.MIGRATE else None
     if moved is not None:
       record.migrated += 1
@@ -129,12 +141,12 @@ def migrate_sequence(seq: Sequence, new: Scheduler, pool, migrator, device_pools
   if g is None:
     return None
   grp = new.groups[g]
-  pages = pool.allocate(grp.first_device, grp.width, new.layout.pages_for(seq.length))
+  pages = pool.allocate(grp.first_device, grp.width, grp.layout.pages_for(seq.length))
   src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
-  dst = Placement(grp.first_device, new.layout, tuple(pages))
+  dst = Placement(grp.first_device, grp.layout, tuple(pages))
   idx = migration_indices(arch, src, dst, seq.computed, pages_per_device, slots)
   moved = migrator.run(device_pools.k, device_pools.v, idx)
   pool.release(seq.first_device, seq.layout.width, seq.pages)
-  seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, new.layout, g
+  seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, grp.layout, g
   new.running[g].append(seq)
   return moved

@@ -87,5 +87,10 @@ class DevicePools:
   def struct(self) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(self.k[0].shape, self.k[0].dtype)
 
+  def device_struct(self, devices: int) -> jax.ShapeDtypeStruct:
+    """One device's pool of one layer."""
+    n, slots, hd = self.k[0].shape
+    return jax.ShapeDtypeStruct((n // devices, slots, hd), self.k[0].dtype)
+
   def nbytes(self) -> int:
     return sum(a.nbytes for a in self.k + self.v)

@@ -1,5 +1,8 @@
 """Meshes, partitions and collectives: the only code that knows physical mesh axis names."""
 
-from flying_jax.parallel.partition import Collectives, MeshSpecs, mesh_for_width, per_device
+from flying_jax.parallel.partition import (Collectives, MeshSpecs, mesh_for_span, mesh_for_width,
+                                           per_device)
+from flying_jax.parallel.partitions import Partition, PartitionError, Span
 
-__all__ = ["Collectives", "MeshSpecs", "mesh_for_width", "per_device"]
+__all__ = ["Collectives", "MeshSpecs", "Partition", "PartitionError", "Span", "mesh_for_span",
+           "mesh_for_width", "per_device"]

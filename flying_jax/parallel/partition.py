@@ -1,6 +1,7 @@
 """Meshes for each partition width and the collectives a width-w group uses.
 
-A width-w uniform partition views the N devices as a (N/w) x w mesh: the first axis enumerates
+A width-w uniform partition views the N devices as a (N/w) x w mesh (a span of a mixed partition
+views its own devices the same way): the first axis enumerates
 groups (data parallel), the second the devices inside a group (tensor parallel). Every width's mesh
 holds the same devices in the same order, so a replicated weight or a per-device KV pool placed once
 is accepted by every width's program without a transfer.
@@ -16,6 +17,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flying_jax.parallel.partitions import Span
+
 _GROUPS, _INNER = "dp", "tp"
 
 
@@ -25,6 +28,11 @@ def mesh_for_width(devices: Sequence[jax.Device], width: int) -> Mesh:
     raise ValueError(f"width {width} does not divide {n} devices")
   grid = np.asarray(devices, dtype=object).reshape(n // width, width)
   return Mesh(grid, (_GROUPS, _INNER), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_for_span(devices: Sequence[jax.Device], span: Span) -> Mesh:
+  """The (groups x width) mesh of the devices one span of a partition covers."""
+  return mesh_for_width(list(devices)[span.first:span.first + span.devices], span.width)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Turn one step's group work into packed arrays and run the width's compiled programs.
+"""Turn one step's group work into packed arrays and run the partition's compiled programs.
 
 The host builds one int32 row per group (tokens, positions, KV write slots, page tables), packs the
 sampling fields, transfers three arrays, dispatches embed -> layer x L -> head asynchronously and
-reads back only the sampled ids (and logprobs when a row asked for them).
+reads back only the sampled ids (and logprobs when a row asked for them). A mixed partition runs
+one such program chain per span, all dispatched before any result is read.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import jax
 import numpy as np
 
 from flying_jax.engine.scheduler import GroupWork
-from flying_jax.kv import DevicePools
 from flying_jax.model.batch import HostBatch, StepShape
-from flying_jax.model.weights import ResidentWeights
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
+from flying_jax.runtime.resident import Resident
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_rows, sample_i32_len
 from flying_jax.sampling import RowSpec, pack_sampling
 
@@ -29,10 +29,32 @@ class StepResult:
   logprob: np.ndarray | None          # [G, R]
   top_ids: np.ndarray | None          # [G, R, TOPN]
   top_logprobs: np.ndarray | None
-  logits: jax.Array                   # [G, R, V] on device, fetched only on demand
-  shape: StepShape
+  logits: list                        # per span [G_span, R, V] on device, fetched only on demand
+  shapes: list[StepShape]             # per span
+  group_shapes: list[StepShape]       # per group: its span's shape
   host_s: float                       # building the packed arrays and handing them to JAX
   dispatch_s: float                   # enqueueing the programs (may include execution on CPU)
+
+  @property
+  def shape(self) -> StepShape:
+    return self.shapes[0]
+
+  def row(self, g: int, i: int, prefill: bool) -> int:
+    """The sampled row of group g's i-th decode slot, or of its i-th prefill row."""
+    return self.group_shapes[g].decode + i if prefill else i
+
+  def logits_of(self, g: int) -> np.ndarray:
+    """[R, V] logits of group g (a device-to-host copy: for tests and diagnostics)."""
+    for arr, first, n in self._spans():
+      if g < first + n:
+        return np.asarray(arr[g - first])
+    raise IndexError(g)
+
+  def _spans(self):
+    first = 0
+    for arr in self.logits:
+      yield arr, first, arr.shape[0]
+      first += arr.shape[0]
 
 
 def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
@@ -52,9 +74,8 @@ def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
 
 
 class Executor:
-  def __init__(self, registry: ProgramRegistry, weights: ResidentWeights, pools: DevicePools,
-               hist_len: int, max_banned: int):
-    self.registry, self.weights, self.pools = registry, weights, pools
+  def __init__(self, registry: ProgramRegistry, resident: Resident, hist_len: int, max_banned: int):
+    self.registry, self.resident = registry, resident
     self.hist_len, self.max_banned = hist_len, max_banned
 
   # host side -----------------------------------------------------------------------------------
@@ -102,50 +123,75 @@ class Executor:
     return hb.pack(), sf, si, wants_logprobs
 
   # device side ---------------------------------------------------------------------------------
-  def run(self, ws: WidthSetup, work: list[GroupWork], banned_for) -> StepResult:
-    t0 = time.perf_counter()
-    shape = pick_shape(ws, work)
-    meta, sf, si, wants_logprobs = self.build(ws, work, shape, banned_for)
-    sharding = ws.specs.per_group()
-    meta, sf, si = jax.device_put((meta, sf, si), sharding)
-    t1 = time.perf_counter()
-    out = self.dispatch(ws.width, shape, meta, sf, si)
-    host_s, dispatch_s = t1 - t0, time.perf_counter() - t1
-    tokens = np.asarray(out[0])
-    if wants_logprobs:
-      lp, ti, tl = (np.asarray(a) for a in out[1:4])
+  def run(self, spans: list[WidthSetup], work: list[GroupWork], banned_for) -> StepResult:
+    """One step of a partition: `spans` in device order, `work` one entry per group of them."""
+    host_s = dispatch_s = 0.0
+    outs, shapes, group_shapes, wants = [], [], [], False
+    first = 0
+    for ws in spans:
+      t0 = time.perf_counter()
+      part = work[first:first + ws.specs.groups]
+      first += ws.specs.groups
+      shape = pick_shape(ws, part)
+      meta, sf, si, wants_logprobs = self.build(ws, part, shape, banned_for)
+      meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
+      t1 = time.perf_counter()
+      outs.append(self.dispatch(ws, shape, meta, sf, si))
+      host_s += t1 - t0
+      dispatch_s += time.perf_counter() - t1
+      shapes.append(shape)
+      group_shapes += [shape] * ws.specs.groups
+      wants |= wants_logprobs
+    if len(outs) == 1:
+      fetch = lambda i: np.asarray(outs[0][i])
     else:
-      lp = ti = tl = None
-    return StepResult(tokens, lp, ti, tl, out[4], shape, host_s, dispatch_s)
+      fetch = lambda i: np.concatenate([np.asarray(o[i]) for o in outs])
+    tokens = fetch(0)
+    lp, ti, tl = (fetch(1), fetch(2), fetch(3)) if wants else (None, None, None)
+    return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], shapes, group_shapes, host_s,
+                      dispatch_s)
 
-  def warm_up(self, setups: dict[int, WidthSetup]) -> float:
+  def warm_up(self, partitions) -> float:
     """Run every program once on an all-padding batch (KV writes go to the null page).
 
-    The layer program is the same executable for every layer, so one layer call warms it.
+    `partitions`: lists of spans that together cover every compiled span (the pools are arranged
+    for each list in turn). The layer program is the same executable for every layer, so one
+    layer call warms it.
     """
-    reg, w, pools = self.registry, self.weights, self.pools
+    reg = self.registry
     t0 = time.perf_counter()
-    for width, ws in setups.items():
-      idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
-      for shape in ws.shapes:
-        meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
-        meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-        x = reg[(width, "embed", shape)](w.embed, meta)
-        x, pools.k[0], pools.v[0] = reg[(width, "layer", shape)](w.layers[0], pools.k[0],
-                                                                 pools.v[0], x, meta)
-        logits = reg[(width, "head", shape)](w.logits_weight, w.final_norm, x, meta)
-      jax.block_until_ready(reg[(width, "sample", None)](logits, sf, si))
+    done = set()
+    for spans in partitions:
+      if all(ws.span in done for ws in spans):
+        continue
+      self.resident.arrange(tuple(ws.span for ws in spans))
+      for ws in spans:
+        if ws.span in done:
+          continue
+        done.add(ws.span)
+        w, pools = self.resident.weights_for(ws.span), self.resident.pools_for(ws.span)
+        idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
+        for shape in ws.shapes:
+          meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
+          meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
+          x = reg[(ws.span, "embed", shape)](w.embed, meta)
+          x, pools.k[0], pools.v[0] = reg[(ws.span, "layer", shape)](w.layers[0], pools.k[0],
+                                                                     pools.v[0], x, meta)
+          logits = reg[(ws.span, "head", shape)](w.logits_weight, w.final_norm, x, meta)
+        jax.block_until_ready(reg[(ws.span, "sample", None)](logits, sf, si))
+    self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, width: int, shape: StepShape, meta, sf, si):
-    """Enqueue one step's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""
-    reg, w, pools = self.registry, self.weights, self.pools
-    x = reg[(width, "embed", shape)](w.embed, meta)
-    layer = reg[(width, "layer", shape)]
+  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si):
+    """Enqueue one span's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""
+    reg, span = self.registry, ws.span
+    w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
+    x = reg[(span, "embed", shape)](w.embed, meta)
+    layer = reg[(span, "layer", shape)]
     for l, lw in enumerate(w.layers):
       x, pools.k[l], pools.v[l] = layer(lw, pools.k[l], pools.v[l], x, meta)
-    logits = reg[(width, "head", shape)](w.logits_weight, w.final_norm, x, meta)
-    return reg[(width, "sample", None)](logits, sf, si) + (logits,)
+    logits = reg[(span, "head", shape)](w.logits_weight, w.final_norm, x, meta)
+    return reg[(span, "sample", None)](logits, sf, si) + (logits,)
 
 
 def _row(seq, banned) -> RowSpec:

@@ -1,9 +1,11 @@
-"""Compiled programs are data: a registry keyed by (width, kind, step shape), built ahead of time.
+"""Compiled programs are data: a registry keyed by (span, kind, step shape), built ahead of time.
 
-Three kinds per (width, shape): `embed` (token ids -> activations), `layer` (one decoder layer,
+A span is the run of devices one program covers at one width: all devices for a uniform partition,
+part of them for a span of a mixed partition (see `parallel.partitions`).
+Three kinds per (span, shape): `embed` (token ids -> activations), `layer` (one decoder layer,
 called once per layer with that layer's resident weights and KV pools, pools and activations
 donated) and `head` (final norm and logits of the sampled rows, padded to a fixed row count), plus
-one `sample` program per width (on-device sampling of those rows). Nothing is compiled after `build`:
+one `sample` program per span (on-device sampling of those rows). Nothing is compiled after `build`:
 looking up a missing key raises.
 """
 
@@ -23,7 +25,7 @@ from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
 from flying_jax.model.weights import ResidentWeights
-from flying_jax.parallel import Collectives, MeshSpecs, per_device
+from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
 from flying_jax.sampling import sample
 
@@ -40,6 +42,7 @@ class WidthSetup:
   geom: KVGeometry
   shapes: tuple[StepShape, ...]
   capacity: int                   # the longest sequence (prompt + generated) one group holds
+  span: Span                      # the devices its programs cover
 
   @property
   def width(self) -> int:
@@ -103,10 +106,11 @@ def _sample_fn(ws: WidthSetup, hist: int, banned: int):
 class ProgramRegistry:
   """AOT-compiled programs for every allowed width and step shape of one engine."""
 
-  def __init__(self, arch: Architecture, dtype, setups: dict[int, WidthSetup], pool_struct,
+  def __init__(self, arch: Architecture, dtype, setups: dict[Span, WidthSetup], pool_struct,
                hist: int, banned: int, rows: int):
     self.arch, self.dtype, self.setups = arch, jnp.dtype(dtype), setups
     self.rows = rows                    # sampled rows per group, every shape padded to it
+    # pool_struct: one device's KV pool of one layer, [pages, slots, head_dim]
     self.pool_struct, self.hist, self.banned = pool_struct, hist, banned
     self._programs: dict[tuple, Callable] = {}
     self.stats: list[ProgramStats] = []
@@ -156,7 +160,8 @@ class ProgramRegistry:
     else:
       meta = meta_struct(g, shape, s.per_group())
       x = jax.ShapeDtypeStruct((g, shape.tokens, self.arch.dim), self.dtype, sharding=s.per_group())
-      pool = jax.ShapeDtypeStruct(self.pool_struct.shape, self.pool_struct.dtype,
+      pages, slots, hd = self.pool_struct.shape          # one device's pool of one layer
+      pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
                                   sharding=s.per_device())
     if kind == "embed":
       jitted = jax.jit(_embed_fn(ws, shape))
@@ -171,7 +176,7 @@ class ProgramRegistry:
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     dt = time.perf_counter() - t0
-    key = (ws.width, kind, shape)
+    key = (ws.span, kind, shape)
     self._programs[key] = compiled
     mem = compiled.memory_analysis()
     self.stats.append(ProgramStats(

@@ -1,0 +1,85 @@
+"""The resident weights and KV pools, and the views through which each span's programs read them.
+
+Weights are placed once, replicated on every device; KV pools once, one block per device. A
+program of a uniform partition covers every device and reads those arrays as they are. A program
+of one span of a mixed partition covers only the span's devices, so it reads *views*: arrays over
+the span's mesh assembled from the very same per-device buffers
+(`jax.make_array_from_single_device_arrays`), no byte copied. Weight views are made once at
+start-up; the pools are split into per-span views when a mixed partition starts and merged back
+into whole-mesh arrays when it ends (the layer programs donate their pools, so only one set of
+arrays owns the buffers at a time).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from flying_jax.kv import DevicePools
+from flying_jax.parallel import Span
+from flying_jax.runtime.programs import WidthSetup
+
+
+def _view(array: jax.Array, sharding, shape) -> jax.Array:
+  """`array`'s buffers on `sharding`'s devices, as one array of `shape` (zero-copy)."""
+  by_device = {s.device: s.data for s in array.addressable_shards}
+  return jax.make_array_from_single_device_arrays(
+      shape, sharding, [by_device[d] for d in sharding.mesh.devices.flat])
+
+
+class Resident:
+  def __init__(self, weights, pools: DevicePools, setups: dict[Span, WidthSetup], devices: int):
+    self.pools = pools                    # whole-mesh pools (valid while not split)
+    self.devices = devices
+    self._full = next(ws for ws in setups.values() if ws.span.devices == devices)
+    self._weights = {}
+    for span, ws in setups.items():
+      if span.devices == devices:
+        self._weights[span] = weights
+      else:
+        rep = ws.specs.replicated()
+        self._weights[span] = jax.tree.map(lambda a: _view(a, rep, a.shape), weights)
+    self._setups = setups
+    self._split: dict[Span, DevicePools] | None = None
+
+  def weights_for(self, span: Span):
+    return self._weights[span]
+
+  def pools_for(self, span: Span) -> DevicePools:
+    if self._split is None:
+      if span.devices != self.devices:
+        raise RuntimeError(f"the KV pools are not split for span {span}")
+      return self.pools
+    return self._split[span]
+
+  def arrange(self, spans: tuple[Span, ...]):
+    """Make the pools readable by the programs of `spans` (one partition's spans)."""
+    if len(spans) == 1 and spans[0].devices == self.devices:
+      self.merge()
+    elif self._split is None or set(self._split) != set(spans):
+      self.merge()
+      self._split = {}
+      for span in spans:
+        per_device = self._setups[span].specs.per_device()
+        rows = self.pools.k[0].shape[0] // self.devices * span.devices
+        shape = (rows,) + self.pools.k[0].shape[1:]
+        self._split[span] = DevicePools([_view(a, per_device, shape) for a in self.pools.k],
+                                        [_view(a, per_device, shape) for a in self.pools.v])
+      for lst in (self.pools.k, self.pools.v):      # the span views own the buffers now
+        lst[:] = [None] * len(lst)
+
+  def merge(self) -> DevicePools:
+    """Whole-mesh pools again (for a uniform partition, or to migrate); returns them."""
+    if self._split is None:
+      return self.pools
+    per_device = self._full.specs.per_device()
+    spans = list(self._split.values())
+    shape = (spans[0].k[0].shape[0] // spans[0].k[0].sharding.mesh.size * self.devices,) + \
+        spans[0].k[0].shape[1:]
+    for name in ("k", "v"):
+      merged = self.pools.k if name == "k" else self.pools.v
+      for layer in range(len(merged)):
+        by_device = {s.device: s.data for p in spans for s in getattr(p, name)[layer].addressable_shards}
+        merged[layer] = jax.make_array_from_single_device_arrays(
+            shape, per_device, [by_device[d] for d in per_device.mesh.devices.flat])
+    self._split = None
+    return self.pools
