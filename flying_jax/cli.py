@@ -32,14 +32,18 @@ def _add_engine_flags(p: argparse.ArgumentParser):
   p.add_argument("--width", type=int, default=None,
                  help="partition width: 1 = data parallel replicas, N = one tensor-parallel group "
                       "of N devices (default: the smallest width of the mesh)")
+  p.add_argument("--partition", default=None,
+                 help="serve a mixed partition of the mesh preset instead of a width, e.g. 4+1x4 "
+                      "(one TP4 group beside four DP replicas) or 2+2+4")
   p.add_argument("--compile-cache", default=None,
                  help="persistent XLA compilation cache directory ('' to disable; default: "
                       "$XDG_CACHE_HOME/flying-jax/xla)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
   p.add_argument("--policy", default=None,
-                 help="choose the partition every step: static:W, load, priority, memory or auto "
-                      "(needs --all-widths to have somewhere to switch to)")
+                 help="choose the partition every step: static:W (or static:4+1x4), load, "
+                      "priority, memory or auto (needs --all-widths to have somewhere to switch "
+                      "to; --all-widths also compiles the preset's mixed partitions)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser):

@@ -22,7 +22,7 @@ def run_generate(args) -> int:
 
   try:
     params = sampling_from_args(args)
-    llm = LLM(model=args.model, mesh=args.mesh, width=args.width,
+    llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
               widths="all" if args.all_widths else None,
               cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy)
   except (ValueError, ConfigError) as e:

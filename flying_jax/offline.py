@@ -17,6 +17,7 @@ from flying_jax.config import default_mesh_name, load_mesh_preset, load_model_ca
 from flying_jax.engine.engine import Engine, RequestRejected
 from flying_jax.engine.sequence import TokenLogprob
 from flying_jax.engine.setup import EngineConfig
+from flying_jax.parallel import Partition
 from flying_jax.sampling import SamplingParams
 from flying_jax.tokenizers import load_tokenizer
 
@@ -58,23 +59,36 @@ class LLM:
 
   `width` is the partition served (1 = data-parallel replicas); `widths` the widths compiled at
   start-up: by default only `width` when it is given, else all; `"all"` for every width the mesh
-  allows. `policy` picks the partition every step: `"static:W"`, `"load"`, `"priority"`,
-  `"memory"` or `"auto"` (None: stay on `width`).
+  allows. `partition` serves a mixed partition instead, e.g. `"4+1x4"` (a TP4 group beside four
+  DP replicas; it must be listed in the mesh preset), compiling the widths it uses unless
+  `widths` says more. `policy` picks the partition every step: `"static:W"`, `"load"`,
+  `"priority"`, `"memory"` or `"auto"` (None: stay where it started).
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True,
-               policy: str | None = None):
+               policy: str | None = None, partition: str | None = None):
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
+    mixed = None
+    if partition is not None:
+      if width is not None:
+        raise ValueError("give either width or partition, not both")
+      part = Partition.parse(partition, self.preset.devices)
+      width = part.uniform_width or part.name
+      if part.uniform_width is None:
+        mixed = (part.name,)
+        if widths is None:
+          widths = tuple(sorted(set(part.widths)))
     if widths == "all":
       widths = None                       # every width the mesh allows
-    elif widths is None and width is not None:
+    elif widths is None and isinstance(width, int):
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
-                          pages_per_device=pages_per_device, progress=progress)
+                          pages_per_device=pages_per_device, progress=progress,
+                          partitions=mixed if mixed and widths is not None else None)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)

@@ -152,3 +152,14 @@ def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys):
   assert result["strategies"]["recompute"]["kv_tokens_recomputed_per_switch"] > 0
   assert result["recompute_s"]["256"] > 0
   assert "cutover host" in capsys.readouterr().out
+
+
+def test_generate_on_a_mixed_partition_and_refusals(capsys):
+  assert cli.main(["generate", "--model", "tiny", "--mesh", "cpu-8", "--partition", "4+1x4",
+                   "--max-tokens", "3", "hi", "there"]) == 0
+  assert capsys.readouterr().out.count("--- prompt") == 2
+  for bad, match in [("4+2+1+1", "does not allow partition 4+2+1x2"),
+                     ("4+1x3", "cover 7 devices")]:
+    assert cli.main(["generate", "--model", "tiny", "--mesh", "cpu-8", "--partition", bad,
+                     "hi"]) == 2
+    assert match in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct against the golden file, at every width, through one engine and the LLM API.
 
 One `LLM` (the only one in the suite) is built on a copy of the cpu-8 preset with small buckets,
-compiled for widths 1, 2, 4 and 8; its engine switches width between workloads.
+compiled for widths 1, 2, 4 and 8 and the preset's mixed partitions; its engine switches partition
+between workloads.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ from helpers import captured_logits, toml_value
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2-135m-instruct.json"
 WIDTHS = (1, 2, 4, 8)
+MIXED = ("4+1x4", "2x2+4")      # the cpu-8 preset's mixed partitions
 EXTRA = ["Hello", "1, 2, 3,", "The sky is", "def add(a, b):"]
 QUESTION = "What is the capital of France?"
 
@@ -52,11 +54,13 @@ def runs(llm, golden):
   requests = {name: (c["prompt_ids"], len(c["greedy_ids"])) for name, c in golden.items()}
   requests.update({p: (tok.encode(p), 8) for p in EXTRA})
   out = {}
-  for w in WIDTHS:
+  for w in WIDTHS + MIXED:
     engine.set_width(w)
     with captured_logits(engine) as got:
-      for name, (ids, n) in requests.items():
-        engine.add_request(f"w{w}-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
+      for i, (name, (ids, n)) in enumerate(requests.items()):
+        # in a mixed partition, priority requests run in its wide group, the others beside it
+        engine.add_request(f"w{w}-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n),
+                           priority=i % 2)
       while engine.has_unfinished():
         engine.step()
     out[w] = {}
@@ -79,7 +83,7 @@ def test_golden_prompt_ids(llm, golden):
     assert tok.encode(prompt) == case["prompt_ids"]
 
 
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", WIDTHS + MIXED)
 def test_golden_greedy_ids_and_logits(runs, golden, llm, width):
   for name, case in golden.items():
     ids, text, logits = runs[width][name]
@@ -95,7 +99,7 @@ def test_widths_agree_on_other_prompts(runs):
   for p in EXTRA:
     ref_ids, ref_text, ref_logits = runs[1][p]
     assert len(ref_ids) == 8
-    for w in WIDTHS[1:]:
+    for w in WIDTHS[1:] + MIXED:
       ids, text, logits = runs[w][p]
       assert (ids, text) == (ref_ids, ref_text), f"{p!r} at width {w}"
       np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4 * np.abs(ref_logits).max(),
@@ -129,17 +133,18 @@ def test_forced_switches_mid_generation_keep_greedy_ids(llm, runs, golden):
   requests.update({p: (llm.tokenizer.encode(p), 8) for p in EXTRA})
   for name, (ids, n) in requests.items():
     engine.add_request(f"sw-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
-  plan = [(4, "migrate"), (8, "migrate"), (2, "pause"), (1, "recompute"), (8, "migrate"),
-          (2, "migrate"), (1, "recompute")]
+  plan = [(4, "migrate"), ("4+1x4", "migrate"), (8, "migrate"), ("2+2+4", "pause"),
+          (2, "pause"), (1, "recompute"), ("4+1x4", "recompute"), (8, "migrate"), (2, "migrate"),
+          ("2+2+4", "migrate"), (1, "recompute")]
   pointers = engine.weights.buffer_pointers()
   step = 0
   while engine.has_unfinished():
     engine.step()
     step += 1
-    if step % 2 == 0 and plan:
+    if plan:
       engine.switch(*plan.pop(0), reason="test")
   assert not plan, "the switches did not all happen during generation"
-  done = [r for r in engine.switches if r.reason == "test"][-7:]
+  done = [r for r in engine.switches if r.reason == "test"][-11:]
   assert sum(r.migrated for r in done) > 0 and sum(r.recomputed for r in done) > 0
   for name in requests:
     (seq,) = engine.request(f"sw-{name}")

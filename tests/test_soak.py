@@ -71,8 +71,8 @@ def test_soak_with_switches_cancellations_and_auto_policy(engine):
       if victim not in cancelled and engine.abort(victim):
         cancelled.add(victim)
     if step % 5 == 0 and engine._pending is None:           # a forced switch
-      engine.switch(rng.choice(sorted(engine.setups)), rng.choice(["pause", "recompute", "drain"]),
-                    reason="soak")
+      engine.switch(rng.choice(list(engine.partitions)),
+                    rng.choice(["pause", "recompute", "drain", "migrate"]), reason="soak")
     engine.step()
   assert engine.no_leaks()
   assert sorted(added) == sorted(rid for rid, _, _ in reqs)   # every request entered once
@@ -87,6 +87,7 @@ def test_soak_with_switches_cancellations_and_auto_policy(engine):
   assert finished >= N - len(cancelled) and cancelled
   records = engine.switches[switches_before:]
   forced = [r for r in records if r.reason == "soak"]
-  assert len(forced) >= 3 and {r.strategy for r in forced} >= {"pause", "recompute"}
+  assert len(forced) >= 3 and {r.strategy for r in forced} >= {"pause", "recompute", "migrate"}
+  assert {r.to_width for r in forced} & {"4+1x4", "2x2+4"}   # mixed partitions too
   assert any(r.reason.startswith("load") for r in records)   # the policy acted too
   engine.policy = make_policy(None)

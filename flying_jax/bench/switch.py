@@ -1,8 +1,11 @@
 """`flying-jax bench-switch`: what a partition switch costs, per strategy.
 
-On the given mesh, with every width compiled, it measures while requests decode:
+On the given mesh, with every width and the preset's mixed partitions compiled, it cycles through
+all partitions while requests decode and measures:
   - cutover: from the decision to the first step dispatched in the new partition, split into the
-    host bookkeeping of the switch and that first step (median and p99 over many switches);
+    host bookkeeping of the switch and that first step (median and p99 over many switches; the
+    host part also apart for switches between uniform partitions, and for those that start or end
+    a mixed one, which re-cut the per-span views of the KV pools);
   - bytes moved: weights (checked through buffer pointers: always 0) and KV (0 for pause and drain;
     recompute moves none but recomputes the KV of every in-flight token, reported as tokens and
     the bytes that prefill rewrites);
@@ -56,23 +59,27 @@ def _finish(engine: Engine, rids):
 
 
 def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dict:
-  widths = sorted(engine.setups)
+  names = list(engine.partitions)
   host, first, inflight_tokens, moved_elements = [], [], [], []
+  host_uniform, host_mixed = [], []
   pointers = engine.weights.buffer_pointers()
   room = min(ws.capacity for ws in engine.setups.values()) - 33
   rids = _start_decoding(engine, requests, 32, min(room, 8 * switches + 64)
                          if strategy != "drain" else 8)
   for k in range(switches):
-    target = widths[(widths.index(engine.width) + 1) % len(widths)]
+    source = engine.partition
+    target = names[(names.index(source.name) + 1) % len(names)]
     inflight_tokens.append(sum(s.computed for g in engine.scheduler.running for s in g))
     t0 = time.perf_counter()
     rec = engine.switch(target, strategy, reason="bench")
-    while engine.width != target:               # drain: steps of the old partition first
+    while engine.partition.name != target:      # drain: steps of the old partition first
       engine.step()
     t1 = time.perf_counter()
     steps = engine.steps
     engine.step()
     host.append(rec.cutover_s)
+    uniform = source.uniform_width is not None and engine.partition.uniform_width is not None
+    (host_uniform if uniform else host_mixed).append(rec.cutover_s)
     moved_elements.append(rec.migrated_elements)
     if engine.steps > steps:                    # the new partition had work to run
       first.append(time.perf_counter() - t1 + (t1 - t0 - rec.cutover_s if strategy != "drain" else 0))
@@ -85,6 +92,8 @@ def cutovers(engine: Engine, strategy: str, switches: int, requests: int) -> dic
   return {
       "switches": switches,
       "host_ms_median": 1e3 * float(np.median(host)), "host_ms_p99": 1e3 * float(np.percentile(host, 99)),
+      "host_ms_median_uniform": 1e3 * float(np.median(host_uniform)) if host_uniform else None,
+      "host_ms_median_mixed": 1e3 * float(np.median(host_mixed)) if host_mixed else None,
       "first_steps_with_work": len(first),
       "first_step_ms_median": 1e3 * float(np.median(first)) if first else None,
       "first_step_ms_p99": 1e3 * float(np.percentile(first, 99)) if first else None,
@@ -140,7 +149,7 @@ def run_bench_switch(args) -> int:
   card = load_model_card(args.model)
   preset = load_mesh_preset(args.mesh or default_mesh_name())
   engine = Engine(card, preset, EngineConfig())
-  print(f"bench-switch: {card.name} on {preset.name} (widths {list(engine.setups)}), "
+  print(f"bench-switch: {card.name} on {preset.name} (partitions {', '.join(engine.partitions)}), "
         f"{args.requests} requests decoding, {args.switches} switches per strategy; machine: "
         f"{platform.machine()}")
   result = {"model": card.name, "mesh": preset.name, "machine": platform.platform(),
@@ -151,8 +160,12 @@ def run_bench_switch(args) -> int:
     first = ("no work in the new partition" if not r["first_steps_with_work"] else
              f"{r['first_step_ms_median']:.1f} ms median / {r['first_step_ms_p99']:.1f} ms p99 "
              f"({r['first_steps_with_work']} switches)")
+    split = ""
+    if r["host_ms_median_mixed"] is not None and r["host_ms_median_uniform"] is not None:
+      split = (f" (uniform<->uniform {r['host_ms_median_uniform']:.3f} ms, to or from mixed "
+               f"{r['host_ms_median_mixed']:.3f} ms)")
     print(f"{strategy:>9}: cutover host {r['host_ms_median']:.3f} ms median / "
-          f"{r['host_ms_p99']:.3f} ms p99, first step {first}; weight bytes moved "
+          f"{r['host_ms_p99']:.3f} ms p99{split}, first step {first}; weight bytes moved "
           f"{r['weight_bytes_moved']}, "
           f"KV moved {r['kv_bytes_moved'] / 2**20:.1f} MiB, KV rewritten by prefill "
           f"{r['kv_bytes_rewritten_per_switch'] / 2**20:.1f} MiB per switch", flush=True)
