@@ -157,8 +157,9 @@ def test_log_likelihoods_of_the_greedy_path_survive_switches(engine):
     return out
 
   ref = go(tag + "ref")
-  plan = [(8, "migrate"), (1, "recompute"), (4, "pause"), (1, "pause"), (2, "migrate")]
-  got = go(tag + "sw", lambda k: engine.switch(*plan.pop(0)) if k % 3 == 0 and plan else None)
+  plan = [(8, "migrate"), ("4+1x4", "migrate"), (1, "recompute"), ("2+2+4", "pause"),
+          (4, "pause"), (1, "pause"), ("4+1x4", "recompute"), (2, "migrate")]
+  got = go(tag + "sw", lambda k: engine.switch(*plan.pop(0)) if k % 2 == 0 and plan else None)
   assert not plan
   for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, got):
     assert ids_a == ids_b and len(lp_a) == len(ids_a)
