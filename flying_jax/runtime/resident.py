@@ -40,10 +40,17 @@ def _assemble(shape, sharding, arrays: list) -> jax.Array:
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def _view(array: jax.Array, sharding, shape) -> jax.Array:
-  """`array`'s buffers on `sharding`'s devices, as one array of `shape` (zero-copy)."""
+def _buffers(array: jax.Array, first: int, n: int) -> list:
+  """The single-device arrays of mesh positions first..first+n-1 of a sharded (not replicated)
+  `array` whose sharding lists its devices in mesh order, as every sharding here does."""
+  return [array.addressable_data(first + i) for i in range(n)]
+
+
+def _replica_view(array: jax.Array, sharding) -> jax.Array:
+  """A replicated array's buffers on `sharding`'s devices (start-up only: reading
+  `addressable_shards` costs ~0.1 ms the first time)."""
   by_device = {s.device: s.data for s in array.addressable_shards}
-  return _assemble(shape, sharding, [by_device[d] for d in sharding.mesh.devices.flat])
+  return _assemble(array.shape, sharding, [by_device[d] for d in sharding.mesh.devices.flat])
 
 
 class Resident:
@@ -57,7 +64,7 @@ class Resident:
         self._weights[span] = weights
       else:
         rep = ws.specs.replicated()
-        self._weights[span] = jax.tree.map(lambda a: _view(a, rep, a.shape), weights)
+        self._weights[span] = jax.tree.map(lambda a: _replica_view(a, rep), weights)
     self._setups = setups
     self._split: dict[Span, DevicePools] | None = None
 
@@ -82,8 +89,9 @@ class Resident:
         per_device = self._setups[span].specs.per_device()
         rows = self.pools.k[0].shape[0] // self.devices * span.devices
         shape = (rows,) + self.pools.k[0].shape[1:]
-        self._split[span] = DevicePools([_view(a, per_device, shape) for a in self.pools.k],
-                                        [_view(a, per_device, shape) for a in self.pools.v])
+        cut = lambda a: _assemble(shape, per_device, _buffers(a, span.first, span.devices))
+        self._split[span] = DevicePools([cut(a) for a in self.pools.k],
+                                        [cut(a) for a in self.pools.v])
       for lst in (self.pools.k, self.pools.v):      # the span views own the buffers now
         lst[:] = [None] * len(lst)
 
@@ -92,14 +100,14 @@ class Resident:
     if self._split is None:
       return self.pools
     per_device = self._full.specs.per_device()
-    spans = list(self._split.values())
-    shape = (spans[0].k[0].shape[0] // spans[0].k[0].sharding.mesh.size * self.devices,) + \
-        spans[0].k[0].shape[1:]
+    some = next(iter(self._split.values())).k[0]
+    shape = (some.shape[0] // some.sharding.mesh.size * self.devices,) + some.shape[1:]
+    order = sorted(self._split)                       # spans in device order
     for name in ("k", "v"):
-      merged = self.pools.k if name == "k" else self.pools.v
+      merged = getattr(self.pools, name)
       for layer in range(len(merged)):
-        by_device = {s.device: s.data for p in spans for s in getattr(p, name)[layer].addressable_shards}
-        merged[layer] = _assemble(shape, per_device,
-                                  [by_device[d] for d in per_device.mesh.devices.flat])
+        bufs = [b for sp in order for b in _buffers(getattr(self._split[sp], name)[layer], 0,
+                                                       sp.devices)]
+        merged[layer] = _assemble(shape, per_device, bufs)
     self._split = None
     return self.pools
