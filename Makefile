@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
 STAMP := $(VENV)/.installed
 
-.PHONY: test serve venv clean
+.PHONY: test serve venv clean protos
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/flying-jax generate --model $(MODEL) --chat "What is the capital of France?"
+
+protos: $(STAMP)
+	$(PY) -m flying_jax.serving.protos
 
 clean:
 	rm -rf $(VENV) .cache

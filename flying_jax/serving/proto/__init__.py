@@ -1,0 +1,1 @@
+"""Python stubs generated from `serve/proto/*.proto` by `make protos` (do not edit by hand)."""
