@@ -88,7 +88,7 @@ class LLM:
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
                           pages_per_device=pages_per_device, progress=progress,
-                          partitions=mixed if mixed and widths is not None else None)
+                          partitions=mixed if widths else None)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)

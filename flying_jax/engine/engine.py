@@ -18,19 +18,15 @@ import time
 import jax
 
 from flying_jax.config import MeshPreset, ModelCard
+from flying_jax.engine import introspect
 from flying_jax.engine import setup as S
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, cut_over,
-                                        migrate_sequence)
-from flying_jax.kv import DevicePools, PagePool
-from flying_jax.model import weights as W
-from flying_jax.parallel import Partition, PartitionError, Span
-from flying_jax.runtime.executor import Executor
-from flying_jax.runtime.programs import ProgramRegistry
-from flying_jax.runtime.resident import Resident
+                                        label, migrate_sequence)
+from flying_jax.parallel import Partition, PartitionError
 from flying_jax.sampling import SamplingParams
 
 log = logging.getLogger("flying_jax")
@@ -73,15 +69,20 @@ class Engine:
     mixed = S.mixed_partitions(preset, widths, config.partitions)     # refused now if not allowed
     self.partitions: dict[str, Partition] = {
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
+    self._parsed: dict = {}
     first = self._allowed(config.width if config.width is not None else widths[0])
-    needed = getattr(make_policy(policy), "width", None)
+    self.policy = make_policy(policy)
+    needed = getattr(self.policy, "width", None)
     if needed is not None:                                    # refused now, not at run time
       try:
         self._allowed(needed)
       except ValueError as e:
         raise ValueError(f"policy {policy}: {e}") from None
     self.report = S.StartupReport()
-    self._build(widths, host_weights)
+    # self.pages, span_setups, setups, weights, device_pools, pool, registry, resident, executor,
+    # migrator: see setup.Runtime
+    vars(self).update(vars(S.build_runtime(card, preset, config, devices, self.partitions,
+                                           widths, host_weights, self.report)))
     self.outputs = OutputProcessor(tokenizer)
     self._partition(first)
     self.resident.arrange(first.spans)
@@ -90,71 +91,19 @@ class Engine:
     self._seed_base = random.getrandbits(31)
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0
-    self.policy = make_policy(policy)
+    self._facts = introspect.StaticFacts.of(self)
     self.paused = PausedSequences()
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self._pending: SwitchRecord | None = None
 
-  # start-up ------------------------------------------------------------------------------------
-  def _build(self, widths, host_weights):
-    card, preset, cfg, rep = self.card, self.preset, self.config, self.report
-    dtype = S.dtype_of(preset)
-    S.enable_compile_cache(cfg.cache_dir)
-    self.pages = cfg.pages_per_device or preset.pages_per_device
-    spans = sorted({sp for p in self.partitions.values() for sp in p.spans})
-    self.span_setups = {sp: S.width_setup(card, preset, self.devices, sp, self.pages)
-                        for sp in spans}
-    n = len(self.devices)
-    self.setups = {w: self.span_setups[Span(0, n, w)] for w in widths}   # uniform partitions
-    replicated = self.setups[widths[0]].specs.replicated()
-    t0 = time.perf_counter()
-    if host_weights is None and card.weights.format == "orbax":
-      from flying_jax.checkpoints.orbax_store import restore_resident
-      self.weights = restore_resident(card.weights.path, card.arch, dtype, replicated)
-      jax.block_until_ready(self.weights)
-      rep.load_s = time.perf_counter() - t0
-    else:
-      host = host_weights if host_weights is not None else S.load_weights_host(card, dtype)
-      rep.load_s = time.perf_counter() - t0
-      self.weights = W.place(host, replicated)
-    t0 = time.perf_counter()
-    slots = preset.page_tokens * card.arch.n_kv_heads
-    self.device_pools = DevicePools.create(card.arch.n_layers, len(self.devices), self.pages, slots,
-                                           card.arch.head_dim, dtype,
-                                           self.setups[widths[0]].specs.per_device())
-    jax.block_until_ready((self.weights, self.device_pools.k, self.device_pools.v))
-    rep.place_s = time.perf_counter() - t0
-    self.pool = PagePool(len(self.devices), self.pages)
-    self.registry = ProgramRegistry(card.arch, dtype, self.span_setups,
-                                    self.device_pools.device_struct(len(self.devices)),
-                                    cfg.hist_len, cfg.max_banned,
-                                    max(s.rows for ws in self.setups.values() for s in ws.shapes))
-    bar = _progress(cfg.progress, self.registry.count())
-    rep.compile_s = self.registry.build(W.abstract(card.arch, dtype, replicated), bar)
-    if bar is not None:
-      bar.close()
-    self.resident = Resident(self.weights, self.device_pools, self.span_setups, len(self.devices))
-    self.executor = Executor(self.registry, self.resident, cfg.hist_len, cfg.max_banned)
-    t0 = time.perf_counter()
-    self.migrator = S.build_migrator(card, self.setups, self.device_pools) \
-        if len(widths) > 1 else None
-    rep.compile_s += time.perf_counter() - t0
-    rep.warmup_s = self.executor.warm_up(
-        [[self.span_setups[sp] for sp in p.spans] for p in self.partitions.values()])
-    rep.programs = len(self.registry) + (len(self.migrator) if self.migrator else 0)
-    rep.weight_bytes = self.weights.nbytes()
-    rep.kv_bytes = self.device_pools.nbytes()
-    rep.padding = S.report_padding(card, widths)
-    rep.compiled = S.describe_programs(self.registry)
-    if len(self.partitions) > len(widths):
-      rep.compiled.append("mixed partitions: " + ", ".join(
-          p for p in self.partitions if self.partitions[p].uniform_width is None))
-    for line in rep.lines():
-      log.info(line)
-
   def _allowed(self, target) -> Partition:
-    """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition)."""
+    """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition).
+
+    Remembered per target: a policy names its choice every step."""
+    part = self._parsed.get(target)
+    if part is not None:
+      return part
     try:
       part = Partition.parse(target, len(self.devices))
     except PartitionError as e:
@@ -163,6 +112,7 @@ class Engine:
       raise ValueError(f"partition {part.name} is not compiled (compiled: "
                        f"{', '.join(self.partitions)}); widths come from the mesh preset's "
                        f"`widths`, mixed partitions from its `partitions`")
+    self._parsed[target] = part
     return part
 
   def _partition(self, part: Partition):
@@ -204,9 +154,7 @@ class Engine:
     if too_long:
       raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
                          f"are longer than its widest group holds ({cap} tokens)")
-    record = SwitchRecord(_label(self.partition), _label(part), strategy.value, reason,
-                          time.monotonic())
-    record.target = part
+    record = SwitchRecord(label(self.partition), part, strategy.value, reason, time.monotonic())
     if strategy is Strategy.DRAIN:
       self.scheduler.closed = {g for g, grp in enumerate(self.scheduler.groups)
                                if (grp.first_device, grp.width) not in kept}
@@ -217,23 +165,7 @@ class Engine:
     return record
 
   def observe(self) -> Observation:
-    sch, now = self.scheduler, time.monotonic()
-    inflight = list(sch.waiting) + [s for g in sch.running for s in g]
-    paused = self.paused.all()
-    return Observation(
-        width=self.width, widths=tuple(sorted(self.setups)),
-        partition=self.partition.name, widest=max(self.partition.widths),
-        mixed={n: max(p.widths) for n, p in self.partitions.items() if p.uniform_width is None},
-        priority_inflight=sum(s.priority > 0 for s in inflight),
-        running_max_length=max((s.max_length() for g in sch.running for s in g), default=0),
-        oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
-        capacity={w: ws.capacity for w, ws in self.setups.items()},
-        waiting=len(sch.waiting), running=sch.num_running(), paused=len(self.paused),
-        paused_widths=tuple(sorted({s.layout.width for s in self.paused.all()})),
-        waiting_max_length=max((s.max_length() for s in sch.waiting), default=0),
-        max_priority=max((s.priority for s in inflight), default=0),
-        oldest_wait_s=max((now - s.arrival_time for s in sch.waiting), default=0.0),
-        kv_usage=self.kv_usage(), step=self.steps)
+    return introspect.observe(self, self._facts)
 
   def _apply_policy(self):
     if self._pending is not None or type(self.policy) is Policy:
@@ -241,13 +173,13 @@ class Engine:
     decision = self.policy.decide(self.observe())
     if decision is None:
       return
-    target = Partition.parse(decision.partition, len(self.devices))
-    if target == self.partition and not (decision.strategy == "recompute" and len(self.paused)):
-      return
     try:
+      target = self._allowed(decision.partition)
+      if target == self.partition and not (decision.strategy == "recompute" and len(self.paused)):
+        return
       self.switch(target, decision.strategy, decision.reason)
     except (RuntimeError, ValueError) as e:      # e.g. an in-flight request too long for it
-      log.info("policy %s: switch to %s refused: %s", self.policy.name, target.name, e)
+      log.info("policy %s: switch to %s refused: %s", self.policy.name, decision.partition, e)
 
   def _migrate_one(self, seq: Sequence) -> int | None:
     """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
@@ -410,45 +342,14 @@ class Engine:
     return self._requests[request_id]
 
   def stats(self) -> dict:
-    """What an operator watches: the partition, the queues, KV use and the switches so far."""
-    by_kind = collections.Counter((r.reason, r.strategy) for r in self.switches)
-    cutovers = sorted(r.cutover_s for r in self.switches)
-    return {
-        "partition": self.partition.name,
-        "width": self.width,
-        "groups": len(self.scheduler.groups),
-        "running": self.scheduler.num_running(),
-        "waiting": len(self.scheduler.waiting),
-        "paused": len(self.paused),
-        "draining": self._pending is not None,
-        "kv_usage": self.kv_usage(),
-        "steps": self.steps,
-        "switches": len(self.switches),
-        "switches_by_reason_strategy": {f"{r}/{s}": n for (r, s), n in sorted(by_kind.items())},
-        "switch_cutover_ms_median": 1e3 * cutovers[len(cutovers) // 2] if cutovers else None,
-        "sequences_paused": sum(r.paused for r in self.switches),
-        "sequences_recomputed": sum(r.recomputed + r.abandoned for r in self.switches),
-        "sequences_migrated": sum(r.migrated for r in self.switches),
-        "sequences_preempted": self.scheduler.preempted_total,
-        "sequences_kept": sum(r.kept for r in self.switches),
-        "seconds_per_partition": dict(sorted(self.seconds_per_partition.items())),
-    }
+    return introspect.stats(self)
+
+  @property
+  def draining(self) -> bool:
+    return self._pending is not None
 
   def kv_usage(self) -> float:
     return float(self.pool.used_fraction().mean())
 
   def no_leaks(self) -> bool:
     return self.pool.all_free() and not self.has_unfinished()
-
-
-def _label(part: Partition) -> int | str:
-  """A uniform partition by its width, a mixed one by its name (logs and switch records)."""
-  return part.uniform_width if part.uniform_width is not None else part.name
-
-
-def _progress(enabled: bool, total: int):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, desc="compiling programs", unit="prog")

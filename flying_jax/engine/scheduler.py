@@ -74,8 +74,8 @@ class Scheduler:
   def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits):
     self.pool, self.groups, self.limits = pool, groups, limits
     self.capacity = max(g.capacity for g in groups)   # longer sequences wait for another partition
-    narrow = min(g.width for g in groups)
-    self._narrow_capacity = max(g.capacity for g in groups if g.width == narrow)
+    self._narrow = min(g.width for g in groups)
+    self._narrow_capacity = max(g.capacity for g in groups if g.width == self._narrow)
     self._uniform = len({g.width for g in groups}) == 1
     self.closed: set[int] = set()     # groups not admitting (draining for a switch)
     self.waiting: collections.deque[Sequence] = collections.deque()
@@ -169,12 +169,11 @@ class Scheduler:
     that hold them; among equals, the group with most free pages.
     """
     wide = self._wide_class(seq)
-    narrow = min(g.width for g in self.groups)
     best, best_key = None, None
     for g, grp in enumerate(self.groups):
       if g in self.closed or seq.max_length() > grp.capacity:
         continue
-      if not wide and grp.width != narrow:
+      if not wide and grp.width != self._narrow:
         continue
       if len(self.running[g]) >= self.limits.max_decode:
         continue

@@ -1,7 +1,8 @@
 """Start-up: weights placed once, KV pools allocated, every program compiled and warmed.
 
-`EngineConfig` is the frozen set of knobs; `build_runtime` turns a model card and a mesh preset
-into the resident weights, the device pools and the program registry, and reports what it did.
+`EngineConfig` is the frozen set of knobs; `build_runtime` turns a model card, a mesh preset and
+the partitions to serve into the resident weights, the device pools, the program registry and the
+executor (a `Runtime`), and reports what it did.
 """
 
 from __future__ import annotations
@@ -9,18 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 
 from flying_jax.config import MeshPreset, ModelCard
-from flying_jax.kv import PageLayout
+from flying_jax.kv import DevicePools, PageLayout, PagePool
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
 from flying_jax.model.heads import padding_report, plan_heads
 from flying_jax.parallel import MeshSpecs, Partition, Span, mesh_for_span
+from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
+from flying_jax.runtime.resident import Resident
 
 log = logging.getLogger("flying_jax")
 
@@ -119,8 +123,8 @@ def mixed_partitions(preset: MeshPreset, widths, requested) -> dict[str, Partiti
 
   `requested` None: every partition the preset lists whose widths are all compiled.
   """
-  allowed = {Partition.parse(p, preset.devices).name: Partition.parse(p, preset.devices)
-             for p in preset.partitions}
+  parsed = (Partition.parse(p, preset.devices) for p in preset.partitions)
+  allowed = {p.name: p for p in parsed}
   if requested is None:
     return {n: p for n, p in allowed.items() if set(p.widths) <= set(widths)}
   out = {}
@@ -181,3 +185,82 @@ def build_migrator(card: ModelCard, setups: dict, pools):
 
 def report_padding(card: ModelCard, widths) -> list[dict]:
   return [padding_report(card.arch, w) for w in widths]
+
+
+@dataclasses.dataclass
+class Runtime:
+  """What start-up leaves resident for an engine (its attributes of the same names)."""
+  pages: int                             # KV pages per device
+  span_setups: dict                      # Span -> WidthSetup, every span of every partition
+  setups: dict                           # width -> WidthSetup of the uniform partition
+  weights: W.ResidentWeights
+  device_pools: DevicePools              # whole-mesh KV pools
+  pool: PagePool                         # host page tables
+  registry: ProgramRegistry
+  resident: Resident
+  executor: Executor
+  migrator: object                       # MigrationPrograms, None with one width
+
+
+def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, devices,
+                  partitions: dict[str, Partition], widths, host_weights,
+                  rep: StartupReport) -> Runtime:
+  """Place the weights, allocate the KV pools, compile and warm every program; fill `rep`."""
+  dtype = dtype_of(preset)
+  enable_compile_cache(cfg.cache_dir)
+  n = len(devices)
+  pages = cfg.pages_per_device or preset.pages_per_device
+  spans = sorted({sp for p in partitions.values() for sp in p.spans})
+  span_setups = {sp: width_setup(card, preset, devices, sp, pages) for sp in spans}
+  setups = {w: span_setups[Span(0, n, w)] for w in widths}
+  replicated = setups[widths[0]].specs.replicated()
+  t0 = time.perf_counter()
+  if host_weights is None and card.weights.format == "orbax":
+    from flying_jax.checkpoints.orbax_store import restore_resident
+    weights = restore_resident(card.weights.path, card.arch, dtype, replicated)
+    jax.block_until_ready(weights)
+    rep.load_s = time.perf_counter() - t0
+  else:
+    host = host_weights if host_weights is not None else load_weights_host(card, dtype)
+    rep.load_s = time.perf_counter() - t0
+    weights = W.place(host, replicated)
+  t0 = time.perf_counter()
+  slots = preset.page_tokens * card.arch.n_kv_heads
+  device_pools = DevicePools.create(card.arch.n_layers, n, pages, slots, card.arch.head_dim, dtype,
+                                    setups[widths[0]].specs.per_device())
+  jax.block_until_ready((weights, device_pools.k, device_pools.v))
+  rep.place_s = time.perf_counter() - t0
+  registry = ProgramRegistry(card.arch, dtype, span_setups, device_pools.device_struct(n),
+                             cfg.hist_len, cfg.max_banned,
+                             max(s.rows for ws in setups.values() for s in ws.shapes))
+  bar = _progress(cfg.progress, registry.count())
+  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated), bar)
+  if bar is not None:
+    bar.close()
+  resident = Resident(weights, device_pools, span_setups, n)
+  executor = Executor(registry, resident, cfg.hist_len, cfg.max_banned)
+  t0 = time.perf_counter()
+  migrator = build_migrator(card, setups, device_pools) if len(widths) > 1 else None
+  rep.compile_s += time.perf_counter() - t0
+  rep.warmup_s = executor.warm_up([[span_setups[sp] for sp in p.spans]
+                                   for p in partitions.values()])
+  rep.programs = len(registry) + (len(migrator) if migrator else 0)
+  rep.weight_bytes = weights.nbytes()
+  rep.kv_bytes = device_pools.nbytes()
+  rep.padding = report_padding(card, widths)
+  rep.compiled = describe_programs(registry)
+  mixed = [name for name, p in partitions.items() if p.uniform_width is None]
+  if mixed:
+    rep.compiled.append("mixed partitions: " + ", ".join(mixed))
+  for line in rep.lines():
+    log.info(line)
+  return Runtime(pages, span_setups, setups, weights, device_pools, PagePool(n, pages), registry,
+                 resident, executor, migrator)
+
+
+def _progress(enabled: bool, total: int):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc="compiling programs", unit="prog")

@@ -22,6 +22,7 @@ import time
 
 from flying_jax.engine.scheduler import Scheduler
 from flying_jax.kv.migrate import Placement, migration_indices
+from flying_jax.parallel import Partition
 from flying_jax.engine.sequence import Sequence, Status
 
 
@@ -36,7 +37,7 @@ class Strategy(str, enum.Enum):
 class SwitchRecord:
   """One switch, for logs and metrics."""
   from_width: int | str          # a width (uniform partition) or a mixed partition's name
-  to_width: int | str
+  target: Partition               # the partition switched to
   strategy: str
   reason: str
   requested_at: float
@@ -49,7 +50,15 @@ class SwitchRecord:
   abandoned: int = 0              # paused earlier, recomputed now (their group did not return)
   carried_waiting: int = 0
   kept: int = 0                   # in a group both partitions have: untouched
-  target: object = None           # the Partition switched to
+
+  @property
+  def to_width(self) -> int | str:
+    return label(self.target)
+
+
+def label(part: Partition) -> int | str:
+  """A uniform partition by its width, a mixed one by its name (logs and switch records)."""
+  return part.uniform_width if part.uniform_width is not None else part.name
 
 
 class PausedSequences:

@@ -158,37 +158,32 @@ class Executor:
     for each list in turn). The layer program is the same executable for every layer, so one
     layer call warms it.
     """
-    reg = self.registry
     t0 = time.perf_counter()
     done = set()
     for spans in partitions:
-      if all(ws.span in done for ws in spans):
+      todo = [ws for ws in spans if ws.span not in done]
+      if not todo:
         continue
       self.resident.arrange(tuple(ws.span for ws in spans))
-      for ws in spans:
-        if ws.span in done:
-          continue
+      for ws in todo:
         done.add(ws.span)
-        w, pools = self.resident.weights_for(ws.span), self.resident.pools_for(ws.span)
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
         for shape in ws.shapes:
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-          x = reg[(ws.span, "embed", shape)](w.embed, meta)
-          x, pools.k[0], pools.v[0] = reg[(ws.span, "layer", shape)](w.layers[0], pools.k[0],
-                                                                     pools.v[0], x, meta)
-          logits = reg[(ws.span, "head", shape)](w.logits_weight, w.final_norm, x, meta)
-        jax.block_until_ready(reg[(ws.span, "sample", None)](logits, sf, si))
+          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, layers=1))
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si):
-    """Enqueue one span's programs; returns (tokens, logprob, top ids, top logprobs, logits)."""
+  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, layers: int | None = None):
+    """Enqueue one span's programs; returns (tokens, logprob, top ids, top logprobs, logits).
+
+    `layers` limits the decoder layers run (warm-up: the layer program is one executable)."""
     reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
     x = reg[(span, "embed", shape)](w.embed, meta)
     layer = reg[(span, "layer", shape)]
-    for l, lw in enumerate(w.layers):
+    for l, lw in enumerate(w.layers[:layers]):
       x, pools.k[l], pools.v[l] = layer(lw, pools.k[l], pools.v[l], x, meta)
     logits = reg[(span, "head", shape)](w.logits_weight, w.final_norm, x, meta)
     return reg[(span, "sample", None)](logits, sf, si) + (logits,)

@@ -57,6 +57,7 @@ class Resident:
   def __init__(self, weights, pools: DevicePools, setups: dict[Span, WidthSetup], devices: int):
     self.pools = pools                    # whole-mesh pools (valid while not split)
     self.devices = devices
+    self._shape = pools.k[0].shape        # [devices * pages, slots, head_dim], never changes
     self._full = next(ws for ws in setups.values() if ws.span.devices == devices)
     self._weights = {}
     for span, ws in setups.items():
@@ -87,8 +88,7 @@ class Resident:
       self._split = {}
       for span in spans:
         per_device = self._setups[span].specs.per_device()
-        rows = self.pools.k[0].shape[0] // self.devices * span.devices
-        shape = (rows,) + self.pools.k[0].shape[1:]
+        shape = (self._shape[0] // self.devices * span.devices,) + self._shape[1:]
         cut = lambda a: _assemble(shape, per_device, _buffers(a, span.first, span.devices))
         self._split[span] = DevicePools([cut(a) for a in self.pools.k],
                                         [cut(a) for a in self.pools.v])
@@ -100,14 +100,12 @@ class Resident:
     if self._split is None:
       return self.pools
     per_device = self._full.specs.per_device()
-    some = next(iter(self._split.values())).k[0]
-    shape = (some.shape[0] // some.sharding.mesh.size * self.devices,) + some.shape[1:]
     order = sorted(self._split)                       # spans in device order
     for name in ("k", "v"):
       merged = getattr(self.pools, name)
       for layer in range(len(merged)):
         bufs = [b for sp in order for b in _buffers(getattr(self._split[sp], name)[layer], 0,
                                                        sp.devices)]
-        merged[layer] = _assemble(shape, per_device, bufs)
+        merged[layer] = _assemble(self._shape, per_device, bufs)
     self._split = None
     return self.pools
