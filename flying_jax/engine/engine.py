@@ -71,13 +71,7 @@ class Engine:
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
     self._parsed: dict = {}
     first = self._allowed(config.width if config.width is not None else widths[0])
-    self.policy = make_policy(policy)
-    needed = getattr(self.policy, "width", None)
-    if needed is not None:                                    # refused now, not at run time
-      try:
-        self._allowed(needed)
-      except ValueError as e:
-        raise ValueError(f"policy {policy}: {e}") from None
+    self.set_policy(policy)                                   # refused now, not at run time
     self.report = S.StartupReport()
     # self.pages, span_setups, setups, weights, device_pools, pool, registry, resident, executor,
     # migrator: see setup.Runtime
@@ -163,6 +157,18 @@ class Engine:
     else:
       self._cut_over(record, strategy)
     return record
+
+  def set_policy(self, policy):
+    """Choose the partition from the next step on by `policy` (see `make_policy`); a static
+    policy on a partition that is not compiled is refused."""
+    chosen = make_policy(policy)
+    needed = getattr(chosen, "width", None)
+    if needed is not None:
+      try:
+        self._allowed(needed)
+      except ValueError as e:
+        raise ValueError(f"policy {policy}: {e}") from None
+    self.policy = chosen
 
   def observe(self) -> Observation:
     return introspect.observe(self, self._facts)
@@ -281,7 +287,7 @@ class Engine:
 
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.monotonic()
     self._apply_policy()
     work = self.scheduler.schedule()
     if all(w.empty for w in work):
@@ -302,7 +308,7 @@ class Engine:
         seq = pre.seq
         seq.computed += pre.length
         if seq.scheduled_time is None:
-          seq.scheduled_time = t0
+          seq.scheduled_time = started             # the clock of arrival_time
         if pre.samples:
           events.append(self._accept(seq, result, g, result.row(g, j, prefill=True)))
     self.steps += 1
