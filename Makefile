@@ -1,4 +1,5 @@
-# Two commands: `make test` and `make serve`. Both build .venv from nothing with python3.
+# Two commands: `make test` and `make serve` (the gRPC server on 127.0.0.1:50051; SERVE_FLAGS adds
+# flags, e.g. SERVE_FLAGS="--metrics-port 9090"). Both build .venv from nothing with python3.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 serve: $(STAMP)
-	$(VENV)/bin/flying-jax generate --model $(MODEL) --chat "What is the capital of France?"
+	$(VENV)/bin/flying-jax serve --model $(MODEL) $(SERVE_FLAGS)
 
 protos: $(STAMP)
 	$(PY) -m flying_jax.serving.protos

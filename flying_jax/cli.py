@@ -1,4 +1,5 @@
-"""The `flying-jax` command line: generate, convert, bench-offline, bench-switch, list.
+"""The `flying-jax` command line: generate, serve, request, convert, bench-offline, bench-switch,
+list.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -106,6 +107,44 @@ def build_parser() -> argparse.ArgumentParser:
   sw.add_argument("--requests", type=int, default=8, help="requests decoding during the switches")
   sw.add_argument("--json", default=None)
 
+  srv = sub.add_parser("serve", help="serve the model over gRPC",
+                       description="Serve flying-jax's Generation and Admin services and "
+                                   "JetStream's Orchestrator over gRPC, with health checking, "
+                                   "reflection and Prometheus metrics. Compiles every partition "
+                                   "of the mesh unless --width or --partition is given. SIGTERM "
+                                   "drains: no new requests, running ones finish, exit 0.")
+  _add_engine_flags(srv)
+  srv.set_defaults(policy="auto")
+  srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+  srv.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+  srv.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+  srv.add_argument("--admin-token", default=os.environ.get("FLYING_JAX_ADMIN_TOKEN"),
+                   help="enable the Admin service; calls must send 'authorization: Bearer TOKEN' "
+                        "(default: $FLYING_JAX_ADMIN_TOKEN; unset: admin disabled)")
+  srv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+  srv.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+  srv.add_argument("--max-waiting", type=int, default=256,
+                   help="bounded queue: requests beyond it get RESOURCE_EXHAUSTED")
+  srv.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted (default: the model's context)")
+  srv.add_argument("--max-message-bytes", type=int, default=4 * 2**20)
+  srv.add_argument("--default-max-tokens", type=int, default=64,
+                   help="max_tokens of requests that do not set it")
+  srv.add_argument("--drain-grace", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+
+  req = sub.add_parser("request", help="send one request to a server and stream the answer",
+                       description="Stream a completion for PROMPT from a flying-jax server.")
+  req.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+  req.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
+  req.add_argument("--priority", type=int, default=0, help="> 0: latency-critical")
+  req.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+  req.add_argument("--tls-ca", default=None, help="PEM root certificate of a TLS server")
+  req.add_argument("--usage", action="store_true", help="print token counts and timings after")
+  _add_sampling_flags(req)
+  req.add_argument("prompt", metavar="PROMPT")
+
   sub.add_parser("list", help="list model cards and mesh presets")
   return parser
 
@@ -119,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     print("models:", ", ".join(available("models")))
     print("meshes:", ", ".join(available("meshes")))
     return 0
+  if args.command == "request":                   # a client: no JAX
+    from flying_jax.cli_serve import run_request
+    return run_request(args)
   cpu_environment()
   if args.command == "generate":
     from flying_jax.cli_generate import run_generate
     return run_generate(args)
+  if args.command == "serve":
+    from flying_jax.cli_serve import run_serve
+    return run_serve(args)
   if args.command == "convert":
     from flying_jax.checkpoints.orbax_store import run_convert
     return run_convert(args)

@@ -103,7 +103,8 @@ class ServingMetrics:
 
   # export --------------------------------------------------------------------------------------
   def serve_http(self, port: int, host: str = "127.0.0.1"):
-    """Expose /metrics on `host:port` (a daemon thread); returns the HTTP server."""
+    """Expose /metrics on `host:port` (0: any free port) from a daemon thread; returns the HTTP
+    server (its `server_port` is the port bound)."""
     server, _ = prom.start_http_server(port, addr=host, registry=self.registry)
     return server
 

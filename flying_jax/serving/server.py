@@ -68,6 +68,7 @@ class Server:
     self._grpc: grpc.aio.Server | None = None
     self._health = health.aio.HealthServicer()
     self._http = None
+    self.metrics_port: int | None = None
 
   # lifecycle -----------------------------------------------------------------------------------
   async def start(self) -> int:
@@ -95,6 +96,7 @@ class Server:
     await server.start()
     if cfg.metrics_port is not None:
       self._http = self.metrics.serve_http(cfg.metrics_port, cfg.host)
+      self.metrics_port = self._http.server_port
     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
     self.serving = True
     log.info("serving %s on %s:%d", self.engine.card.name, cfg.host, self.port)

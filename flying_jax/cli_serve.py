@@ -1,0 +1,90 @@
+"""`flying-jax serve` (a gRPC server on the real model) and `flying-jax request` (its client)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+def run_serve(args) -> int:
+  from flying_jax.config import ConfigError
+  from flying_jax.offline import LLM
+  from flying_jax.serving.server import ServeConfig, Server, serve_forever, versions
+
+  try:
+    config = ServeConfig(
+        host=args.host, port=args.port, max_waiting=args.max_waiting,
+        max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
+        max_message_bytes=args.max_message_bytes, admin_token=args.admin_token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+        drain_grace_s=args.drain_grace, policy=args.policy)
+    every = args.width is None and args.partition is None
+    print(f"flying-jax: loading {args.model} and compiling "
+          f"{'every partition' if every else 'its partition'}...", file=sys.stderr, flush=True)
+    llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
+              widths="all" if every or args.all_widths else None, cache_dir=args.compile_cache,
+              progress=sys.stderr.isatty(), policy=args.policy)
+    server = Server(llm.engine, llm.tokenizer, config, versions())
+  except (ValueError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  def ready(s):
+    rep = llm.startup_report
+    print(f"flying-jax: serving {args.model} on {config.host}:{s.port} "
+          f"({'TLS' if config.tls_cert else 'plaintext'}; partitions "
+          f"{', '.join(llm.engine.partitions)}; policy {llm.engine.policy.name}; start-up "
+          f"{rep.total_s:.1f}s)" + (f"; metrics on http://{config.host}:{s.metrics_port}"
+                                    f"/metrics" if s.metrics_port is not None else ""),
+          flush=True)
+    print("flying-jax: ready", flush=True)
+
+  try:
+    asyncio.run(serve_forever(server, ready))
+  except OSError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def run_request(args) -> int:
+  import grpc
+
+  from flying_jax.serving.proto import flying_jax_pb2 as pb
+  from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
+
+  sampling = pb.Sampling(
+      n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+      min_p=args.min_p, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+      repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+      frequency_penalty=args.frequency_penalty, stop=args.stop)
+  if args.seed is not None:
+    sampling.seed = args.seed
+  req = pb.GenerateRequest(sampling=sampling, priority=args.priority)
+  if args.chat:
+    req.chat.messages.add(role="user", content=args.prompt)
+  else:
+    req.text = args.prompt
+  if args.tls_ca:
+    with open(args.tls_ca, "rb") as f:
+      channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
+  else:
+    channel = grpc.insecure_channel(args.target)
+  last = None
+  try:
+    with channel:
+      for resp in pb_grpc.GenerationStub(channel).Generate(req, timeout=args.timeout):
+        prefix = f"[{resp.index}] " if args.n > 1 and resp.text else ""
+        sys.stdout.write(prefix + resp.text)
+        sys.stdout.flush()
+        last = resp
+  except grpc.RpcError as e:
+    print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1
+  print()
+  if args.usage and last is not None:
+    t = last.timings
+    print(f"finish {last.finish_reason}; prompt {last.usage.prompt_tokens} tokens, completion "
+          f"{last.usage.completion_tokens}; queue {t.queue_s * 1e3:.0f} ms, first token "
+          f"{t.time_to_first_token_s * 1e3:.0f} ms, total {t.elapsed_s:.2f} s", file=sys.stderr)
+  return 0
