@@ -1,5 +1,5 @@
-"""The `flying-jax` command line: generate, serve, request, convert, bench-offline, bench-switch,
-list.
+"""The `flying-jax` command line: generate, serve, request, convert, bench-offline, bench-serve,
+bench-switch, list.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -145,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sampling_flags(req)
   req.add_argument("prompt", metavar="PROMPT")
 
+  bs = sub.add_parser("bench-serve", help="throughput and latency of a server at 1/8/64 streams",
+                      description="Keep N Generate streams open against a server (--target, or "
+                                  "one started here on --model/--mesh) and report requests/s, "
+                                  "output tokens/s, TTFT and TPOT percentiles per level.")
+  bs.add_argument("--target", default=None, help="HOST:PORT of a running server")
+  bs.add_argument("--model", default="smollm2-135m")
+  bs.add_argument("--mesh", default=None)
+  bs.add_argument("--width", type=int, default=None, help="serve one width (default: all)")
+  bs.add_argument("--policy", default="auto", help="policy of the server started here")
+  bs.add_argument("--concurrency", default="1,8,64", help="comma-separated stream counts")
+  bs.add_argument("--requests", type=int, default=None,
+                  help="requests per level (default: max(16, 2 x streams))")
+  bs.add_argument("--input-tokens", type=int, default=64)
+  bs.add_argument("--output-tokens", type=int, default=64)
+  bs.add_argument("--timeout", type=float, default=600.0, help="deadline of each request")
+  bs.add_argument("--no-warmup", dest="warmup", action="store_false",
+                  help="skip the short warm-up requests before each level")
+  bs.add_argument("--json", default=None)
+
   sub.add_parser("list", help="list model cards and mesh presets")
   return parser
 
@@ -174,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "bench-offline":
     from flying_jax.bench.offline import run_bench
     return run_bench(args)
+  if args.command == "bench-serve":
+    from flying_jax.bench.serve import run_bench_serve
+    return run_bench_serve(args)
   if args.command == "bench-switch":
     from flying_jax.bench.switch import run_bench_switch
     return run_bench_switch(args)

@@ -163,3 +163,16 @@ def test_generate_on_a_mixed_partition_and_refusals(capsys):
     assert cli.main(["generate", "--model", "tiny", "--mesh", "cpu-8", "--partition", bad,
                      "hi"]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_bench_serve_reports_each_level(tmp_path, capsys):
+  out = tmp_path / "serve.json"
+  assert cli.main(["bench-serve", "--model", "tiny", "--mesh", "cpu-8", "--width", "1",
+                   "--concurrency", "1,4", "--requests", "4", "--output-tokens", "4",
+                   "--input-tokens", "8", "--json", str(out)]) == 0
+  levels = json.loads(out.read_text())["levels"]
+  assert [lv["concurrency"] for lv in levels] == [1, 4]
+  for lv in levels:
+    assert lv["requests"] == 4 and lv["output_tokens_per_s"] > 0
+    assert 0 < lv["ttft_ms_p50"] <= lv["ttft_ms_p99"] and lv["tpot_ms_p50"] > 0
+  assert "TTFT p50/p90/p99 ms" in capsys.readouterr().out

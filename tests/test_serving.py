@@ -70,7 +70,7 @@ def reference(engine):
 @pytest.fixture(scope="module")
 def server(engine, reference):
   config = ServeConfig(port=0, admin_token=TOKEN, max_prompt_tokens=200, metrics_port=0,
-                       drain_grace_s=5.0)
+                       drain_grace_s=5.0, max_message_bytes=64 * 1024)
   th = ServerThread(Server(engine, engine.outputs.tokenizer, config, {"flying-jax": "test"}))
   yield th
   th.stop()
@@ -214,6 +214,9 @@ def test_bad_requests_get_precise_statuses_and_disturb_nothing(channel, server, 
   for req, match in bad:
     code, details = code_of(lambda: list(stub.Generate(req, timeout=30)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and match in details, (req, details)
+  code, _ = code_of(lambda: list(stub.Generate(pb.GenerateRequest(text="w" * 100_000),
+                                                 timeout=30)))
+  assert code == grpc.StatusCode.RESOURCE_EXHAUSTED             # over the message size limit
   js_stub = js_grpc.OrchestratorStub(channel)
   code, details = code_of(lambda: list(js_stub.Decode(js.DecodeRequest(
       text_content=js.DecodeRequest.TextContent(text="hi"), lora_adapter_id="x"))))

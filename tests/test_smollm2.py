@@ -151,3 +151,30 @@ def test_forced_switches_mid_generation_keep_greedy_ids(llm, runs, golden):
     engine.release(f"sw-{name}")
     assert seq.output_ids == runs[1][name][0], name
   assert engine.no_leaks() and engine.weights.buffer_pointers() == pointers
+
+
+def test_grpc_stream_equals_the_offline_api(llm):
+  """The real model over gRPC on loopback: the chat answer streams as LLM.chat returns it."""
+  import grpc
+
+  from flying_jax.serving.proto import flying_jax_pb2 as pb
+  from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
+  from flying_jax.serving.server import ServeConfig, Server, ServerThread
+
+  engine = llm.engine
+  engine.set_width(1)
+  params = SamplingParams(temperature=0.0, max_tokens=12)
+  (offline,) = llm.chat([{"role": "user", "content": QUESTION}], params, use_tqdm=False)
+  server = ServerThread(Server(engine, llm.tokenizer, ServeConfig(port=0)))
+  try:
+    with grpc.insecure_channel(server.target) as ch:
+      req = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user",
+                                                                     content=QUESTION)]),
+                               sampling=pb.Sampling(temperature=0.0, max_tokens=12))
+      resps = list(pb_grpc.GenerationStub(ch).Generate(req, timeout=300))
+  finally:
+    server.stop()
+  assert "".join(r.text for r in resps) == offline.outputs[0].text == "The capital of France is Paris."
+  assert [t for r in resps for t in r.token_ids] == offline.outputs[0].token_ids
+  assert resps[-1].finish_reason == "stop" and resps[-1].stop_reason == "2"
+  assert engine.no_leaks()

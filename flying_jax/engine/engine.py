@@ -70,7 +70,7 @@ class Engine:
     self.partitions: dict[str, Partition] = {
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
     self._parsed: dict = {}
-    first = self._allowed(config.width if config.width is not None else widths[0])
+    first = self.compiled_partition(config.width if config.width is not None else widths[0])
     self.set_policy(policy)                                   # refused now, not at run time
     self.report = S.StartupReport()
     # self.pages, span_setups, setups, weights, device_pools, pool, registry, resident, executor,
@@ -91,7 +91,7 @@ class Engine:
     self.switches: list[SwitchRecord] = []
     self._pending: SwitchRecord | None = None
 
-  def _allowed(self, target) -> Partition:
+  def compiled_partition(self, target) -> Partition:
     """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition).
 
     Remembered per target: a policy names its choice every step."""
@@ -133,7 +133,7 @@ class Engine:
     program. Switching to the current partition with "recompute" gives up on paused sequences
     (they prefill again here).
     """
-    part = self._allowed(target)
+    part = self.compiled_partition(target)
     strategy = Strategy(strategy)
     if strategy is Strategy.MIGRATE and self.migrator is None:
       raise ValueError("the migrate strategy needs more than one compiled width")
@@ -165,7 +165,7 @@ class Engine:
     needed = getattr(chosen, "width", None)
     if needed is not None:
       try:
-        self._allowed(needed)
+        self.compiled_partition(needed)
       except ValueError as e:
         raise ValueError(f"policy {policy}: {e}") from None
     self.policy = chosen
@@ -180,7 +180,7 @@ class Engine:
     if decision is None:
       return
     try:
-      target = self._allowed(decision.partition)
+      target = self.compiled_partition(decision.partition)
       if target == self.partition and not (decision.strategy == "recompute" and len(self.paused)):
         return
       self.switch(target, decision.strategy, decision.reason)
@@ -216,7 +216,7 @@ class Engine:
 
   def set_width(self, width):
     """Serve another compiled partition from the next step on; only while nothing is in flight."""
-    part = self._allowed(width)
+    part = self.compiled_partition(width)
     if not self.no_leaks():
       raise RuntimeError(f"cannot switch to {part.name} while requests are running or waiting "
                          f"({self.scheduler.num_running()} running, "

@@ -131,9 +131,9 @@ class EngineLoop:
         continue
       try:
         events = engine.step()
-      except Exception:                        # a bug: keep serving the others, log it
+      except Exception as e:                   # a bug: fail what is in flight, keep serving
         log.exception("engine step failed")
-        time.sleep(0.01)
+        self._fail_all(engine, f"{type(e).__name__}: {e}")
         continue
       if not events and not engine.scheduler.has_work() and len(engine.paused):
         self._resume_paused(engine)
@@ -157,6 +157,14 @@ class EngineLoop:
         item = self._commands.get_nowait()
       except queue.Empty:
         return
+
+  def _fail_all(self, engine: Engine, message: str):
+    for rid, stream in list(self._streams.items()):
+      stream.sink(StreamItem(0, [], "", [], "error", None, 0, 0, None, None, 0.0, message))
+      try:
+        self._forget(engine, rid, abort=True)
+      except Exception:                        # the engine is in a bad state: say so, go on
+        log.exception("could not abort %s", rid)
 
   def _resume_paused(self, engine: Engine):
     """Only paused sequences are left and nothing will bring their layout back: recompute them."""

@@ -140,7 +140,7 @@ class Admin(pb_grpc.AdminServicer):
 
     def pin(engine):
       engine.set_policy(f"static:{target}")
-      if engine._allowed(target) != engine.partition and not engine.draining:
+      if engine.compiled_partition(target) != engine.partition and not engine.draining:
         engine.switch(target, strategy, reason="pin")
     return await self._run(context, pin, f"partition {request.partition} pinned ({strategy})")
 
