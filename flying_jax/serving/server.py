@@ -63,7 +63,7 @@ class Server:
     self.metrics = ServingMetrics(engine.card.name)
     self.loop = EngineLoop(engine, config.max_waiting, self.metrics)
     self.draining = False
-    self.serving = False
+    self._started = False
     self.port: int | None = None
     self._grpc: grpc.aio.Server | None = None
     self._health = health.aio.HealthServicer()
@@ -98,7 +98,7 @@ class Server:
       self._http = self.metrics.serve_http(cfg.metrics_port, cfg.host)
       self.metrics_port = self._http.server_port
     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-    self.serving = True
+    self._started = True
     log.info("serving %s on %s:%d", self.engine.card.name, cfg.host, self.port)
     return self.port
 
@@ -111,7 +111,6 @@ class Server:
     if self.draining:
       return
     self.draining = self.loop.draining = True
-    self.serving = False
     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     log.info("draining: no new requests")
 
@@ -129,8 +128,9 @@ class Server:
       self._http.shutdown()
     log.info("stopped")
 
-  async def wait(self):
-    await self._grpc.wait_for_termination()
+  @property
+  def serving(self) -> bool:
+    return self._started and not self.draining
 
   # what the services read ----------------------------------------------------------------------
   def info(self) -> pb.ServerInfo:

@@ -26,8 +26,6 @@ _ids = itertools.count()
 
 async def _stream(server, context, sub: Submission):
   """Submit `sub` and yield its StreamItems until every sample has finished."""
-  if server.draining:
-    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the server is draining")
   queue: asyncio.Queue = asyncio.Queue()
   loop = asyncio.get_running_loop()
   sink = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
