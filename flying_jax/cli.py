@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sampling_flags(req)
   req.add_argument("prompt", metavar="PROMPT")
 
+  from flying_jax.bench.serving import add_arguments as bench_arguments
+  bench_arguments(sub.add_parser(
+      "bench", help="a workload against a server: vLLM's table, JSON, timeline PNG; compare",
+      description="Send a workload (Poisson, gamma, phased or diurnal arrivals, a trace, or "
+                  "ShareGPT prompts) to a server and report vLLM's benchmark figures. 'bench "
+                  "compare' runs it under static DP, static TP and the auto policy."))
+
   bs = sub.add_parser("bench-serve", help="throughput and latency of a server at 1/8/64 streams",
                       description="Keep N Generate streams open against a server (--target, or "
                                   "one started here on --model/--mesh) and report requests/s, "
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_convert(args)
   if args.command == "bench-offline":
     from flying_jax.bench.offline import run_bench
+    return run_bench(args)
+  if args.command == "bench":
+    from flying_jax.bench.serving import run_bench
     return run_bench(args)
   if args.command == "bench-serve":
     from flying_jax.bench.serve import run_bench_serve

@@ -6,6 +6,7 @@ the engine driven directly, as the offline API drives it.
 
 import asyncio
 import dataclasses
+import json
 import time
 import urllib.request
 
@@ -193,6 +194,32 @@ def test_metrics_endpoint(server, channel):
     assert name in body, name
   ttft = [l for l in body.splitlines() if l.startswith("flying_time_to_first_token_seconds_count")]
   assert float(ttft[0].split()[-1]) > 0
+
+
+def test_bench_and_bench_compare_against_the_server(server, channel, tmp_path, capsys):
+  from flying_jax import cli
+
+  out, png = tmp_path / "bench.json", tmp_path / "timeline.png"
+  common = ["--target", server.target, "--requests", "8", "--rate", "50", "--input-len",
+            "fixed:8", "--output-len", "fixed:4", "--priority-share", "0.5"]
+  assert cli.main(["bench", *common, "--json", str(out), "--plot", str(png),
+                   "--slo-ttft-ms", "60000"]) == 0
+  (run,) = json.loads(out.read_text())["runs"].values()
+  s = run["summary"]
+  assert (s["completed"], s["failed"], s["output_tokens"]) == (8, 0, 32)
+  assert s["goodput"] == pytest.approx(s["request_throughput"])
+  assert len(run["requests"]) == 8 + 2 and sum(r["warmup"] for r in run["requests"]) == 2
+  assert run["timeline"] and all(t["partition"] for t in run["timeline"])
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+  assert "Successful requests:" in capsys.readouterr().out
+  assert cli.main(["bench", "compare", *common, "--json", str(out)]) == 2       # no admin token
+  assert cli.main(["bench", "compare", *common, "--admin-token", TOKEN, "--json", str(out)]) == 0
+  runs = json.loads(out.read_text())["runs"]
+  assert set(runs) == {"static DP", "static TP8", "auto"}
+  assert all(r["summary"]["completed"] == 8 for r in runs.values())
+  assert "auto vs DP" in capsys.readouterr().out
+  pb_grpc.AdminStub(channel).SetPolicy(pb.SetPolicyRequest(policy=""), metadata=ADMIN)
+  assert no_leaks(server)
 
 
 # ---------------------------------------------------------------- bad input
