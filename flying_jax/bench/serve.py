@@ -4,6 +4,8 @@ For each concurrency level (default 1, 8, 64) it keeps that many Generate stream
 `--requests` have completed, each with a random prompt of `--input-tokens` token ids and exactly
 `--output-tokens` generated tokens (ignore_eos), and reports requests/s, output tokens/s, and the
 client-side time to first token and time per output token (after the first) as percentiles.
+The requests go through `bench.load` and the figures through `bench.report`, as in
+`flying-jax bench`.
 Without `--target` it starts a server on `--model` / `--mesh` in this process first.
 """
 
@@ -12,56 +14,30 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import time
 
 import numpy as np
 
 
-async def _one(stub, pb, ids, out_tokens, timeout):
-  req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
-                           sampling=pb.Sampling(temperature=0.0, max_tokens=out_tokens,
-                                                ignore_eos=True))
-  t0 = time.perf_counter()
-  first = last = None
-  n = 0
-  async for r in stub.Generate(req, timeout=timeout):
-    if r.token_ids:
-      last = time.perf_counter()
-      first = first or last
-      n += len(r.token_ids)
-  return {"ttft": first - t0, "e2e": last - t0, "tokens": n,
-          "tpot": (last - first) / (n - 1) if n > 1 else None}
+def _level(target, concurrency, requests, in_tokens, out_tokens, vocab, seed, timeout,
+           warmup) -> dict:
+  """One concurrency level: `requests` requests all ready at t=0, `concurrency` in flight."""
+  from flying_jax.bench import report, traces
+  from flying_jax.bench.load import run_load
 
-
-async def _level(target, concurrency, requests, in_tokens, out_tokens, vocab, seed, timeout):
-  import grpc
-
-  from flying_jax.serving.proto import flying_jax_pb2 as pb
-  from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
-
-  rng = np.random.default_rng(seed)
-  prompts = [rng.integers(0, vocab, size=in_tokens).tolist() for _ in range(requests)]
-  results = []
-  async with grpc.aio.insecure_channel(target) as ch:
-    stub = pb_grpc.GenerationStub(ch)
-    todo = iter(prompts)
-
-    async def worker():
-      for ids in todo:
-        results.append(await _one(stub, pb, ids, out_tokens, timeout))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    duration = time.perf_counter() - t0
-  pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else None
-  ttft = [r["ttft"] for r in results]
-  tpot = [r["tpot"] for r in results if r["tpot"] is not None]
-  tokens = sum(r["tokens"] for r in results)
+  arrivals = traces.synthetic(np.zeros(requests), f"fixed:{in_tokens}", f"fixed:{out_tokens}",
+                              seed=seed)
+  result = asyncio.run(run_load(target, arrivals, vocab, max_concurrency=concurrency,
+                                warmup=warmup, timeout=timeout, seed=seed, poll_interval=3600))
+  s = report.summarize(result.records)
+  ms = lambda key, stat: None if np.isnan(s[key][stat]) else s[key][stat]
   return {
-      "concurrency": concurrency, "requests": len(results), "duration_s": duration,
-      "requests_per_s": len(results) / duration, "output_tokens_per_s": tokens / duration,
-      **{f"ttft_ms_p{q}": pct(ttft, q) for q in (50, 90, 99)},
-      **{f"tpot_ms_p{q}": pct(tpot, q) for q in (50, 90, 99)},
+      "concurrency": concurrency, "requests": s["completed"], "failed": s["failed"],
+      "duration_s": s["duration_s"], "requests_per_s": s["request_throughput"],
+      "output_tokens_per_s": s["output_throughput"],
+      **{f"ttft_ms_p{q}": ms("ttft_ms", stat) for q, stat in ((50, "median"), (90, "p90"),
+                                                              (99, "p99"))},
+      **{f"tpot_ms_p{q}": ms("tpot_ms", stat) for q, stat in ((50, "median"), (90, "p90"),
+                                                              (99, "p99"))},
   }
 
 
@@ -94,11 +70,8 @@ def run_bench_serve(args) -> int:
     out = {"model": info.model, "mesh": info.mesh, "machine": platform.platform(), "levels": []}
     for i, c in enumerate(levels):
       n = args.requests or max(16, 2 * c)
-      if args.warmup:
-        asyncio.run(_level(target, min(c, 8), min(c, 8), args.input_tokens, 4, info.vocab_size,
-                           1000 + i, args.timeout))
-      r = asyncio.run(_level(target, c, n, args.input_tokens, args.output_tokens,
-                             info.vocab_size, i, args.timeout))
+      r = _level(target, c, n, args.input_tokens, args.output_tokens, info.vocab_size, i,
+                 args.timeout, min(c, 8) if args.warmup else 0)
       out["levels"].append(r)
       f3 = lambda k: "/".join(f"{r[f'{k}_p{q}']:.0f}" if r[f"{k}_p{q}"] is not None else "-"
                               for q in (50, 90, 99))
