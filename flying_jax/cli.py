@@ -1,5 +1,5 @@
-"""The `flying-jax` command line: generate, serve, request, convert, bench-offline, bench-serve,
-bench-switch, list.
+"""The `flying-jax` command line: generate, serve, request, convert, bench, bench-offline,
+bench-serve, bench-switch, sim, list.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -171,7 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
                   help="skip the short warm-up requests before each level")
   bs.add_argument("--json", default=None)
 
-  sub.add_parser("list", help="list model cards and mesh presets")
+  from flying_jax.sim.cli import add_arguments as sim_arguments
+  sim_arguments(sub.add_parser(
+      "sim", help="simulate serving on 8xH100/8xH200/TPU v5e-8/v6e-8 with the real scheduler",
+      description="Drive the engine's own scheduler, policies and switch strategies with a "
+                  "cost model of a hardware preset instead of running the model: vLLM's table "
+                  "per policy, 'compare' for static DP / static TP / auto, '--scenario paper' "
+                  "for the Flying Serving paper's experiment, 'calibrate' and 'validate' for "
+                  "the cost model of this machine's CPU."))
+
+  sub.add_parser("list", help="list model cards, mesh presets and hardware presets")
   return parser
 
 
@@ -183,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     from flying_jax.config import available
     print("models:", ", ".join(available("models")))
     print("meshes:", ", ".join(available("meshes")))
+    from flying_jax.sim.hardware import available as hardware
+    print("hardware (flying-jax sim):", ", ".join(hardware()))
     return 0
+  if args.command == "sim" and args.mode not in ("calibrate", "validate"):
+    from flying_jax.sim.cli import run_sim            # no devices: the simulator runs no JAX
+    return run_sim(args)
   if args.command == "request":                   # a client: no JAX
     from flying_jax.cli_serve import run_request
     return run_request(args)
@@ -206,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "bench-serve":
     from flying_jax.bench.serve import run_bench_serve
     return run_bench_serve(args)
+  if args.command == "sim":
+    from flying_jax.sim.cli import run_sim
+    return run_sim(args)
   if args.command == "bench-switch":
     from flying_jax.bench.switch import run_bench_switch
     return run_bench_switch(args)

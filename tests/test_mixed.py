@@ -43,7 +43,7 @@ def test_partition_names_spans_and_errors():
   p = Partition.parse("4+1x4", 8)
   assert p.widths == (4, 1, 1, 1, 1) and p.name == "4+1x4" and p.uniform_width is None
   assert p.spans == (Span(0, 4, 4), Span(4, 4, 1))
-  assert p.groups == [(0, 4), (4, 1), (5, 1), (6, 1), (7, 1)]
+  assert p.groups == ((0, 4), (4, 1), (5, 1), (6, 1), (7, 1))
   q = Partition.parse("2+2+4", 8)
   assert q.name == "2x2+4" and q.spans == (Span(0, 4, 2), Span(4, 4, 4))
   assert Partition.parse(8, 8).name == "8" and Partition.parse("1x8", 8) == Partition.uniform(8, 1)

@@ -34,11 +34,11 @@ def test_make_policy_parses_and_refuses():
 
 def test_load_policy_has_hysteresis():
   p = LoadPolicy(high=8, low=2, hold_steps=3)
-  busy = obs(width=8, waiting=6, running=4)
+  busy = obs(width=8, waiting=6, running=4, prefilling=2)        # 8 without a first token
   assert [p.decide(busy) for _ in range(2)] == [None, None]       # not yet: must hold 3 steps
   d = p.decide(busy)
   assert d.partition == 1 and d.reason == "load:busy"
-  middling = obs(width=1, waiting=1, running=3)                   # between low and high: stay
+  middling = obs(width=1, waiting=4, running=3)                   # between low and high: stay
   assert all(p.decide(middling) is None for _ in range(10))
   quiet = obs(width=1, running=1)
   assert [p.decide(quiet) for _ in range(2)] == [None, None]

@@ -111,21 +111,25 @@ def summarize(records: list[RequestRecord], slo: SLO = SLO()) -> dict:
 def table(s: dict, title: str = "Serving Benchmark Result") -> str:
   """vLLM's benchmark table."""
   w = 50
-  lines = [f"{' ' + title + ' ':=^{w}}",
-           f"{'Successful requests:':<40}{s['completed']:<10}",
-           f"{'Failed requests:':<40}{s['failed']:<10}",
-           f"{'Benchmark duration (s):':<40}{s['duration_s']:<10.2f}",
-           f"{'Total input tokens:':<40}{s['input_tokens']:<10}",
-           f"{'Total generated tokens:':<40}{s['output_tokens']:<10}",
-           f"{'Request throughput (req/s):':<40}{s['request_throughput']:<10.2f}",
-           f"{'Output token throughput (tok/s):':<40}{s['output_throughput']:<10.2f}",
-           f"{'Peak output token throughput (tok/s):':<40}{s['peak_output_throughput']:<10.2f}",
-           f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput']:<10.2f}"]
-  if s.get("goodput") is not None:
-    lines.append(f"{'Request goodput (req/s):':<40}{s['goodput']:<10.2f}")
+  lines = [f"{' ' + title + ' ':=^{w}}"]
+  for key, label, fmt in (("completed", "Successful requests:", ""),
+                          ("failed", "Failed requests:", ""),
+                          ("duration_s", "Benchmark duration (s):", ".2f"),
+                          ("input_tokens", "Total input tokens:", ""),
+                          ("output_tokens", "Total generated tokens:", ""),
+                          ("request_throughput", "Request throughput (req/s):", ".2f"),
+                          ("output_throughput", "Output token throughput (tok/s):", ".2f"),
+                          ("peak_output_throughput", "Peak output token throughput (tok/s):",
+                           ".2f"),
+                          ("total_token_throughput", "Total token throughput (tok/s):", ".2f"),
+                          ("goodput", "Request goodput (req/s):", ".2f")):
+    if s.get(key) is not None:                 # the simulator has no peak; goodput needs SLOs
+      lines.append(f"{label:<40}{s[key]:<10{fmt}}")
   for key, name in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token "
                     "(excl. 1st token)"), ("itl_ms", "Inter-token Latency"),
                     ("e2e_ms", "End-to-end Latency")):
+    if s.get(key) is None:
+      continue
     short = key.split("_")[0].upper()
     lines.append(f"{' ' + name + ' ':-^{w}}")
     for stat in ("mean", "median", "p90", "p99"):

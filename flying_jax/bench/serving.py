@@ -24,27 +24,6 @@ from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
 
 
-def arrivals_from_args(args, tokenizer=None) -> list[traces.Arrival]:
-  if args.trace:
-    return traces.replay(args.trace)
-  if args.arrival == "poisson":
-    times = traces.poisson(args.rate, args.requests, args.seed)
-  elif args.arrival == "gamma":
-    times = traces.gamma(args.rate, args.burstiness, args.requests, args.seed)
-  elif args.arrival == "phased":
-    times = traces.phased(traces.parse_phases(args.phases), args.seed)
-  elif args.arrival == "diurnal":
-    times = traces.diurnal(args.rate / 4, args.rate, args.period, args.duration, args.seed)
-  else:
-    raise ValueError(f"unknown arrival process {args.arrival!r}")
-  if args.sharegpt:
-    if tokenizer is None:
-      raise ValueError("a ShareGPT file needs the model's tokenizer (--model)")
-    return traces.sharegpt(args.sharegpt, times, tokenizer, args.max_output,
-                           args.priority_share, args.seed)
-  return traces.synthetic(times, args.input_len, args.output_len, args.priority_share, args.seed)
-
-
 class _Local:
   """A server in this process (when no --target is given), with an admin token for compare."""
 
@@ -106,7 +85,7 @@ def run_bench(args) -> int:
     with grpc.insecure_channel(target) as ch:
       info = pb_grpc.GenerationStub(ch).GetServerInfo(pb.ServerInfoRequest(), timeout=60)
     tokenizer = local.llm.tokenizer if local else None
-    arrivals = arrivals_from_args(args, tokenizer)
+    arrivals = traces.from_args(args, tokenizer)
     print(f"bench: {len(arrivals)} requests, {args.trace or args.arrival} arrivals, against "
           f"{info.model} on {info.mesh} at {target} ({args.api} API); machine: "
           f"{platform.machine()}", flush=True)
@@ -185,32 +164,12 @@ def add_arguments(p):
   p.add_argument("--model", default="smollm2-135m")
   p.add_argument("--mesh", default=None)
   p.add_argument("--policy", default="auto", help="policy of a server started here")
-  p.add_argument("--requests", type=int, default=100, help="requests (poisson, gamma)")
-  p.add_argument("--arrival", default="poisson",
-                 choices=["poisson", "gamma", "phased", "diurnal"])
-  p.add_argument("--rate", type=float, default=2.0, help="mean requests per second")
-  p.add_argument("--burstiness", type=float, default=1.0,
-                 help="gamma shape: 1 = Poisson, below 1 = burstier")
-  p.add_argument("--phases", default="20:0.5,10:6,20:0.5",
-                 help="phased arrivals: SECONDS:RATE pairs, e.g. low -> burst -> low")
-  p.add_argument("--period", type=float, default=60.0, help="diurnal period (s)")
-  p.add_argument("--duration", type=float, default=60.0, help="diurnal run length (s)")
-  p.add_argument("--trace", default=None,
-                 help="replay a trace file (JSON lines of at, input_tokens, output_tokens, "
-                      "priority)")
-  p.add_argument("--sharegpt", default=None, help="prompts from a ShareGPT-format JSON file")
-  p.add_argument("--max-output", type=int, default=256, help="cap on ShareGPT output lengths")
-  p.add_argument("--input-len", default="uniform:16:128",
-                 help="synthetic prompt lengths: fixed:N, uniform:A:B or lognormal:MEAN:SIGMA")
-  p.add_argument("--output-len", default="uniform:16:64", help="synthetic output lengths")
-  p.add_argument("--priority-share", type=float, default=0.0,
-                 help="share of latency-critical requests (priority 1)")
+  traces.add_arguments(p)
   p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
   p.add_argument("--warmup", type=int, default=2, help="warm-up requests, not measured")
   p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT target")
   p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT target")
   p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput: end-to-end target")
   p.add_argument("--timeout", type=float, default=600.0, help="deadline of each request (s)")
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write every figure and request timing here")
   p.add_argument("--plot", default=None, help="write the timeline PNG here")

@@ -139,3 +139,52 @@ def replay(path: str | Path) -> list[Arrival]:
 
 def save(arrivals: list[Arrival], path: str | Path):
   Path(path).write_text("".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in arrivals))
+
+
+# from the command line ----------------------------------------------------------------------------
+def add_arguments(p, requests: int = 100, rate: float = 2.0, phases: str = "20:0.5,10:6,20:0.5",
+                  input_len: str = "uniform:16:128", output_len: str = "uniform:16:64"):
+  """The workload flags `flying-jax bench` and `flying-jax sim` share."""
+  p.add_argument("--requests", type=int, default=requests, help="requests (poisson, gamma)")
+  p.add_argument("--arrival", default="poisson",
+                 choices=["poisson", "gamma", "phased", "diurnal"])
+  p.add_argument("--rate", type=float, default=rate, help="mean requests per second")
+  p.add_argument("--burstiness", type=float, default=1.0,
+                 help="gamma shape: 1 = Poisson, below 1 = burstier")
+  p.add_argument("--phases", default=phases,
+                 help="phased arrivals: SECONDS:RATE pairs, e.g. low -> burst -> low")
+  p.add_argument("--period", type=float, default=60.0, help="diurnal period (s)")
+  p.add_argument("--duration", type=float, default=60.0, help="diurnal run length (s)")
+  p.add_argument("--trace", default=None,
+                 help="replay a trace file (JSON lines of at, input_tokens, output_tokens, "
+                      "priority)")
+  p.add_argument("--sharegpt", default=None, help="prompts from a ShareGPT-format JSON file")
+  p.add_argument("--max-output", type=int, default=256, help="cap on ShareGPT output lengths")
+  p.add_argument("--input-len", default=input_len,
+                 help="synthetic prompt lengths: fixed:N, uniform:A:B or lognormal:MEAN:SIGMA")
+  p.add_argument("--output-len", default=output_len, help="synthetic output lengths")
+  p.add_argument("--priority-share", type=float, default=0.0,
+                 help="share of latency-critical requests (priority 1)")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def from_args(args, tokenizer=None) -> list[Arrival]:
+  """The workload the flags of `add_arguments` describe."""
+  if args.trace:
+    return replay(args.trace)
+  if args.arrival == "poisson":
+    times = poisson(args.rate, args.requests, args.seed)
+  elif args.arrival == "gamma":
+    times = gamma(args.rate, args.burstiness, args.requests, args.seed)
+  elif args.arrival == "phased":
+    times = phased(parse_phases(args.phases), args.seed)
+  elif args.arrival == "diurnal":
+    times = diurnal(args.rate / 4, args.rate, args.period, args.duration, args.seed)
+  else:
+    raise ValueError(f"unknown arrival process {args.arrival!r}")
+  if args.sharegpt:
+    if tokenizer is None:
+      raise ValueError("a ShareGPT file needs the model's tokenizer (--model)")
+    return sharegpt(args.sharegpt, times, tokenizer, args.max_output, args.priority_share,
+                    args.seed)
+  return synthetic(times, args.input_len, args.output_len, args.priority_share, args.seed)

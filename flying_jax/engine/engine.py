@@ -14,8 +14,10 @@ import itertools
 import logging
 import random
 import time
+from typing import Callable
 
 import jax
+import numpy as np
 
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import introspect
@@ -36,7 +38,7 @@ class RequestRejected(ValueError):
   """A request that can never be served (bad input, or longer than the model or the pool)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class SeqEvent:
   seq: Sequence
   new_ids: list[int]
@@ -56,9 +58,13 @@ class StepTiming:
 
 class Engine:
   def __init__(self, card: ModelCard, preset: MeshPreset, config: S.EngineConfig = S.EngineConfig(),
-               tokenizer=None, devices=None, host_weights: dict | None = None, policy=None):
+               tokenizer=None, devices=None, host_weights: dict | None = None, policy=None,
+               clock: Callable[[], float] = time.monotonic, runtime=S.build_runtime):
+    """`clock` gives the times requests see (arrival, first token, finish, pauses); `runtime`
+    builds what start-up leaves resident (`setup.build_runtime`; the simulator passes its own,
+    whose executor advances `clock` by a cost model instead of running programs)."""
     self.card, self.preset, self.config = card, preset, config
-    self.tokenizer = tokenizer
+    self.tokenizer, self.clock = tokenizer, clock
     devices = list(devices if devices is not None else jax.devices()[: preset.devices])
     if len(devices) < preset.devices:
       raise RuntimeError(f"mesh {preset.name} needs {preset.devices} devices, "
@@ -75,9 +81,9 @@ class Engine:
     self.report = S.StartupReport()
     # self.pages, span_setups, setups, weights, device_pools, pool, registry, resident, executor,
     # migrator: see setup.Runtime
-    vars(self).update(vars(S.build_runtime(card, preset, config, devices, self.partitions,
-                                           widths, host_weights, self.report)))
-    self.outputs = OutputProcessor(tokenizer)
+    vars(self).update(vars(runtime(card, preset, config, devices, self.partitions, widths,
+                                   host_weights, self.report)))
+    self.outputs = OutputProcessor(tokenizer, clock)
     self._partition(first)
     self.resident.arrange(first.spans)
     self._ids = itertools.count()
@@ -86,7 +92,7 @@ class Engine:
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0
     self._facts = introspect.StaticFacts.of(self)
-    self.paused = PausedSequences()
+    self.paused = PausedSequences(clock)
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self._pending: SwitchRecord | None = None
@@ -148,7 +154,7 @@ class Engine:
     if too_long:
       raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
                          f"are longer than its widest group holds ({cap} tokens)")
-    record = SwitchRecord(label(self.partition), part, strategy.value, reason, time.monotonic())
+    record = SwitchRecord(label(self.partition), part, strategy.value, reason, self.clock())
     if strategy is Strategy.DRAIN:
       self.scheduler.closed = {g for g, grp in enumerate(self.scheduler.groups)
                                if (grp.first_device, grp.width) not in kept}
@@ -190,8 +196,8 @@ class Engine:
   def _migrate_one(self, seq: Sequence) -> int | None:
     """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
     slots = self.preset.page_tokens * self.card.arch.n_kv_heads
-    return migrate_sequence(seq, self.scheduler, self.pool, self.migrator, self.device_pools,
-                            self.card.arch, self.pages, slots)
+    return migrate_sequence(seq, self.scheduler, self.pool, lambda src, dst, n: self.migrator.move(
+        self.device_pools, self.card.arch, src, dst, n, self.pages, slots))
 
   def _maybe_finish_drain(self):
     sch = self.scheduler
@@ -226,15 +232,18 @@ class Engine:
 
   # requests ------------------------------------------------------------------------------------
   def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                  priority: int = 0) -> list[Sequence]:
-    """Queue a request (n sequences); raises RequestRejected if it can never be served."""
+                  priority: int = 0, arrival_time: float | None = None) -> list[Sequence]:
+    """Queue a request (n sequences); raises RequestRejected if it can never be served.
+
+    `arrival_time` (on the engine's clock; default now) is when the request reached the server."""
     self._validate(request_id, prompt_ids, params)
     stop = set(params.stop_token_ids)
     if not params.ignore_eos:
       stop |= set(self.card.tokenizer.stop_ids)
     base = params.seed if params.seed is not None else self._seed_base + next(self._ids) * 7919
+    arrived = self.clock() if arrival_time is None else arrival_time
     seqs = [Sequence(next(self._ids), request_id, i, list(prompt_ids), params, base + i,
-                     frozenset(stop), priority) for i in range(params.n)]
+                     frozenset(stop), priority, arrival_time=arrived) for i in range(params.n)]
     self._requests[request_id] = seqs
     for s in seqs:
       self.scheduler.add(s)
@@ -248,9 +257,15 @@ class Engine:
     if not prompt_ids:
       raise RequestRejected("the prompt is empty")
     v = self.card.arch.vocab_size
-    bad = [t for t in prompt_ids if not 0 <= int(t) < v]
-    if bad:
-      raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5]}")
+    try:
+      ids = np.asarray(prompt_ids)
+    except ValueError:
+      ids = np.zeros(0)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+      raise RequestRejected("the prompt must be a list of integer token ids")
+    bad = ids[(ids < 0) | (ids >= v)]
+    if bad.size:
+      raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5].tolist()}")
     total = len(prompt_ids) + params.max_tokens
     width = max(self.partition.widths)
     if self.policy.dynamic:                       # the policy may move to a wider partition
@@ -287,7 +302,7 @@ class Engine:
 
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
-    t0, started = time.perf_counter(), time.monotonic()
+    t0, started = time.perf_counter(), self.clock()
     self._apply_policy()
     work = self.scheduler.schedule()
     if all(w.empty for w in work):
@@ -300,22 +315,26 @@ class Engine:
       return self._fail(work, f"{type(e).__name__}: {e}")
     t1 = time.perf_counter()
     events = []
+    tokens = result.tokens.tolist()
+    accept = self._accept
     for g, w in enumerate(work):
+      row_tokens, cap = tokens[g], self.scheduler.groups[g].capacity
       for i, seq in enumerate(w.decode):
         seq.computed += 1
-        events.append(self._accept(seq, result, g, i))
+        events.append(accept(seq, row_tokens[i], result, g, i, cap))
       for j, pre in enumerate(w.prefills):
         seq = pre.seq
         seq.computed += pre.length
         if seq.scheduled_time is None:
           seq.scheduled_time = started             # the clock of arrival_time
         if pre.samples:
-          events.append(self._accept(seq, result, g, result.row(g, j, prefill=True)))
+          row = result.row(g, j, prefill=True)
+          events.append(accept(seq, row_tokens[row], result, g, row, cap))
     self.steps += 1
     n_tok = sum(len(w.decode) + w.prefill_tokens for w in work)
     sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
     total_s = time.perf_counter() - t0
-    self.seconds_per_partition[self.partition.name] += total_s
+    self.seconds_per_partition[self.partition.name] += self.clock() - started
     self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s, total_s, n_tok,
                                    sum(len(w.decode) for w in work)))
     self._maybe_finish_drain()
@@ -331,14 +350,14 @@ class Engine:
         events.append(SeqEvent(seq, [], "", True))
     return events
 
-  def _accept(self, seq: Sequence, result, g: int, row: int) -> SeqEvent:
-    token = int(result.tokens[g, row])
+  def _accept(self, seq: Sequence, token: int, result, g: int, row: int,
+              capacity: int) -> SeqEvent:
     lp = None
     if result.logprob is not None and seq.params.logprobs is not None:
       k = seq.params.logprobs
       lp = (float(result.logprob[g, row]),
             list(zip(result.top_ids[g, row, :k].tolist(), result.top_logprobs[g, row, :k].tolist())))
-    delta, finished = self.outputs.append(seq, token, lp, self.scheduler.groups[g].capacity)
+    delta, finished = self.outputs.append(seq, token, lp, capacity)
     if finished:
       self.scheduler.remove(seq)
     return SeqEvent(seq, [token], delta, finished)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 
 from flying_jax.engine.policies import Observation
 
@@ -19,32 +18,63 @@ class StaticFacts:
   widths: tuple[int, ...]          # compiled widths, ascending
   capacity: dict                   # width -> longest sequence one group holds
   mixed: dict                      # compiled mixed partition -> its widest group's width
+  decode_slots: int                # decode slots of one group
 
   @staticmethod
   def of(engine) -> "StaticFacts":
     return StaticFacts(
         widths=tuple(sorted(engine.setups)),
         capacity={w: ws.capacity for w, ws in engine.setups.items()},
-        mixed={n: max(p.widths) for n, p in engine.partitions.items() if p.uniform_width is None})
+        mixed={n: max(p.widths) for n, p in engine.partitions.items() if p.uniform_width is None},
+        decode_slots=max(engine.preset.decode_buckets))
 
 
 def observe(engine, facts: StaticFacts) -> Observation:
-  sch, now = engine.scheduler, time.monotonic()
-  running = [s for g in sch.running for s in g]
-  inflight = list(sch.waiting) + running
+  sch, now = engine.scheduler, engine.clock()
+  waiting_longest, oldest_arrival, prio, urgent, _ = _scan(sch.waiting, now)
+  running_longest, running, running_prio, running_urgent, prefilling = 0, 0, None, 0, 0
+  for group in sch.running:
+    running += len(group)
+    longest, _, p, u, pre = _scan(group, now)
+    running_longest = max(running_longest, longest)
+    running_urgent += u
+    prefilling += pre
+    if p is not None and (running_prio is None or p > running_prio):
+      running_prio = p
   paused = engine.paused.all()
+  priorities = [p for p in (prio, running_prio) if p is not None]
   return Observation(
       width=engine.width, widths=facts.widths, capacity=facts.capacity, mixed=facts.mixed,
       partition=engine.partition.name, widest=max(engine.partition.widths),
-      waiting=len(sch.waiting), running=len(running), paused=len(paused),
+      waiting=len(sch.waiting), running=running, paused=len(paused),
       paused_widths=tuple(sorted({s.layout.width for s in paused})),
-      waiting_max_length=max((s.max_length() for s in sch.waiting), default=0),
-      running_max_length=max((s.max_length() for s in running), default=0),
-      max_priority=max((s.priority for s in inflight), default=0),
-      priority_inflight=sum(s.priority > 0 for s in inflight),
-      oldest_wait_s=max((now - s.arrival_time for s in sch.waiting), default=0.0),
+      waiting_max_length=waiting_longest, running_max_length=running_longest,
+      max_priority=max(priorities, default=0), priority_inflight=urgent + running_urgent,
+      oldest_wait_s=now - oldest_arrival if sch.waiting else 0.0,
       oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
-      kv_usage=engine.kv_usage(), step=engine.steps)
+      kv_usage=engine.kv_usage(), step=engine.steps, prefilling=prefilling,
+      decode_slots=facts.decode_slots)
+
+
+def _scan(seqs, now: float):
+  """(longest prompt + max_tokens, earliest arrival, highest priority or None, how many have
+  priority > 0, how many have not had their first token) of `seqs`, in one pass: a policy looks
+  every step."""
+  longest, earliest, prio, urgent, before_first = 0, now, None, 0, 0
+  for s in seqs:
+    n = s.prompt_len + s.params.max_tokens
+    if n > longest:
+      longest = n
+    if s.arrival_time < earliest:
+      earliest = s.arrival_time
+    p = s.priority
+    if prio is None or p > prio:
+      prio = p
+    if p > 0:
+      urgent += 1
+    if s.first_token_time is None:
+      before_first += 1
+  return longest, earliest, prio, urgent, before_first
 
 
 def stats(engine) -> dict:

@@ -7,14 +7,15 @@ could be the start of a stop string is held back until it is known not to be one
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from flying_jax.engine.sequence import Sequence, Status, TokenLogprob
 from flying_jax.tokenizers import IncrementalDetokenizer, find_stop, partial_stop_len
 
 
 class OutputProcessor:
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
+  def __init__(self, tokenizer, clock: Callable[[], float] = time.monotonic):
+    self.tokenizer, self.clock = tokenizer, clock
     self._detok: dict[int, IncrementalDetokenizer] = {}
     self._raw: dict[int, str] = {}        # detokenized text before stop-string cutting
     self._emitted: dict[int, int] = {}    # characters of seq.text already handed out
@@ -27,20 +28,32 @@ class OutputProcessor:
 
   def append(self, seq: Sequence, token: int, lp, capacity: int) -> tuple[str, bool]:
     """Record one sampled token; returns (text delta to emit, finished)."""
-    now = time.monotonic()
+    now = self.clock()
     if seq.first_token_time is None:
       seq.first_token_time = now
-    seq.output_ids.append(token)
+    out = seq.output_ids
+    out.append(token)
     if lp is not None:
       seq.logprobs.append(TokenLogprob(token, lp[0], lp[1]))
     p = seq.params
     reason = None
-    n = len(seq.output_ids)
+    n = len(out)
     if token in seq.stop_ids and n >= p.min_tokens:
       reason, seq.stop_reason = "stop", token
+    if self.tokenizer is not None:
+      reason = self._text(seq, token, reason)
+    if reason is None and (n >= p.max_tokens or seq.prompt_len + n >= capacity):
+      reason = "length"
+    if reason is not None:
+      self.finish(seq, reason, now)
+    return (self._delta(seq) if self.tokenizer is not None else ""), reason is not None
+
+  def _text(self, seq: Sequence, token: int, reason: str | None) -> str | None:
+    """Detokenize the new token; a stop string it completes ends the sequence."""
+    p = seq.params
     before = len(self._raw.get(seq.seq_id, ""))
     self._push_text(seq, token, is_stop_token=reason is not None)
-    if reason is None and p.stop and n >= p.min_tokens and self.tokenizer is not None:
+    if reason is None and p.stop and len(seq.output_ids) >= p.min_tokens:
       # search only what the new token can complete (find_stop backs up by the longest stop);
       # from the start every token, long generations would be quadratic
       at = find_stop(self._raw[seq.seq_id], p.stop, before)
@@ -50,15 +63,9 @@ class OutputProcessor:
         hit = next(s for s in p.stop if raw.startswith(s, at))
         seq.stop_reason = hit
         seq.text = raw[: at + len(hit)] if p.include_stop_str_in_output else raw[:at]
-    if reason is None and (n >= p.max_tokens or seq.length >= capacity):
-      reason = "length"
-    if reason is not None:
-      self.finish(seq, reason, now)
-    return self._delta(seq), reason is not None
+    return reason
 
   def _push_text(self, seq: Sequence, token: int, is_stop_token: bool):
-    if self.tokenizer is None:
-      return
     d = self._detok.get(seq.seq_id)
     if d is None:
       d = self._detok[seq.seq_id] = IncrementalDetokenizer(
@@ -69,8 +76,6 @@ class OutputProcessor:
     seq.text = self._raw[seq.seq_id]
 
   def _delta(self, seq: Sequence) -> str:
-    if self.tokenizer is None:
-      return ""
     start = self._emitted.get(seq.seq_id, 0)
     end = len(seq.text)
     if not seq.finished and seq.params.stop:
@@ -92,7 +97,7 @@ class OutputProcessor:
         seq.text = self._raw[seq.seq_id]
     seq.status = Status.FINISHED
     seq.finish_reason = reason
-    seq.finish_time = now or time.monotonic()
+    seq.finish_time = now or self.clock()
     if reason in ("abort", "error"):
       self._forget(seq)
 

@@ -7,8 +7,11 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
 
   static    pin one partition;
   load      TP (the widest width) while the engine is quiet, for latency; DP (the narrowest) when
-            the queue builds, for throughput; hysteresis so it does not flap, and a limit on how
-            long a TP episode may keep waiting requests behind it;
+            the queue builds, for throughput: merge before the queue builds, split once it has.
+            The queue is the requests that have not had their first token (waiting, or admitted
+            and still prefilling). Hysteresis so it does not flap; TP only while the running
+            requests fit in half a TP group's decode slots; a limit on how long a TP episode may
+            keep a request waiting; running requests migrate their KV;
   priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
             when other work is in flight and a mixed partition is compiled, by its TP group while
             its DP replicas keep serving the rest (moved sequences migrate); otherwise by the
@@ -47,6 +50,8 @@ class Observation:
   priority_inflight: int = 0         # latency-critical requests waiting or running
   running_max_length: int = 0        # longest prompt + max_tokens among running requests
   oldest_paused_s: float = 0.0
+  prefilling: int = 0                # running requests that have not had their first token
+  decode_slots: int = 0              # decode slots of one group (0: unknown)
 
   @property
   def others(self) -> int:
@@ -81,11 +86,12 @@ class StaticPolicy(Policy):
 
 @dataclasses.dataclass
 class LoadPolicy(Policy):
-  high: int = 8                  # in-flight + waiting at or above this: go DP
-  low: int = 2                   # at or below this: go TP
+  high: int = 8                  # queued (waiting + prefilling) at or above this: go DP
+  low: int = 1                   # at or below this (and few running): go TP
   hold_steps: int = 4            # the condition must hold this many steps (hysteresis)
   max_wait_s: float = 2.0        # a request waiting this long ends a TP episode
-  strategy: str = "recompute"
+  tp_running: float = 0.5        # TP only while running <= this share of a group's decode slots
+  strategy: str = "migrate"
   name = "load"
   dynamic = False
 
@@ -93,10 +99,11 @@ class LoadPolicy(Policy):
     self._busy = self._quiet = 0
 
   def decide(self, obs):
-    load = obs.waiting + obs.running
+    queued = obs.waiting + obs.prefilling
     dp, tp = obs.widths[0], obs.widths[-1]
-    self._busy = self._busy + 1 if load >= self.high else 0
-    self._quiet = self._quiet + 1 if load <= self.low else 0
+    fits = not obs.decode_slots or obs.running <= self.tp_running * obs.decode_slots
+    self._busy = self._busy + 1 if queued >= self.high else 0
+    self._quiet = self._quiet + 1 if queued <= self.low and fits else 0
     if obs.width != dp and (self._busy >= self.hold_steps or
                             (obs.waiting and obs.oldest_wait_s >= self.max_wait_s)):
       return Decision(dp, self.strategy, "load:busy")

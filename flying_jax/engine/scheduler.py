@@ -118,8 +118,11 @@ class Scheduler:
   # one step ------------------------------------------------------------------------------------
   def schedule(self) -> list[GroupWork]:
     self._admit()
-    work = [GroupWork(decode=self._decodes(g)) for g in range(len(self.groups))]
-    waiting = [[s for s in self.running[g] if not s.is_decoding] for g in range(len(self.groups))]
+    work, waiting = [], []
+    for g in range(len(self.groups)):
+      decode, prefill = self._split(g)
+      work.append(GroupWork(decode=decode))
+      waiting.append(prefill)
     rows, chunk = self.limits.mode_for(max(len(w) for w in waiting))
     for w, cands in zip(work, waiting):
       budget = self.limits.token_budget - len(w.decode)
@@ -185,20 +188,38 @@ class Scheduler:
         best, best_key = g, key
     return best
 
-  def _decodes(self, g: int) -> list[Sequence]:
+  def _split(self, g: int) -> tuple[list[Sequence], list[Sequence]]:
+    """Group g's decoding sequences (up to the decode slots, each with a page for the token it
+    writes) and its sequences still prefilling."""
     grp = self.groups[g]
-    decode = [s for s in self.running[g] if s.is_decoding][: self.limits.max_decode]
+    tpp, slots = grp.layout.tokens_per_page, self.limits.max_decode
+    decode, prefill = [], []
+    for s in self.running[g]:
+      if s.prompt_len + len(s.output_ids) - s.computed == 1:
+        if len(decode) < slots:
+          decode.append(s)
+      else:
+        prefill.append(s)
+    preempted = False
     for s in decode:
-      self._ensure_page(s, g, grp)
-    return [s for s in decode if s.status is Status.RUNNING and s.group == g]
+      if s.computed // tpp >= len(s.pages):
+        preempted |= self._ensure_page(s, g, grp)
+    if preempted:
+      decode = [s for s in decode if s.status is Status.RUNNING and s.group == g]
+      prefill = [s for s in prefill if s.status is Status.RUNNING and s.group == g]
+    return decode, prefill
 
-  def _ensure_page(self, seq: Sequence, g: int, grp: Group):
-    """Make room for the token this step writes; preempt younger sequences if needed."""
+  def _ensure_page(self, seq: Sequence, g: int, grp: Group) -> bool:
+    """Make room for the token this step writes; preempt younger sequences if needed (returns
+    whether it did)."""
+    preempted = False
     while seq.status is Status.RUNNING and grp.layout.pages_for(seq.computed + 1) > len(seq.pages):
       try:
         seq.pages += self.pool.allocate(grp.first_device, grp.width, 1)
       except PoolExhausted:
         self._preempt(max(self.running[g], key=lambda s: s.admitted_at))
+        preempted = True
+    return preempted
 
   def _preempt(self, seq: Sequence):
     self.running[seq.group].remove(seq)

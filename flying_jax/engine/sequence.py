@@ -59,10 +59,14 @@ class Sequence:
   first_token_time: float | None = None
   finish_time: float | None = None
   text: str = ""                              # detokenized output (stop strings already cut)
+  prompt_len: int = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.prompt_len = len(self.prompt_ids)
 
   @property
   def length(self) -> int:
-    return len(self.prompt_ids) + len(self.output_ids)
+    return self.prompt_len + len(self.output_ids)
 
   def token_at(self, i: int) -> int:
     p = len(self.prompt_ids)
@@ -82,11 +86,11 @@ class Sequence:
 
   @property
   def is_decoding(self) -> bool:
-    return self.remaining == 1
+    return self.prompt_len + len(self.output_ids) - self.computed == 1
 
   @property
   def finished(self) -> bool:
     return self.status is Status.FINISHED
 
   def max_length(self) -> int:
-    return len(self.prompt_ids) + self.params.max_tokens
+    return self.prompt_len + self.params.max_tokens

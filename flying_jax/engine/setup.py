@@ -86,8 +86,10 @@ def enable_compile_cache(cache_dir: str | None):
 
 
 def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
-                pages: int) -> WidthSetup:
-  """The static set-up of one span (a bare width: the uniform partition's span over all devices)."""
+                pages: int, specs=None) -> WidthSetup:
+  """The static set-up of one span (a bare width: the uniform partition's span over all devices).
+
+  `specs` default: the span's mesh over `devices` (the simulator passes its own, without JAX)."""
   if isinstance(span, int):
     span = Span(0, len(devices), span)
   width = span.width
@@ -103,7 +105,9 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
   prefill = [(0, 0)] + [(r, c // r) for c in preset.prefill_chunks for r in preset.prefill_rows
                         if c // r > 0]
   shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
-  return WidthSetup(MeshSpecs(mesh_for_span(devices, span)), plan, geom, shapes, capacity, span)
+  if specs is None:
+    specs = MeshSpecs(mesh_for_span(devices, span))
+  return WidthSetup(specs, plan, geom, shapes, capacity, span)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -21,7 +21,7 @@ import enum
 import time
 
 from flying_jax.engine.scheduler import Scheduler
-from flying_jax.kv.migrate import Placement, migration_indices
+from flying_jax.kv.migrate import Placement
 from flying_jax.parallel import Partition
 from flying_jax.engine.sequence import Sequence, Status
 
@@ -64,12 +64,13 @@ def label(part: Partition) -> int | str:
 class PausedSequences:
   """Sequences whose pages wait, untouched, for their group (first device, width) to return."""
 
-  def __init__(self):
+  def __init__(self, clock=time.monotonic):
+    self.clock = clock
     self._by_group: dict[tuple[int, int], list[Sequence]] = {}
 
   def add(self, seq: Sequence):
     seq.status = Status.PAUSED
-    seq.paused_at = time.monotonic()
+    seq.paused_at = self.clock()
     self._by_group.setdefault((seq.first_device, seq.layout.width), []).append(seq)
 
   def take(self, first_device: int, width: int) -> list[Sequence]:
@@ -143,9 +144,10 @@ def _requeue(scheduler: Scheduler, seq: Sequence):
   seq.recomputes += 1
 
 
-def migrate_sequence(seq: Sequence, new: Scheduler, pool, migrator, device_pools, arch,
-                     pages_per_device: int, slots: int) -> int | None:
-  """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room)."""
+def migrate_sequence(seq: Sequence, new: Scheduler, pool, move) -> int | None:
+  """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room).
+
+  `move(src, dst, n_tokens) -> elements` moves the KV (`MigrationPrograms.move`)."""
   g = new.pick_group(seq)
   if g is None:
     return None
@@ -153,8 +155,7 @@ def migrate_sequence(seq: Sequence, new: Scheduler, pool, migrator, device_pools
   pages = pool.allocate(grp.first_device, grp.width, grp.layout.pages_for(seq.length))
   src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
   dst = Placement(grp.first_device, grp.layout, tuple(pages))
-  idx = migration_indices(arch, src, dst, seq.computed, pages_per_device, slots)
-  moved = migrator.run(device_pools.k, device_pools.v, idx)
+  moved = move(src, dst, seq.computed)
   pool.release(seq.first_device, seq.layout.width, seq.pages)
   seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, grp.layout, g
   new.running[g].append(seq)

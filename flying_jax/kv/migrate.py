@@ -107,6 +107,13 @@ class MigrationPrograms:
   def __len__(self):
     return len(self._programs)
 
+  def move(self, device_pools, arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
+           pages_per_device: int, slots: int) -> int:
+    """Re-lay the first `n_tokens` of a sequence from `src` to `dst` in every layer's pools;
+    returns the elements moved per layer (K and V each)."""
+    idx = migration_indices(arch, src, dst, n_tokens, pages_per_device, slots)
+    return self.run(device_pools.k, device_pools.v, idx)
+
   def run(self, k_pools: list, v_pools: list, indices) -> int:
     """Move one sequence's KV in every layer; returns the elements moved per layer."""
     n = len(indices[0])

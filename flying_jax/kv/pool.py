@@ -32,7 +32,7 @@ class PageLayout:
 
 
 class PagePool:
-  """Host page tables: which page ids are free on which device."""
+  """Host page tables: which page ids are free on which device (and how many are used)."""
 
   def __init__(self, devices: int, pages: int):
     if pages < 2:
@@ -40,20 +40,32 @@ class PagePool:
     self.devices, self.pages = devices, pages
     self._free = np.ones((devices, pages), bool)
     self._free[:, 0] = False
+    self._used = np.zeros(devices, np.int64)
+
+  def _row(self, first: int, width: int) -> np.ndarray:
+    return self._free[first] if width == 1 else self._free[first:first + width].all(axis=0)
 
   def free_count(self, first: int, width: int) -> int:
-    return int(self._free[first:first + width].all(axis=0).sum())
+    if width == 1:
+      return self.pages - 1 - int(self._used[first])
+    return int(self._row(first, width).sum())
 
   def allocate(self, first: int, width: int, n: int) -> list[int]:
     """n page ids free on all devices [first, first + width); marks them used."""
     if n == 0:
       return []
-    ok = np.flatnonzero(self._free[first:first + width].all(axis=0))
-    if len(ok) < n:
-      raise PoolExhausted(f"{n} pages wanted on devices {first}..{first + width - 1}, {len(ok)} free")
-    ids = ok[:n]
+    row = self._row(first, width)
+    if n == 1:                                  # a decode crossing a page: the first free one
+      i = int(row.argmax())
+      ids = [i] if row[i] else []
+    else:
+      ids = np.flatnonzero(row)[:n].tolist()
+    if len(ids) < n:
+      raise PoolExhausted(f"{n} pages wanted on devices {first}..{first + width - 1}, "
+                          f"{int(row.sum())} free")
     self._free[first:first + width, ids] = False
-    return ids.tolist()
+    self._used[first:first + width] += n
+    return ids
 
   def release(self, first: int, width: int, ids: list[int]):
     if not ids:
@@ -62,13 +74,14 @@ class PagePool:
     if self._free[first:first + width, idx].any():
       raise AssertionError(f"double free of pages {ids} on devices {first}..{first + width - 1}")
     self._free[first:first + width, idx] = True
+    self._used[first:first + width] -= len(ids)
 
   def used_fraction(self) -> np.ndarray:
     """Per device, the share of allocatable pages in use."""
-    return 1.0 - self._free[:, 1:].sum(axis=1) / (self.pages - 1)
+    return self._used / (self.pages - 1)
 
   def all_free(self) -> bool:
-    return bool(self._free[:, 1:].all())
+    return not self._used.any()
 
 
 @dataclasses.dataclass

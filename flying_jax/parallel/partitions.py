@@ -14,6 +14,7 @@ programs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 
 class PartitionError(ValueError):
@@ -89,16 +90,16 @@ class Partition:
   def uniform_width(self) -> int | None:
     return self.widths[0] if len(set(self.widths)) == 1 else None
 
-  @property
-  def groups(self) -> list[tuple[int, int]]:
+  @functools.cached_property
+  def groups(self) -> tuple[tuple[int, int], ...]:
     """(first device, width) of every group, in device order."""
     out, first = [], 0
     for w in self.widths:
       out.append((first, w))
       first += w
-    return out
+    return tuple(out)
 
-  @property
+  @functools.cached_property
   def spans(self) -> tuple[Span, ...]:
     out: list[Span] = []
     for first, w in self.groups:
@@ -109,7 +110,7 @@ class Partition:
         out.append(Span(first, w, w))
     return tuple(out)
 
-  @property
+  @functools.cached_property
   def name(self) -> str:
     terms = []
     for s in self.spans:

@@ -1,0 +1,159 @@
+"""`flying-jax sim`: a workload through the real scheduler on simulated hardware.
+
+  flying-jax sim                      one workload, one policy: vLLM's table
+  flying-jax sim compare              the same workload under static DP, static TP and auto
+  flying-jax sim --scenario paper     the paper's experiment beside the paper's numbers
+  flying-jax sim calibrate            fit the local CPU's cost model to the real engine
+  flying-jax sim validate             a trace on the real engine and on the simulator: the error
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from flying_jax.bench import report, traces
+
+
+def add_arguments(p):
+  p.add_argument("mode", nargs="?", default="run",
+                 choices=["run", "compare", "calibrate", "validate"],
+                 help="run (default): one policy; compare: static DP, static TP and auto; "
+                      "calibrate: measure the real engine here and fit the cpu preset; "
+                      "validate: the same trace on the real engine and simulated, with the error")
+  p.add_argument("--scenario", default=None, choices=["paper"],
+                 help="paper: Llama-3-70B on 8xH200 under bursts, priority and saturation, "
+                      "static DP vs static TP vs auto, beside the paper's figures")
+  p.add_argument("--hardware", default=None,
+                 help="hardware preset (meshes/hardware/*.toml): h100-sxm-8 (default), h200-8, "
+                      "tpu-v5e-8, tpu-v6e-8, cpu (this machine, calibrated; default of "
+                      "calibrate and validate)")
+  p.add_argument("--model", default=None,
+                 help="model card (models/*.toml); default llama-3-8b, smollm2-135m for "
+                      "calibrate and validate")
+  p.add_argument("--mesh", default=None, help="mesh preset to simulate (default: the hardware's)")
+  p.add_argument("--max-context", type=int, default=None,
+                 help="override the model card's context limit (e.g. 131072 for Llama-3.1)")
+  p.add_argument("--policy", default="auto", help="static:W, static:4+1x4, load, priority, "
+                                                 "memory or auto")
+  traces.add_arguments(p, requests=None, rate=None, phases="60:0.5,60:16,60:0.5",
+                       input_len=None, output_len=None)
+  p.add_argument("--output", default=None,
+                 help="calibrate: where to write the fitted preset (default: "
+                      "meshes/hardware/cpu.toml)")
+  p.add_argument("--json", default=None, help="write every figure and request timing here")
+  p.add_argument("--plot", default=None, help="write the timeline PNG here")
+  p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _bar(total: int, enabled: bool, desc: str):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="req", mininterval=0.5)
+
+
+# (model, hardware, requests, rate, input lengths, output lengths) unless given
+DEFAULTS = {"sim": ("llama-3-8b", "h100-sxm-8", 1000, 8.0, "lognormal:1024:0.5",
+                    "lognormal:256:0.5"),
+            "cpu": ("smollm2-135m", "cpu", 40, 1.5, "uniform:16:128", "uniform:16:64")}
+
+
+def _defaults(args):
+  cpu = args.mode in ("calibrate", "validate")
+  values = DEFAULTS["cpu" if cpu else "sim"]
+  for name, v in zip(("model", "hardware", "requests", "rate", "input_len", "output_len"),
+                     values):
+    if getattr(args, name) is None:
+      setattr(args, name, v)
+  if cpu and args.mesh is None:
+    args.mesh = "cpu-8"
+
+
+def run_sim(args) -> int:
+  from flying_jax.config import ConfigError
+  from flying_jax.sim.hardware import SimError
+
+  _defaults(args)
+  try:
+    if args.scenario == "paper":
+      return _paper(args)
+    if args.mode in ("calibrate", "validate"):
+      from flying_jax.sim import calibrate
+      return calibrate.run(args)
+    return _run(args)
+  except (SimError, ConfigError, ValueError) as e:
+    print(f"error: {e}")
+    return 2
+
+
+def _run(args) -> int:
+  from flying_jax.bench.plot import timeline_plot
+  from flying_jax.bench.serving import compare_table
+  from flying_jax.sim import hardware as H
+  from flying_jax.sim.simulate import model_card, simulate
+
+  card = model_card(args.model, args.max_context)
+  hw = H.load_hardware(args.hardware)
+  plan = H.plan(card, hw, args.mesh)
+  arrivals = traces.from_args(args)
+  if args.mode == "compare":
+    policies = {f"static DP{plan.dp_width}": f"static:{plan.dp_width}",
+                f"static TP{max(plan.widths)}": f"static:{max(plan.widths)}", "auto": "auto"}
+  else:
+    policies = {args.policy: args.policy}
+  print(f"sim: {len(arrivals)} requests, {args.trace or args.arrival} arrivals, {card.name} on "
+        f"{hw.name} ({hw.description}); widths {plan.widths}, {plan.pages} KV pages per device "
+        f"(a width-{plan.dp_width} group holds {plan.pool_tokens(plan.dp_width)} tokens)",
+        flush=True)
+  runs, dump = {}, {}
+  for name, policy in policies.items():
+    t0 = time.perf_counter()
+    bar = _bar(len(arrivals), args.progress, name)
+    out = simulate(card, hw, arrivals, policy, args.mesh, progress=bar)
+    if bar is not None:
+      bar.close()
+    wall = time.perf_counter() - t0
+    summary = out.summary()
+    runs[name] = (out, summary)
+    dump[name] = out.to_json()
+    busy = sum(out.seconds_per_partition.values()) or 1.0
+    print(report.table(summary, f"{name} (simulated)"))
+    print(f"busy time per partition: " + ", ".join(
+        f"{k} {100 * v / busy:.0f}%" for k, v in sorted(out.seconds_per_partition.items())) +
+        f"; {len(out.switches)} switches; simulated in {wall:.1f} s", flush=True)
+    if args.plot:
+      path = args.plot if len(policies) == 1 else args.plot.replace(
+          ".png", f"-{policy.replace(':', '')}.png")
+      ok = [(a, f - a, (e - f) / (n - 1) if n > 1 else None, p) for a, f, e, n, p in zip(
+          out.arrival, out.first_token, out.finish, out.output_tokens, out.priority) if f == f]
+      timeline_plot(out.arrival.tolist(), ok, out.timeline, path,
+                    f"{card.name} on {hw.name} (simulated): {name}")
+      print(f"timeline: {path}")
+  if len(runs) > 1:
+    print(compare_table(runs))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"model": card.name, "hardware": hw.name, "machine": platform.platform(),
+                 "date": time.strftime("%Y-%m-%d"), "runs": dump}, f)
+  return 0
+
+
+def _paper(args) -> int:
+  from flying_jax.sim import scenario
+
+  sc = scenario.PaperScenario(seed=args.seed)
+  bar = _bar(8, args.progress, "paper scenario runs")
+  result = scenario.run_paper(sc, progress=bar)
+  if bar is not None:
+    bar.close()
+  print(scenario.table(result))
+  if args.plot:
+    scenario.plot(result, args.plot)
+    print(f"plot: {args.plot}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"rows": result.rows, "runs": {k: v.to_json() for k, v in result.bursty.items()}},
+                f)
+  return 0

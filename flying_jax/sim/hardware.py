@@ -1,0 +1,120 @@
+"""Simulated hardware: what one machine's chips can do, and how a model fits on them.
+
+A hardware preset (`meshes/hardware/*.toml`) names the mesh preset whose batching and KV paging it
+uses, and gives per-chip figures: peak FLOP/s, HBM bandwidth and size, interconnect bandwidth and
+collective latency, the achievable shares of peak, and the host's cost per step. The local CPU
+preset (`cpu`) is measured instead: its `fitted` coefficients come from `flying-jax sim calibrate`.
+
+`plan` sizes a model on a preset the way a deployment would: the narrowest width whose weight
+shard leaves room for KV is the data-parallel width, and the KV pages per device are what HBM
+holds after the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+
+from flying_jax.config import (ConfigError, MeshPreset, ModelCard, _fields, _REPO,
+                               load_mesh_preset)
+from flying_jax.parallel import Partition
+
+KIND = "meshes/hardware"
+
+
+class SimError(ValueError):
+  """The model does not fit the simulated machine, or a preset is unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str
+  mesh: str                          # the mesh preset: batching, widths, partitions, paging
+  devices: int
+  description: str = ""
+  peak_tflops: float = 0.0           # dense, in the preset's dtype, per chip
+  hbm_gbps: float = 0.0              # GB/s per chip
+  hbm_gb: float = 0.0                # GB per chip (0: the mesh preset's pages_per_device)
+  link_gbps: float = 0.0             # GB/s per chip per direction, for collectives
+  collective_latency_us: float = 0.0
+  mfu: float = 0.6
+  mbu: float = 0.8
+  memory_utilization: float = 0.9
+  step_overhead_ms: float = 0.0      # host work per step
+  switch_ms: float = 0.2             # host work per partition switch
+  shared_cores: bool = False         # simulated devices share the host's cores (the CPU mesh)
+  fitted: tuple = ()                 # measured cost coefficients (see cost.Measured)
+  calibrated: str = ""               # where and when `fitted` was measured
+
+  def __post_init__(self):
+    if self.devices < 1:
+      raise ConfigError(f"hardware {self.name}: devices must be >= 1")
+    if not self.fitted and min(self.peak_tflops, self.hbm_gbps) <= 0:
+      raise ConfigError(f"hardware {self.name}: peak_tflops and hbm_gbps must be > 0 (or give "
+                        f"fitted coefficients)")
+
+
+def available() -> list[str]:
+  return sorted(p.stem for p in (_REPO / KIND).glob("*.toml"))
+
+
+def load_hardware(name: str) -> Hardware:
+  path = Path(name)
+  if path.suffix != ".toml":
+    path = _REPO / KIND / f"{name}.toml"
+  if not path.exists():
+    raise ConfigError(f"unknown hardware {name!r}; known: {', '.join(available())}")
+  raw = tomllib.loads(path.read_text())
+  return _fields(Hardware, raw, str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A model sized on a machine: the mesh preset to simulate and what it holds."""
+  preset: MeshPreset                 # widths from the data-parallel width up, pages from HBM
+  widths: tuple[int, ...]
+  weight_bytes: int                  # one replica
+  page_bytes: int                    # one page, all layers, K and V
+  pages: int                         # per device
+
+  @property
+  def dp_width(self) -> int:
+    return self.widths[0]
+
+  def pool_tokens(self, width: int) -> int:
+    """Tokens of KV one group of `width` holds (whatever the model's context limit)."""
+    return (self.pages - 1) * self.preset.page_tokens * width
+
+
+def dtype_bytes(preset: MeshPreset) -> int:
+  return {"float32": 4, "bfloat16": 2, "float16": 2}[preset.dtype]
+
+
+def plan(card: ModelCard, hw: Hardware, mesh: str | MeshPreset | None = None) -> Plan:
+  """`card` sized on `hw` with `mesh` (default: the hardware's mesh preset)."""
+  preset = mesh if isinstance(mesh, MeshPreset) else load_mesh_preset(mesh or hw.mesh)
+  if preset.devices != hw.devices:
+    raise SimError(f"hardware {hw.name} has {hw.devices} chips, mesh {preset.name} "
+                   f"{preset.devices}")
+  a, b = card.arch, dtype_bytes(preset)
+  weight_bytes = a.param_count() * b
+  page_bytes = preset.page_tokens * a.n_kv_heads * a.head_dim * 2 * a.n_layers * b
+  if hw.hbm_gb <= 0:                  # measured hardware: the preset's pool, every width
+    return Plan(preset, preset.widths, weight_bytes, page_bytes, preset.pages_per_device)
+  usable = hw.hbm_gb * 1e9 * hw.memory_utilization
+  for w in preset.widths:
+    room = usable - weight_bytes / w
+    if room >= 0.05 * usable:
+      break
+  else:
+    raise SimError(f"{card.name} ({weight_bytes / 1e9:.0f} GB of weights) does not fit "
+                   f"{hw.name}: even a width-{max(preset.widths)} shard leaves no room for KV "
+                   f"({hw.devices} x {hw.hbm_gb:.0f} GB)")
+  widths = tuple(x for x in preset.widths if x >= w)
+  pages = int(math.floor(room / page_bytes))
+  parts = tuple(p for p in preset.partitions
+                if set(Partition.parse(p, preset.devices).widths) <= set(widths))
+  preset = dataclasses.replace(preset, widths=widths, partitions=parts, pages_per_device=pages)
+  return Plan(preset, widths, weight_bytes, page_bytes, pages)

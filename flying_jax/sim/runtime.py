@@ -1,0 +1,117 @@
+"""The simulated runtime an `Engine` is built on: a clock, and an executor that advances it.
+
+`SimRuntime(...).build` has the signature of `engine.setup.build_runtime`, so `Engine(...,
+runtime=..., clock=...)` gives the real engine (its scheduler, policies, switch strategies, page
+pool and output bookkeeping) with nothing of JAX underneath: the span set-ups are the real ones
+(head plans, KV geometry, compiled step shapes), the executor picks the same step shape the real
+one would, and instead of running programs it moves the clock by the cost model's time for the
+step. Migrations move it by the bytes moved over the interconnect; a switch by the host's cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from flying_jax.engine import setup as S
+from flying_jax.kv import PagePool
+from flying_jax.parallel import Span
+from flying_jax.runtime.executor import StepResult, pick_shape
+from flying_jax.sim.cost import ModelCosts, span_work
+
+
+class SimClock:
+  """Simulated seconds; the engine reads it, the executor and the driver move it."""
+
+  def __init__(self, start: float = 0.0):
+    self.now = start
+
+  def __call__(self) -> float:
+    return self.now
+
+  def advance(self, seconds: float):
+    self.now += seconds
+
+  def wait_until(self, t: float):
+    self.now = max(self.now, t)
+
+
+class SimExecutor:
+  """Runs a step by advancing the clock; every sampled token is id 0 (requests ignore EOS)."""
+
+  def __init__(self, clock: SimClock, model, costs: ModelCosts, record=None):
+    self.clock, self.model, self.costs = clock, model, costs
+    self.record = record            # called with (span works, seconds) per step (calibration)
+    self._tokens: dict[tuple[int, int], np.ndarray] = {}
+
+  def run(self, spans, work, banned_for) -> StepResult:
+    first, shapes, group_shapes, works = 0, [], [], []
+    for ws in spans:
+      part = work[first:first + ws.specs.groups]
+      first += ws.specs.groups
+      shape = pick_shape(ws, part)
+      works.append(span_work(self.costs, ws, part, shape))
+      shapes.append(shape)
+      group_shapes += [shape] * len(part)
+    seconds = self.model.step_time(works)
+    self.clock.advance(seconds)
+    if self.record is not None:
+      self.record(works, seconds)
+    key = (len(work), max(s.rows for s in shapes))
+    tokens = self._tokens.get(key)
+    if tokens is None:
+      tokens = self._tokens[key] = np.zeros(key, np.int32)
+    return StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
+
+  def warm_up(self, partitions) -> float:
+    return 0.0
+
+
+@dataclasses.dataclass
+class SimMigrator:
+  """Moves a sequence's KV to another group: the bytes over the source group's links."""
+  clock: SimClock
+  costs: ModelCosts
+  link: float                        # bytes/s per chip
+  latency: float
+
+  def move(self, device_pools, arch, src, dst, n_tokens, pages_per_device, slots) -> int:
+    nbytes = n_tokens * self.costs.kv_bytes_per_token(self.costs.n_kv_heads)
+    self.clock.advance(self.latency + nbytes / (self.link * min(src.layout.width,
+                                                                dst.layout.width)))
+    return n_tokens * self.costs.n_kv_heads * self.costs.head_dim
+
+  def __len__(self):
+    return 0
+
+
+@dataclasses.dataclass
+class SimResident:
+  """Nothing is resident; re-arranging the views for a partition costs the host `switch_s`."""
+  clock: SimClock
+  switch_s: float
+
+  def arrange(self, spans):
+    self.clock.advance(self.switch_s)
+
+  def merge(self):
+    pass
+
+
+class SimRuntime:
+  def __init__(self, hw, model, costs: ModelCosts, clock: SimClock, record=None):
+    self.hw, self.model, self.costs, self.clock, self.record = hw, model, costs, clock, record
+
+  def build(self, card, preset, cfg, devices, partitions, widths, host_weights, rep) -> S.Runtime:
+    n = len(devices)
+    pages = cfg.pages_per_device or preset.pages_per_device
+    spans = sorted({sp for p in partitions.values() for sp in p.spans})
+    span_setups = {sp: S.width_setup(card, preset, devices, sp, pages, specs=sp) for sp in spans}
+    setups = {w: span_setups[Span(0, n, w)] for w in widths}
+    link = max(self.hw.link_gbps, 1.0) * 1e9
+    migrator = (SimMigrator(self.clock, self.costs, link, self.hw.collective_latency_us * 1e-6)
+                if len(widths) > 1 else None)
+    return S.Runtime(pages, span_setups, setups, None, None, PagePool(n, pages), None,
+                     SimResident(self.clock, self.hw.switch_ms * 1e-3),
+                     SimExecutor(self.clock, self.model, self.costs, self.record), migrator)

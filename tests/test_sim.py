@@ -1,0 +1,153 @@
+"""The simulator: the engine's own scheduler on simulated hardware.
+
+Deterministic for a seed, conserves requests and pages, makes the scheduling decisions the real
+engine makes, and its cost model and memory plan follow the hardware's figures.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from flying_jax.bench import traces
+from flying_jax.config import load_mesh_preset, load_model_card
+from flying_jax.engine.engine import Engine
+from flying_jax.engine.setup import EngineConfig
+from flying_jax.sampling import SamplingParams
+from flying_jax.sim import hardware as H
+from flying_jax.sim import scenario
+from flying_jax.sim.cost import FEATURES, Measured, ModelCosts, Roofline, fit, span_work
+from flying_jax.sim.driver import drive
+from flying_jax.sim.simulate import model_card, simulate, simulated_engine
+
+H100 = H.load_hardware("h100-sxm-8")
+
+
+def bursty(n_quiet=0.5, n_burst=12.0, seconds=20.0, seed=0):
+  phases = [(seconds, n_quiet), (seconds, n_burst), (seconds, n_quiet)]
+  return traces.synthetic(traces.phased(phases, seed), "lognormal:1024:0.5", "lognormal:128:0.5",
+                          priority_share=0.05, seed=seed)
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+  card = model_card("llama-3-8b")
+  a, b = (simulate(card, H100, bursty(seed=1), "auto") for _ in range(2))
+  np.testing.assert_array_equal(a.first_token, b.first_token)
+  np.testing.assert_array_equal(a.finish, b.finish)
+  assert [(r.reason, r.to_width) for r in a.switches] == [(r.reason, r.to_width)
+                                                          for r in b.switches]
+  c = simulate(card, H100, bursty(seed=2), "auto")
+  assert c.arrival.size != a.arrival.size or not np.array_equal(c.first_token, a.first_token)
+
+
+@pytest.mark.parametrize("policy", ["static:1", "static:8", "static:4+1x4", "auto"])
+def test_every_request_finishes_with_its_tokens_and_no_page_leaks(policy):
+  card = model_card("llama-3-8b")
+  arrivals = bursty(seed=3)
+  engine, clock, _ = simulated_engine(card, H100, policy)
+  out = drive(engine, arrivals, clock.wait_until)
+  assert out.rejected == 0 and np.isfinite(out.finish).all()
+  np.testing.assert_array_equal(out.output_tokens, [a.output_tokens for a in arrivals])
+  assert (out.first_token >= out.arrival).all() and (out.finish >= out.first_token).all()
+  assert engine.no_leaks() and not engine.paused.all()
+  assert sum(out.seconds_per_partition.values()) <= out.finish.max() + 1e-9
+
+
+def test_policy_changes_simulated_outcomes_as_it_changes_real_ones():
+  """All requests at t=0 under a static policy: scheduling does not depend on time, so the real
+  engine and the simulated one must run the same steps, and a policy change must change them the
+  same way."""
+  card = load_model_card("tiny")
+  preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
+                               prefill_chunks=(32,), token_budget=40)
+  config = EngineConfig(widths=(1, 8), width=1, pages_per_device=8)
+  rng = np.random.default_rng(0)
+  work = [(rng.integers(0, 512, size=int(n)).tolist(), int(m))
+          for n, m in zip(rng.integers(5, 60, 12), rng.integers(2, 20, 12))]
+  real = Engine(card, preset, config)
+
+  def steps(engine, policy):
+    engine.set_policy(policy)
+    engine.step()                                   # the static policy's switch, if any
+    for i, (prompt, m) in enumerate(work):
+      engine.add_request(f"{policy}-{i}", prompt,
+                         SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+    trace = []
+    while engine.has_unfinished():
+      trace.append(sorted((ev.seq.request_id.split("-")[1], len(ev.seq.output_ids))
+                          for ev in engine.step()))
+    assert engine.no_leaks()
+    for i in range(len(work)):
+      engine.release(f"{policy}-{i}")
+    return trace
+
+  sim, _, _ = simulated_engine(card, H100, mesh=preset, config=config)
+  traces_ = {}
+  for policy in ("static:1", "static:8"):
+    traces_[policy] = steps(sim, policy)
+    assert steps(real, policy) == traces_[policy], policy
+  assert traces_["static:1"] != traces_["static:8"]
+  assert len(traces_["static:1"]) != len(traces_["static:8"])
+
+
+def test_roofline_decode_step_is_weights_over_bandwidth():
+  card = model_card("llama-3-8b")
+  costs = ModelCosts.of(card.arch, 2)
+  model = Roofline.of(H100, card.arch.n_layers)
+  engine, _, _ = simulated_engine(card, H100)
+  ws = engine.setups[1]
+  shape = next(s for s in ws.shapes if s.decode == 1 and not s.chunk)
+  one = span_work(costs, ws, [_Work([])], shape)
+  a = card.arch
+  weights = (a.param_count() - a.vocab_size * a.dim) * 2     # every weight but the embedding table
+  expected = weights / (H100.hbm_gbps * 1e9 * H100.mbu)
+  assert one.bytes == pytest.approx(weights, rel=0.05)
+  assert model.span_time(one) == pytest.approx(expected, rel=0.05)
+  tp8 = span_work(costs, engine.setups[8], [_Work([])], shape)
+  collectives = 2 * a.n_layers * H100.collective_latency_us * 1e-6   # two tiny all-reduces a layer
+  assert model.span_time(tp8) == pytest.approx(model.span_time(one) / 8 + collectives, rel=0.05)
+
+
+@dataclasses.dataclass
+class _Work:
+  decode: list
+  prefills: list = dataclasses.field(default_factory=list)
+
+  @property
+  def prefill_tokens(self):
+    return 0
+
+
+def test_plan_sizes_the_model_on_the_hardware():
+  p = H.plan(model_card("llama-3-70b"), H.load_hardware("h200-8"))
+  assert p.widths == (2, 4, 8) and p.dp_width == 2          # 141 GB of weights: TP2 replicas
+  assert p.pool_tokens(8) == 4 * p.pool_tokens(2)
+  assert "2+2+4" in p.preset.partitions and "4+1x4" not in p.preset.partitions
+  with pytest.raises(H.SimError, match="does not fit"):
+    H.plan(model_card("llama-3-70b"), H.load_hardware("tpu-v5e-8"))
+  small = H.plan(model_card("llama-3-8b"), H100)
+  assert small.widths == (1, 2, 4, 8) and small.pages > p.pages
+
+
+def test_fit_recovers_known_coefficients():
+  rng = np.random.default_rng(0)
+  rows = np.column_stack([np.ones(200)] + [rng.uniform(0, 10 ** k, 200) for k in range(1, 7)])
+  true = np.array([1e-3, 2e-5, 0.0, 3e-10, 0.0, 1e-9, 4e-8])
+  coef = fit(rows, rows @ true)
+  np.testing.assert_allclose(coef, true, rtol=1e-6, atol=1e-15)
+  assert len(coef) == len(FEATURES)
+  assert Measured(tuple(coef), 2).step_time([]) == pytest.approx(1e-3)
+
+
+def test_paper_scenario_table(tmp_path):
+  sc = scenario.PaperScenario(phase_s=20.0, saturated_requests=300, priority_requests=200)
+  result = scenario.run_paper(sc)
+  names = [r[0] for r in result.rows]
+  assert names[0].startswith("P90 TTFT under bursts") and len(result.rows) == 7
+  burst_gain = float(result.rows[0][1].split("x")[0])
+  assert burst_gain > 1.0                  # auto leaves TP for DP when the burst comes
+  assert "4.0x" in result.rows[5][1]       # DP group (TP2) -> TP8 holds 4x the tokens
+  text = scenario.table(result)
+  assert "4.79x" in text and "| P90 TTFT at low load" in text
+  path = scenario.plot(result, str(tmp_path / "paper.png"))
+  assert open(path, "rb").read(4) == b"\x89PNG"
