@@ -374,7 +374,7 @@ class Engine:
     return self._pending is not None
 
   def kv_usage(self) -> float:
-    return float(self.pool.used_fraction().mean())
+    return self.pool.used_share()
 
   def no_leaks(self) -> bool:
     return self.pool.all_free() and not self.has_unfinished()

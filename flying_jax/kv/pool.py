@@ -41,6 +41,7 @@ class PagePool:
     self._free = np.ones((devices, pages), bool)
     self._free[:, 0] = False
     self._used = np.zeros(devices, np.int64)
+    self._total = 0
 
   def _row(self, first: int, width: int) -> np.ndarray:
     return self._free[first] if width == 1 else self._free[first:first + width].all(axis=0)
@@ -65,6 +66,7 @@ class PagePool:
                           f"{int(row.sum())} free")
     self._free[first:first + width, ids] = False
     self._used[first:first + width] += n
+    self._total += n * width
     return ids
 
   def release(self, first: int, width: int, ids: list[int]):
@@ -75,13 +77,18 @@ class PagePool:
       raise AssertionError(f"double free of pages {ids} on devices {first}..{first + width - 1}")
     self._free[first:first + width, idx] = True
     self._used[first:first + width] -= len(ids)
+    self._total -= len(ids) * width
 
   def used_fraction(self) -> np.ndarray:
     """Per device, the share of allocatable pages in use."""
     return self._used / (self.pages - 1)
 
+  def used_share(self) -> float:
+    """The share of allocatable pages in use, over all devices."""
+    return self._total / (self.devices * (self.pages - 1))
+
   def all_free(self) -> bool:
-    return not self._used.any()
+    return self._total == 0
 
 
 @dataclasses.dataclass
