@@ -147,10 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   from flying_jax.bench.serving import add_arguments as bench_arguments
   bench_arguments(sub.add_parser(
-      "bench", help="a workload against a server: vLLM's table, JSON, timeline PNG; compare",
+      "bench", help="a workload against a server: vLLM's table, JSON, timeline PNG; compare; "
+                    "peer",
       description="Send a workload (Poisson, gamma, phased or diurnal arrivals, a trace, or "
                   "ShareGPT prompts) to a server and report vLLM's benchmark figures. 'bench "
-                  "compare' runs it under static DP, static TP and the auto policy."))
+                  "compare' runs it under static DP, static TP and the auto policy. 'bench peer' "
+                  "generates the same prompts offline through Hugging Face transformers "
+                  "(PyTorch CPU, the same GGUF weights) and flying-jax and compares tokens/s "
+                  "(needs the peer extra)."))
 
   bs = sub.add_parser("bench-serve", help="throughput and latency of a server at 1/8/64 streams",
                       description="Keep N Generate streams open against a server (--target, or "
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "bench-offline":
     from flying_jax.bench.offline import run_bench
     return run_bench(args)
+  if args.command == "bench" and args.mode == "peer":
+    from flying_jax.bench.peer import run_peer
+    return run_peer(args)
   if args.command == "bench":
     from flying_jax.bench.serving import run_bench
     return run_bench(args)

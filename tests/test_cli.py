@@ -52,10 +52,11 @@ def test_help_mentions_the_commands_and_flags(capsys):
 def test_list(capsys):
   rc, out, _ = main(capsys, "list")
   assert rc == 0
-  models, meshes = out.strip().splitlines()
+  models, meshes, hardware = out.strip().splitlines()
   assert models == "models: " + ", ".join(available("models"))
   assert meshes == "meshes: " + ", ".join(available("meshes"))
   assert "tiny" in models and "cpu-8" in meshes
+  assert hardware.startswith("hardware (flying-jax sim): ") and "h200-8" in hardware
 
 
 def test_usage_errors_exit_2(capsys):
@@ -176,3 +177,19 @@ def test_bench_serve_reports_each_level(tmp_path, capsys):
     assert lv["requests"] == 4 and lv["output_tokens_per_s"] > 0
     assert 0 < lv["ttft_ms_p50"] <= lv["ttft_ms_p99"] and lv["tpot_ms_p50"] > 0
   assert "TTFT p50/p90/p99 ms" in capsys.readouterr().out
+
+
+def test_bench_peer_agrees_with_transformers(capsys):
+  """The same GGUF weights through transformers (PyTorch CPU) and flying-jax, greedy: the tokens
+  agree and both rates are reported with their ratio."""
+  rc, out, _ = main(capsys, "bench", "peer", "--mesh", "cpu-1", "--batch-sizes", "1,2",
+                    "--input-tokens", "12", "--output-tokens", "6")
+  assert rc == 0, out
+  rows = [l for l in out.splitlines() if l.startswith("| 1 |") or l.startswith("| 2 |")]
+  assert len(rows) == 2
+  for row in rows:
+    _, batch, theirs, ours, ratio, same, _ = [c.strip() for c in row.split("|")]
+    assert float(theirs) > 0 and float(ours) > 0
+    assert float(ratio.rstrip("x")) == pytest.approx(float(ours) / float(theirs), rel=0.02)
+    assert int(same.rstrip("%")) >= 80                 # same weights, same greedy tokens
+  assert "transformers" in out and "PyTorch" in out

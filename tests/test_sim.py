@@ -5,6 +5,7 @@ engine makes, and its cost model and memory plan follow the hardware's figures.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -151,3 +152,23 @@ def test_paper_scenario_table(tmp_path):
   assert "4.79x" in text and "| P90 TTFT at low load" in text
   path = scenario.plot(result, str(tmp_path / "paper.png"))
   assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_sim_cli_compare_json_plot_and_errors(tmp_path, capsys):
+  from flying_jax import cli
+
+  rc = cli.main(["sim", "compare", "--requests", "150", "--rate", "30", "--no-progress",
+                 "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "t.png")])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert "static DP1 (simulated)" in out and "static TP8 (simulated)" in out
+  assert "auto vs DP" in out and "P90 TTFT (ms)" in out
+  runs = json.load(open(tmp_path / "s.json"))["runs"]
+  assert set(runs) == {"static DP1", "static TP8", "auto"}
+  for run in runs.values():
+    assert run["summary"]["completed"] == 150 and len(run["requests"]["arrival"]) == 150
+  assert open(tmp_path / "t-auto.png", "rb").read(4) == b"\x89PNG"
+  rc = cli.main(["sim", "--model", "llama-3-70b", "--hardware", "tpu-v5e-8", "--no-progress"])
+  assert rc == 2 and "does not fit" in capsys.readouterr().out
+  rc = cli.main(["sim", "--hardware", "abacus", "--no-progress"])
+  assert rc == 2 and "unknown hardware 'abacus'" in capsys.readouterr().out

@@ -153,9 +153,9 @@ def compare_table(runs: dict) -> str:
 
 def add_arguments(p):
   """The flags of `flying-jax bench` (and `bench compare`)."""
-  p.add_argument("mode", nargs="?", default="run", choices=["run", "compare"],
+  p.add_argument("mode", nargs="?", default="run", choices=["run", "compare", "peer"],
                  help="run (default): one workload; compare: the same workload under static DP, "
-                      "static TP and auto")
+                      "static TP and auto; peer: offline tokens/s against transformers")
   p.add_argument("--target", default=None,
                  help="HOST:PORT of a running server (default: start one here on --model/--mesh)")
   p.add_argument("--api", default="flying", choices=["flying", "jetstream"],
@@ -171,5 +171,8 @@ def add_arguments(p):
   p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT target")
   p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput: end-to-end target")
   p.add_argument("--timeout", type=float, default=600.0, help="deadline of each request (s)")
+  p.add_argument("--batch-sizes", default="1,8,32", help="peer: batch sizes")
+  p.add_argument("--input-tokens", type=int, default=64, help="peer: prompt tokens per request")
+  p.add_argument("--output-tokens", type=int, default=64, help="peer: output tokens per request")
   p.add_argument("--json", default=None, help="write every figure and request timing here")
   p.add_argument("--plot", default=None, help="write the timeline PNG here")
