@@ -62,10 +62,11 @@ def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
   d = max(len(w.decode) for w in work)
   r = max(len(w.prefills) for w in work)
   c = max((p.length for w in work for p in w.prefills), default=0)
-  decodes = sorted({s.decode for s in ws.shapes})
+  buckets = ws.decode_only
+  decodes = list(buckets)
   dd = decodes[bisect.bisect_left(decodes, d)]
   if not r:
-    return StepShape(dd, 0, ws.geom.max_pages, 0)
+    return buckets[dd]
   fits = [s for s in ws.shapes if s.decode == dd and s.pre_rows >= r and s.chunk >= c]
   if not fits:
     raise ValueError(f"no compiled step shape holds {d} decode slots and {r} prefill rows of "

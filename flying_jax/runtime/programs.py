@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -47,6 +48,12 @@ class WidthSetup:
   @property
   def width(self) -> int:
     return self.specs.width
+
+  @functools.cached_property
+  def decode_only(self) -> dict[int, StepShape]:
+    """Decode bucket -> the shape of a step with no prefill, ascending (read every step)."""
+    sizes = sorted({s.decode for s in self.shapes})
+    return {d: StepShape(d, 0, self.geom.max_pages, 0) for d in sizes}
 
 
 @dataclasses.dataclass
