@@ -45,6 +45,15 @@ def test_load_policy_has_hysteresis():
   assert p.decide(quiet).partition == 8
 
 
+def test_load_policy_goes_tp_only_when_the_running_requests_fit_a_tp_group():
+  p = LoadPolicy(hold_steps=1)
+  assert p.decide(obs(width=1, running=20, decode_slots=32)) is None        # 20 > 32 / 2
+  assert p.decide(obs(width=1, running=16, decode_slots=32)).partition == 8
+  assert p.decide(obs(width=1, running=3, prefilling=3, decode_slots=32)) is None   # a queue
+  assert p.decide(obs(width=8, running=30, prefilling=9, decode_slots=32)).reason == "load:busy"
+  assert p.decide(obs(width=8, running=30, prefilling=9)).strategy == "migrate"
+
+
 def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
   p = LoadPolicy(high=100, max_wait_s=1.0)
   assert p.decide(obs(width=8, waiting=1, oldest_wait_s=0.5)) is None

@@ -5,13 +5,14 @@ records each step's work (the simulator's own `span_work` of the step the execut
 wall time, fits the measured model's coefficients (non-negative least squares on relative error)
 and writes them into a hardware preset (`meshes/hardware/cpu.toml`).
 
-`validate` replays one trace on the real engine (wall clock) and on the simulator (that preset)
-with the same policy, and prints the prediction error of mean TTFT and throughput (the target:
-within 25%).
+`validate` fits the coefficients again on the same engine (or, with `--stored`, reads the preset),
+then replays one trace on the real engine (wall clock) and on the simulator with the same policy,
+and prints the prediction error of mean TTFT and throughput (the target: within 25%).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -53,8 +54,11 @@ def record_steps(engine, costs: ModelCosts):
       seconds.append(dt)
     return events
 
+  def restore():
+    del engine.executor.run, engine.step          # back to the class's methods
+
   engine.executor.run, engine.step = run_recorded, step_recorded
-  return rows, seconds
+  return rows, seconds, restore
 
 
 def _real_engine(args):
@@ -77,21 +81,32 @@ def calibration_workload(seed: int) -> list[traces.Arrival]:
   return sorted(burst + spaced, key=lambda a: a.at)
 
 
+def fit_engine(engine, seed: int, log=print) -> tuple[tuple[float, ...], np.ndarray, np.ndarray]:
+  """Run the calibration bursts in every partition; (coefficients, features, seconds)."""
+  rows, seconds, restore = record_steps(engine, _costs(engine))
+  try:
+    for k, policy in enumerate(POLICIES):
+      engine.set_policy(policy)
+      drive(engine, calibration_workload(seed + k))
+      log(f"calibrate: {policy}: {len(seconds)} steps so far")
+  finally:
+    restore()
+  a, t = np.asarray(rows), np.asarray(seconds)
+  return fit(a, t), a, t
+
+
+def _stamp(engine, steps: int) -> str:
+  return (f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
+          f"{engine.card.name} on {engine.preset.name}, {steps} steps")
+
+
 def calibrate(args) -> int:
   engine = _real_engine(args)
-  rows, seconds = record_steps(engine, _costs(engine))
-  for k, policy in enumerate(POLICIES):
-    engine.set_policy(policy)
-    drive(engine, calibration_workload(args.seed + k))
-    print(f"calibrate: {policy}: {len(seconds)} steps so far", flush=True)
-  a, t = np.asarray(rows), np.asarray(seconds)
-  coef = fit(a, t)
+  coef, a, t = fit_engine(engine, args.seed, lambda m: print(m, flush=True))
   err = np.abs(a @ np.asarray(coef) - t) / t
   path = args.output or str(_REPO / H.KIND / "cpu.toml")
-  stamp = f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {platform.processor() or 'cpu'}, " \
-          f"{engine.card.name} on {engine.preset.name}, {len(t)} steps"
   with open(path, "w") as f:
-    f.write(_preset_text(engine.preset.name, coef, stamp))
+    f.write(_preset_text(engine.preset.name, coef, _stamp(engine, len(t))))
   print(f"fitted {len(t)} steps: median step {1e3 * np.median(t):.1f} ms, relative error median "
         f"{100 * np.median(err):.1f}%, p90 {100 * np.percentile(err, 90):.1f}%")
   for name, c in zip(FEATURES, coef):
@@ -118,12 +133,18 @@ def validation_workload(args) -> list[traces.Arrival]:
 def validate(args) -> int:
   from flying_jax.sim.simulate import simulated_engine, without_gc
 
-  hw = H.load_hardware(args.hardware)
-  if not hw.fitted:
-    raise ValueError(f"validate compares the real engine on this machine with a calibrated "
-                     f"preset; {hw.name} is not one (use --hardware cpu)")
   arrivals = validation_workload(args)
   engine = _real_engine(args)
+  if args.stored:
+    hw = H.load_hardware(args.hardware)
+    if not hw.fitted:
+      raise ValueError(f"validate compares the real engine on this machine with a calibrated "
+                       f"preset; {hw.name} is not one (use --hardware cpu)")
+  else:                   # fitted now, on the same engine: the machine's speed drifts over hours
+    coef, _, t = fit_engine(engine, args.seed, lambda m: print(m, flush=True))
+    hw = H.Hardware(name="cpu", mesh=engine.preset.name, devices=engine.preset.devices,
+                    shared_cores=True, fitted=coef, calibrated="fitted just now: " +
+                    _stamp(engine, len(t)))
   real = {}
   policies = [args.policy] if args.mode == "validate" and args.policy else ["auto"]
   for policy in policies:

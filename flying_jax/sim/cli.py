@@ -42,6 +42,8 @@ def add_arguments(p):
   p.add_argument("--output", default=None,
                  help="calibrate: where to write the fitted preset (default: "
                       "meshes/hardware/cpu.toml)")
+  p.add_argument("--stored", action="store_true",
+                 help="validate: use the stored cpu preset instead of fitting it again first")
   p.add_argument("--json", default=None, help="write every figure and request timing here")
   p.add_argument("--plot", default=None, help="write the timeline PNG here")
   p.add_argument("--no-progress", dest="progress", action="store_false")

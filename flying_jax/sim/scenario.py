@@ -154,25 +154,32 @@ def plot(result: ScenarioResult, path: str, window_s: float = 10.0) -> str:
   bins = np.arange(0.0, end + window_s, window_s)
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
   spans = _partition_spans(auto.timeline)
-  names = sorted({p for _, _, p in spans})
-  colors = dict(zip(names, plt.get_cmap("Pastel1").colors))
+  parts = sorted({p for _, _, p in spans})
+  colors = dict(zip(parts, plt.get_cmap("Pastel1").colors))
   for a, b, p in spans:
     top.axvspan(a, b, color=colors[p], alpha=0.7, lw=0)
   counts, _ = np.histogram(auto.arrival, bins=bins)
-  top.step(bins[:-1], counts / window_s, where="post", color="tab:blue", label="offered (req/s)")
+  rate = top.twinx()
+  rate.step(bins[:-1], counts / window_s, where="post", color="tab:blue", label="offered (req/s)")
+  rate.set_ylabel("offered load (req/s)", color="tab:blue")
   top.plot([s[0] for s in auto.timeline], [s[1] + s[2] for s in auto.timeline], color="tab:red",
            lw=0.8, label="in flight (auto)")
-  top.set_ylabel("requests")
-  handles, labels = top.get_legend_handles_labels()
-  handles += [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in names]
-  labels += [f"auto serves {p}" for p in names]
+  top.set_ylabel("requests in flight (auto)")
+  handles, labels = [sum(x, []) for x in zip(top.get_legend_handles_labels(),
+                                               rate.get_legend_handles_labels())]
+  handles += [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in parts]
+  labels += [f"auto serves {p}" for p in parts]
   top.legend(handles, labels, loc="upper right", fontsize=8)
+  plan = result.plan
+  names = {f"static:{plan.dp_width}": f"static DP ({plan.preset.devices // plan.dp_width} x "
+                                      f"TP{plan.dp_width})",
+           f"static:{max(plan.widths)}": f"static TP{max(plan.widths)}", "auto": "flying-jax auto"}
   for name, out in result.bursty.items():
     ttft = out.first_token - out.arrival
     idx = np.digitize(out.arrival, bins) - 1
     p90 = [np.percentile(ttft[idx == k], 90) if (idx == k).any() else np.nan
            for k in range(len(bins) - 1)]
-    bottom.plot(bins[:-1] + window_s / 2, 1e3 * np.asarray(p90), marker=".", label=name)
+    bottom.plot(bins[:-1] + window_s / 2, 1e3 * np.asarray(p90), marker=".", label=names[name])
   bottom.set_yscale("log")
   bottom.set_ylabel(f"P90 TTFT per {window_s:.0f} s (ms)")
   bottom.set_xlabel("simulated seconds")
