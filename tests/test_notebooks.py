@@ -9,8 +9,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 EXPECT = {
-    "quickstart": ["Paris", "-> 1  (load:busy", "-> 8  (load:quiet"],  # to DP and back to TP8
-    "serving": ["Paris", "flying_request_success_total", "partition: 8",
+    "quickstart": ["cpu 8 devices", "Paris", "-> 1  (load:busy", "-> 8  (load:quiet"],
+    "serving": ["cpu 8 devices", "Paris", "flying_request_success_total", "partition: 8",
                 "stopped; no page leaked: True"],
     "simulate": ["P90 TTFT under bursts", "4.79x", "| auto |"],
 }
@@ -27,7 +27,10 @@ def outputs_text(nb) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECT))
-def test_notebook_runs(name):
+def test_notebook_runs(name, monkeypatch):
+  # the kernel starts without this session's device flags: the notebook's first cell sets them
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
   path = NOTEBOOKS / f"{name}.ipynb"
   nb = nbformat.read(path, as_version=4)
   assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
