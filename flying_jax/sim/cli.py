@@ -99,7 +99,11 @@ def _run(args) -> int:
   card = model_card(args.model, args.max_context)
   hw = H.load_hardware(args.hardware)
   plan = H.plan(card, hw, args.mesh)
-  arrivals = traces.from_args(args)
+  tokenizer = None
+  if args.sharegpt:                       # ShareGPT lengths in the card's own tokens
+    from flying_jax.tokenizers import load_tokenizer
+    tokenizer = load_tokenizer(card)
+  arrivals = traces.from_args(args, tokenizer)
   if args.mode == "compare":
     policies = {f"static DP{plan.dp_width}": f"static:{plan.dp_width}",
                 f"static TP{max(plan.widths)}": f"static:{max(plan.widths)}", "auto": "auto"}
