@@ -257,3 +257,33 @@ def test_write_kv_then_gather_block_round_trip(slots, kvpd):
     assert not touched_k[:slots * hd].any()                       # the null page is untouched
     flat_in, flat_out = pool.reshape(-1), out_k.reshape(-1)
     np.testing.assert_array_equal(flat_out[~touched_k], flat_in[~touched_k])
+
+
+def test_pool_counts_agree_with_its_page_tables_under_random_use():
+  """The running counts (free pages of a group, share used, all free) match the page tables
+  after any mix of allocations and releases over groups of every width."""
+  rng = np.random.default_rng(0)
+  pool = PagePool(devices=8, pages=40)
+  held = []
+  for _ in range(400):
+    if held and rng.uniform() < 0.45:
+      first, width, ids = held.pop(int(rng.integers(len(held))))
+      pool.release(first, width, ids)
+    else:
+      width = int(rng.choice([1, 2, 4, 8]))
+      first = width * int(rng.integers(8 // width))
+      n = int(rng.integers(1, 6))
+      try:
+        held.append((first, width, pool.allocate(first, width, n)))
+      except PoolExhausted:
+        pass
+    free = pool._free
+    for width in (1, 2, 4, 8):
+      for first in range(0, 8, width):
+        assert pool.free_count(first, width) == int(free[first:first + width].all(axis=0).sum())
+    assert pool.used_share() == pytest.approx(1 - free[:, 1:].sum() / (8 * 39))
+    np.testing.assert_allclose(pool.used_fraction(), 1 - free[:, 1:].sum(axis=1) / 39)
+    assert pool.all_free() == (not held)
+  for first, width, ids in held:
+    pool.release(first, width, ids)
+  assert pool.all_free() and pool.used_share() == 0
