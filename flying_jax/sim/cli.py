@@ -113,6 +113,9 @@ def _run(args) -> int:
         f"{hw.name} ({hw.description}); widths {plan.widths}, {plan.pages} KV pages per device "
         f"(a width-{plan.dp_width} group holds {plan.pool_tokens(plan.dp_width)} tokens)",
         flush=True)
+  if hw.fitted and f"{card.name} on" not in hw.calibrated:
+    print(f"note: {hw.name} was calibrated on {hw.calibrated or 'another model'}; times for "
+          f"{card.name} are extrapolated from it")
   runs, dump = {}, {}
   for name, policy in policies.items():
     t0 = time.perf_counter()
@@ -126,6 +129,9 @@ def _run(args) -> int:
     dump[name] = out.to_json()
     busy = sum(out.seconds_per_partition.values()) or 1.0
     print(report.table(summary, f"{name} (simulated)"))
+    if out.rejected:
+      print(f"{out.rejected} requests refused: prompt + output tokens longer than the model's "
+            f"context ({card.arch.max_context}; --max-context) or than any group holds")
     print(f"busy time per partition: " + ", ".join(
         f"{k} {100 * v / busy:.0f}%" for k, v in sorted(out.seconds_per_partition.items())) +
         f"; {len(out.switches)} switches; simulated in {wall:.1f} s", flush=True)
