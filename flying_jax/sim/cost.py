@@ -62,21 +62,23 @@ class ModelCosts:
 def span_work(m: ModelCosts, ws, work: list, shape: StepShape) -> SpanWork:
   """The work of one span: `ws` its WidthSetup, `work` its groups' GroupWork, `shape` compiled."""
   w = ws.width
-  kv_read = attn = 0.0
+  kv = attn = 0.0                  # the busiest group's KV tokens read + written, attention pairs
   seqs = 0
   for gw in work:
-    read = pairs = float(sum(s.computed for s in gw.decode) + len(gw.decode))
+    decode = len(gw.decode)
+    read = pairs = float(sum(s.computed for s in gw.decode) + decode)
+    written = decode
     for p in gw.prefills:
       read += p.start + p.length
+      written += p.length
       pairs += p.length * (p.start + (p.length + 1) / 2)
-    seqs += len(gw.decode) + len(gw.prefills)
-    kv_read, attn = max(kv_read, read), max(attn, pairs)
+    seqs += decode + len(gw.prefills)
+    kv, attn = max(kv, read + written), max(attn, pairs)
   q_per_device = ws.plan.q_per_device
   flops = (2.0 * shape.tokens * m.layer_params * m.layers / w + 2.0 * shape.rows * m.head_params / w
            + 4.0 * attn * q_per_device * m.head_dim * m.layers)
-  written = sum(len(gw.decode) + gw.prefill_tokens for gw in work) / max(1, len(work))
   data = ((m.layer_params * m.layers + m.head_params) * m.dtype_bytes / w
-          + (kv_read + written) * m.kv_bytes_per_token(ws.plan.kv_per_device))
+          + kv * m.kv_bytes_per_token(ws.plan.kv_per_device))
   ar = shape.tokens * m.dim * m.dtype_bytes if w > 1 else 0.0
   return SpanWork(w, len(work), shape.tokens, flops, data, ar, seqs)
 

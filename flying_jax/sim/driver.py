@@ -8,6 +8,7 @@ runtime under the engine. Requests that arrived during a step are queued with th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
 import numpy as np
@@ -71,6 +72,9 @@ class Outcome:
             "busy_seconds_per_partition": self.seconds_per_partition, "steps": self.steps}
 
 
+_runs = itertools.count()
+
+
 def _params(a: Arrival) -> SamplingParams:
   return SamplingParams(temperature=0.0, max_tokens=max(1, a.output_tokens), ignore_eos=True)
 
@@ -93,14 +97,19 @@ def drive(engine, arrivals: list[Arrival], wait_until=None, sample_every: float 
   prompts: dict[int, list[int]] = {}
   switches_before = len(engine.switches)
   steps_before = engine.steps
+  busy_before = dict(engine.seconds_per_partition)
+  tag = f"drive{next(_runs)}-"              # request ids of this run, unique on the engine
   while i < n or engine.has_unfinished():
     now = clock() - t0
     while i < n and arrivals[i].at <= now:
       a = arrivals[i]
-      ids = prompts.get(a.input_tokens) or prompts.setdefault(a.input_tokens, [0] * max(1, a.input_tokens))
+      ids = prompts.get(a.input_tokens)
+      if ids is None:                       # the ids do not matter, only how many
+        ids = prompts[a.input_tokens] = [0] * max(1, a.input_tokens)
       try:
-        engine.add_request(str(i), ids, _params(a), priority=a.priority, arrival_time=t0 + a.at)
-      except ValueError:
+        engine.add_request(f"{tag}{i}", ids, _params(a), priority=a.priority,
+                           arrival_time=t0 + a.at)
+      except ValueError:                    # RequestRejected: longer than anything holds
         rejected += 1
       i += 1
     before = engine.steps
@@ -108,7 +117,7 @@ def drive(engine, arrivals: list[Arrival], wait_until=None, sample_every: float 
     for ev in events:
       seq = ev.seq
       if ev.finished:
-        k = int(seq.request_id)
+        k = int(seq.request_id[len(tag):])
         first[k] = seq.first_token_time - t0 if seq.first_token_time is not None else np.nan
         finish[k] = seq.finish_time - t0
         outputs[k] = len(seq.output_ids)
@@ -129,5 +138,7 @@ def drive(engine, arrivals: list[Arrival], wait_until=None, sample_every: float 
   return Outcome(np.array([a.at for a in arrivals]), first, finish,
                  np.array([a.input_tokens for a in arrivals]), outputs,
                  np.array([a.priority for a in arrivals]), rejected, timeline,
-                 engine.switches[switches_before:], dict(engine.seconds_per_partition),
+                 engine.switches[switches_before:],
+                 {p: s - busy_before.get(p, 0.0) for p, s in engine.seconds_per_partition.items()
+                  if s > busy_before.get(p, 0.0)},
                  engine.steps - steps_before, t0)
