@@ -167,7 +167,8 @@ def load_mesh_preset(name: str) -> MeshPreset:
 
 
 def default_mesh_name() -> str:
-  """`cpu-8` when no accelerator is present, else the 1- or 8-chip preset of the platform."""
+  """`cpu-8` when no accelerator is present, else the 1- or 8-chip preset of the platform
+  (a Colab TPU has one chip)."""
   import jax  # local: nothing touches JAX at import time
 
   platform = jax.default_backend()
@@ -175,5 +176,5 @@ def default_mesh_name() -> str:
     return "cpu-8" if jax.device_count() >= 8 else "cpu-1"
   n = jax.device_count()
   if platform == "tpu":
-    return "tpu-v5e-8"
+    return "tpu-v5e-8" if n >= 8 else "tpu-1"
   return "gpu-8" if n >= 8 else "gpu-1"

@@ -287,3 +287,18 @@ def test_pool_counts_agree_with_its_page_tables_under_random_use():
   for first, width, ids in held:
     pool.release(first, width, ids)
   assert pool.all_free() and pool.used_share() == 0
+
+
+@pytest.mark.parametrize("backend,count,expected", [
+    ("cpu", 8, "cpu-8"), ("cpu", 1, "cpu-1"), ("gpu", 8, "gpu-8"), ("gpu", 1, "gpu-1"),
+    ("tpu", 8, "tpu-v5e-8"), ("tpu", 1, "tpu-1")])
+def test_default_mesh_fits_the_devices(monkeypatch, backend, count, expected):
+  import jax
+
+  from flying_jax.config import default_mesh_name, load_mesh_preset
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "device_count", lambda: count)
+  name = default_mesh_name()
+  assert name == expected
+  preset = load_mesh_preset(name)
+  assert preset.devices == count and preset.platform == backend
