@@ -172,3 +172,16 @@ def test_sim_cli_compare_json_plot_and_errors(tmp_path, capsys):
   assert rc == 2 and "does not fit" in capsys.readouterr().out
   rc = cli.main(["sim", "--hardware", "abacus", "--no-progress"])
   assert rc == 2 and "unknown hardware 'abacus'" in capsys.readouterr().out
+
+
+def test_the_preset_calibrate_writes_loads_back(tmp_path):
+  from flying_jax.sim.calibrate import _preset_text
+
+  coef = (0.05, 0.006, 4.7e-12, 6.4e-11, 0.0014, 1.6e-9, 0.0)
+  path = tmp_path / "cpu.toml"
+  path.write_text(_preset_text(load_mesh_preset("cpu-8"), coef, "today, tiny on cpu-8, 9 steps"))
+  hw = H.load_hardware(str(path))
+  assert hw.fitted == pytest.approx(coef) and hw.shared_cores and hw.devices == 8
+  assert H.plan(model_card("tiny"), hw).widths == (1, 2, 4, 8)
+  shipped = H.load_hardware("cpu")                      # the preset in the repository
+  assert len(shipped.fitted) == len(FEATURES) and "on cpu-8" in shipped.calibrated

@@ -106,7 +106,7 @@ def calibrate(args) -> int:
   err = np.abs(a @ np.asarray(coef) - t) / t
   path = args.output or str(_REPO / H.KIND / "cpu.toml")
   with open(path, "w") as f:
-    f.write(_preset_text(engine.preset.name, coef, _stamp(engine, len(t))))
+    f.write(_preset_text(engine.preset, coef, _stamp(engine, len(t))))
   print(f"fitted {len(t)} steps: median step {1e3 * np.median(t):.1f} ms, relative error median "
         f"{100 * np.median(err):.1f}%, p90 {100 * np.percentile(err, 90):.1f}%")
   for name, c in zip(FEATURES, coef):
@@ -115,12 +115,12 @@ def calibrate(args) -> int:
   return 0
 
 
-def _preset_text(mesh: str, coef, stamp: str) -> str:
+def _preset_text(preset, coef, stamp: str) -> str:
   return (f'# This machine\'s CPU, simulated devices of the mesh preset sharing its cores.\n'
           f'# Written by `flying-jax sim calibrate`: seconds per unit of each step feature\n'
           f'# ({", ".join(FEATURES)}).\n'
-          f'name = "cpu"\ndescription = "the local CPU ({mesh}, calibrated)"\n'
-          f'mesh = "{mesh}"\ndevices = 8\nshared_cores = true\n'
+          f'name = "cpu"\ndescription = "the local CPU ({preset.name}, calibrated)"\n'
+          f'mesh = "{preset.name}"\ndevices = {preset.devices}\nshared_cores = true\n'
           f'switch_ms = 0.2\n'
           f'fitted = [{", ".join(f"{c:.6g}" for c in coef)}]\n'
           f'calibrated = "{stamp}"\n')
