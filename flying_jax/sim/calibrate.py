@@ -20,10 +20,10 @@ import numpy as np
 
 from flying_jax.bench import traces
 from flying_jax.config import _REPO
-from flying_jax.runtime.executor import pick_shape
 from flying_jax.sim import hardware as H
-from flying_jax.sim.cost import FEATURES, ModelCosts, features, fit, span_work
+from flying_jax.sim.cost import FEATURES, ModelCosts, features, fit
 from flying_jax.sim.driver import drive
+from flying_jax.sim.runtime import step_work
 
 POLICIES = ("static:1", "static:2", "static:4", "static:8", "static:4+1x4", "static:2+2+4", "auto")
 TOLERANCE = 0.25
@@ -36,12 +36,7 @@ def record_steps(engine, costs: ModelCosts):
   layers = engine.card.arch.n_layers
 
   def run_recorded(spans, work, banned_for):
-    first, works = 0, []
-    for ws in spans:
-      part = work[first:first + ws.specs.groups]
-      first += ws.specs.groups
-      works.append(span_work(costs, ws, part, pick_shape(ws, part)))
-    last[:] = works
+    last[:] = [w for w, _, _ in step_work(costs, spans, work)]
     return run(spans, work, banned_for)
 
   def step_recorded():

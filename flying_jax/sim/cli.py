@@ -91,7 +91,6 @@ def run_sim(args) -> int:
 
 
 def _run(args) -> int:
-  from flying_jax.bench.plot import timeline_plot
   from flying_jax.bench.serving import compare_table
   from flying_jax.sim import hardware as H
   from flying_jax.sim.simulate import model_card, simulate
@@ -132,16 +131,13 @@ def _run(args) -> int:
     if out.rejected:
       print(f"{out.rejected} requests refused: prompt + output tokens longer than the model's "
             f"context ({card.arch.max_context}; --max-context) or than any group holds")
-    print(f"busy time per partition: " + ", ".join(
+    print("busy time per partition: " + ", ".join(
         f"{k} {100 * v / busy:.0f}%" for k, v in sorted(out.seconds_per_partition.items())) +
         f"; {len(out.switches)} switches; simulated in {wall:.1f} s", flush=True)
     if args.plot:
       path = args.plot if len(policies) == 1 else args.plot.replace(
           ".png", f"-{policy.replace(':', '')}.png")
-      ok = [(a, f - a, (e - f) / (n - 1) if n > 1 else None, p) for a, f, e, n, p in zip(
-          out.arrival, out.first_token, out.finish, out.output_tokens, out.priority) if f == f]
-      timeline_plot(out.arrival.tolist(), ok, out.timeline, path,
-                    f"{card.name} on {hw.name} (simulated): {name}")
+      out.plot(path, f"{card.name} on {hw.name} (simulated): {name}")
       print(f"timeline: {path}")
   if len(runs) > 1:
     print(compare_table(runs))

@@ -59,6 +59,16 @@ class Outcome:
         "e2e_ms": report.stats_ms(fin - arr),
     }
 
+  def plot(self, path: str, title: str = "") -> str:
+    """The timeline PNG of `bench.plot`: offered load, queue depth, TTFT and TPOT, the partition
+    in force shaded."""
+    from flying_jax.bench.plot import timeline_plot
+
+    done = [(a, f - a, (e - f) / (n - 1) if n > 1 else None, p) for a, f, e, n, p in zip(
+        self.arrival, self.first_token, self.finish, self.output_tokens, self.priority)
+        if np.isfinite(f)]
+    return timeline_plot(self.arrival.tolist(), done, self.timeline, path, title)
+
   def to_json(self) -> dict:
     return {"summary": self.summary(),
             "requests": {"arrival": self.arrival.tolist(), "first_token": self.first_token.tolist(),

@@ -21,6 +21,18 @@ from flying_jax.runtime.executor import StepResult, pick_shape
 from flying_jax.sim.cost import ModelCosts, span_work
 
 
+def step_work(costs: ModelCosts, spans, work) -> list[tuple]:
+  """(SpanWork, compiled shape, groups) of each span of a step: `spans` the partition's
+  WidthSetups in device order, `work` one GroupWork per group (the executor's arguments)."""
+  out, first = [], 0
+  for ws in spans:
+    part = work[first:first + ws.specs.groups]
+    first += ws.specs.groups
+    shape = pick_shape(ws, part)
+    out.append((span_work(costs, ws, part, shape), shape, len(part)))
+  return out
+
+
 class SimClock:
   """Simulated seconds; the engine reads it, the executor and the driver move it."""
 
@@ -46,14 +58,10 @@ class SimExecutor:
     self._tokens: dict[tuple[int, int], np.ndarray] = {}
 
   def run(self, spans, work, banned_for) -> StepResult:
-    first, shapes, group_shapes, works = 0, [], [], []
-    for ws in spans:
-      part = work[first:first + ws.specs.groups]
-      first += ws.specs.groups
-      shape = pick_shape(ws, part)
-      works.append(span_work(self.costs, ws, part, shape))
-      shapes.append(shape)
-      group_shapes += [shape] * len(part)
+    parts = step_work(self.costs, spans, work)
+    works = [w for w, _, _ in parts]
+    shapes = [shape for _, shape, _ in parts]
+    group_shapes = [shape for _, shape, groups in parts for _ in range(groups)]
     seconds = self.model.step_time(works)
     self.clock.advance(seconds)
     if self.record is not None:
