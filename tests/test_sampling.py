@@ -47,7 +47,9 @@ def _log_softmax(x):
 # ---------------------------------------------------------------- params
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be finite and >= 0"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(temperature=float("nan")), "temperature must be finite"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), "top_p"),
@@ -60,7 +62,8 @@ def _log_softmax(x):
     (dict(n=0), "n must be"),
     (dict(logprobs=21), r"logprobs must be None or an integer in \[0, 20\]"),
     (dict(logprobs=-1), "logprobs"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be finite and > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be finite"),
     (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
     (dict(frequency_penalty=-3.0), r"frequency_penalty must be in \[-2, 2\]"),
     (dict(stop=["ok", ""]), "stop entries must be non-empty strings"),

@@ -54,7 +54,10 @@ def test_request_cli_then_sigterm_drains_and_exits_0(tmp_path):
         refused = None
       except grpc.RpcError as e:
         refused = e.code()
-      assert refused in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
+      # refused while draining, or by the gRPC server already stopping (its grace period cancels
+      # a call that arrives as it stops): never served
+      assert refused in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE,
+                         grpc.StatusCode.CANCELLED)
     assert proc.wait(timeout=120) == 0
   finally:
     if proc.poll() is None:

@@ -7,11 +7,9 @@ the engine driven directly, as the offline API drives it.
 import asyncio
 import dataclasses
 import json
-import time
 import urllib.request
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -20,13 +18,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from flying_jax.config import load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
-from flying_jax.sampling import SamplingParams
 from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
 from flying_jax.serving.proto import jetstream_pb2 as js
 from flying_jax.serving.proto import jetstream_pb2_grpc as js_grpc
 from flying_jax.serving.server import ServeConfig, Server, ServerThread
 from flying_jax.tokenizers import load_tokenizer
+from grpc_helpers import code_of, no_leaks, offline, prompts
 
 TOKEN = "s3cret"
 ADMIN = [("authorization", f"Bearer {TOKEN}")]
@@ -38,28 +36,6 @@ def engine():
   preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
                                prefill_chunks=(32,), token_budget=40, partitions=())
   return Engine(card, preset, EngineConfig(widths=(1, 8), width=1), tokenizer=load_tokenizer(card))
-
-
-def prompts(n, seed=0):
-  rng = np.random.default_rng(seed)
-  return [" ".join(f"w{int(x)}" for x in rng.integers(0, 50, size=int(k)))
-          for k in rng.integers(2, 12, size=n)]
-
-
-def offline(engine, texts, max_tokens=8):
-  """Greedy ids and text of each prompt, the engine driven directly (before the server owns it)."""
-  tok = engine.outputs.tokenizer
-  params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-  for i, t in enumerate(texts):
-    engine.add_request(f"ref-{i}", tok.encode(t), params)
-  while engine.has_unfinished():
-    engine.step()
-  out = []
-  for i in range(len(texts)):
-    (seq,) = engine.request(f"ref-{i}")
-    out.append((list(seq.output_ids), seq.text))
-    engine.release(f"ref-{i}")
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +63,6 @@ def generate(channel, text, max_tokens=8, **kw):
   req = pb.GenerateRequest(text=text, sampling=pb.Sampling(temperature=0.0, max_tokens=max_tokens),
                            **kw)
   return list(pb_grpc.GenerationStub(channel).Generate(req, timeout=120))
-
-
-def no_leaks(server) -> bool:
-  deadline = time.monotonic() + 10
-  while time.monotonic() < deadline:
-    if server.server.loop.call(lambda e: e.no_leaks()).result():
-      return True
-    time.sleep(0.05)
-  return False
-
-
-def code_of(call) -> grpc.StatusCode:
-  with pytest.raises(grpc.RpcError) as err:
-    call()
-  return err.value.code(), err.value.details()
 
 
 # ---------------------------------------------------------------- serving

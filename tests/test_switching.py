@@ -165,3 +165,68 @@ def test_log_likelihoods_of_the_greedy_path_survive_switches(engine):
     assert ids_a == ids_b and len(lp_a) == len(ids_a)
     np.testing.assert_allclose(lp_b, lp_a, rtol=1e-5, atol=1e-6)
   assert engine.no_leaks()
+
+
+def test_the_latest_switch_supersedes_a_pending_drain(engine):
+  """Drain to 8 waits for busy DP groups; a migrate to 2 replaces it at once; ids unchanged."""
+  engine.set_width(1)
+  requests = workload(11, n=8)
+  reference = run(engine, requests)
+  before = engine.superseded_drains
+
+  def decide(k):
+    if k == 2:
+      engine.switch(8, "drain", reason="test")
+      assert engine.pending_switch is not None and engine.partition.name == "1x8"
+      assert engine.stats()["pending_partition"] == "8"
+    if k == 3:
+      engine.switch(2, "migrate", reason="test")
+      assert engine.pending_switch is None and engine.partition.name == "2x4"
+      assert not engine.scheduler.closed
+
+  assert run(engine, requests, decide) == reference
+  assert engine.superseded_drains == before + 1 and engine.partition.name == "2x4"
+  assert engine.no_leaks()
+
+
+def test_a_refused_pin_changes_nothing(engine):
+  engine.set_width(1)
+  engine.set_policy(None)
+  for target, strategy in [(2, "teleport"), (3, "drain"), ("1x2+3", "migrate")]:
+    with pytest.raises(ValueError):
+      engine.pin(target, strategy)
+    assert engine.policy.name == "none" and engine.partition.name == "1x8"
+  assert engine.pin(2, "recompute").name == "2x4" and engine.policy.width == 2
+  engine.set_policy(None)
+
+
+def test_paused_sequences_wait_at_most_max_pause_s_under_a_pin(engine):
+  """Pinned away from their layout with pause while new work keeps the engine busy, paused
+  sequences are recomputed after max_pause_s (no policy brings their layout back)."""
+  engine.set_width(1)
+  engine.set_policy(None)
+  first, more = workload(12, n=6), workload(13, n=6)
+  reference = run(engine, first + more)
+  config = engine.config
+  engine.config = dataclasses.replace(config, max_pause_s=0.05)
+  expired = engine.pause_expired
+  tag = f"mp{next(_ids)}"
+  try:
+    for i, (p, sp) in enumerate(first):
+      engine.add_request(f"{tag}-{i}", p, sp)
+    for _ in range(3):
+      engine.step()
+    engine.pin(8, "pause")
+    assert len(engine.paused) > 0
+    for i, (p, sp) in enumerate(more, start=len(first)):
+      engine.add_request(f"{tag}-{i}", p, sp)
+    while engine.has_unfinished():
+      assert engine.scheduler.has_work(), "paused sequences left waiting with nothing to run"
+      engine.step()
+  finally:
+    engine.config = config
+    engine.set_policy(None)
+  got = [[s.output_ids for s in engine.request(f"{tag}-{i}")] for i in range(len(reference))]
+  assert got == reference
+  assert engine.pause_expired > expired and engine.stats()["sequences_pause_expired"] > 0
+  assert engine.no_leaks()

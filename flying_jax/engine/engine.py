@@ -23,11 +23,11 @@ from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import introspect
 from flying_jax.engine import setup as S
 from flying_jax.engine.outputs import OutputProcessor
-from flying_jax.engine.policies import Observation, Policy, make_policy
+from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, cut_over,
-                                        label, migrate_sequence)
+                                        label, migrate_sequence, requeue_paused)
 from flying_jax.parallel import Partition, PartitionError
 from flying_jax.sampling import SamplingParams
 
@@ -76,6 +76,8 @@ class Engine:
     self.partitions: dict[str, Partition] = {
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
     self._parsed: dict = {}
+    self._pending: SwitchRecord | None = None     # a drain waiting for its groups to empty
+    self.superseded_drains = 0
     first = self.compiled_partition(config.width if config.width is not None else widths[0])
     self.set_policy(policy)                                   # refused now, not at run time
     self.report = S.StartupReport()
@@ -95,7 +97,7 @@ class Engine:
     self.paused = PausedSequences(clock)
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
-    self._pending: SwitchRecord | None = None
+    self.pause_expired = 0                  # paused sequences given up on (recompute_paused)
 
   def compiled_partition(self, target) -> Partition:
     """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition).
@@ -137,15 +139,33 @@ class Engine:
     any more (they admit nothing until then); "pause", "recompute" and "migrate" cut over at once.
     Weights do not move; with "migrate" the KV of moved sequences is re-laid by a compiled
     program. Switching to the current partition with "recompute" gives up on paused sequences
-    (they prefill again here).
+    (they prefill again here). A switch supersedes a pending drain: the latest decision wins.
+    Everything is checked before anything changes: a refused switch leaves the engine as it was.
     """
+    part, strategy = self._checked_switch(target, strategy)
+    self._supersede_pending(reason)
+    record = SwitchRecord(label(self.partition), part, strategy.value, reason, self.clock())
+    if strategy is Strategy.DRAIN:
+      self.scheduler.closed = {g for g, grp in enumerate(self.scheduler.groups)
+                               if (grp.first_device, grp.width) not in set(part.groups)}
+      self._pending = record
+      self._maybe_finish_drain()
+    else:
+      self._cut_over(record, strategy)
+    return record
+
+  def _checked_switch(self, target, strategy) -> tuple[Partition, Strategy]:
+    """The partition and strategy of a switch to `target`, or ValueError / RuntimeError saying
+    why it cannot happen now; changes nothing."""
     part = self.compiled_partition(target)
-    strategy = Strategy(strategy)
+    try:
+      strategy = Strategy(strategy)
+    except ValueError:
+      raise ValueError(f"unknown switch strategy {strategy!r}; use one of "
+                       f"{', '.join(s.value for s in Strategy)}") from None
     if strategy is Strategy.MIGRATE and self.migrator is None:
       raise ValueError("the migrate strategy needs more than one compiled width")
-    if self._pending is not None:
-      raise RuntimeError(f"a drain to {self._pending.to_width} is in progress")
-    kept = {(f, w) for f, w in part.groups}
+    kept = set(part.groups)
     cap = max(self.setups[w].capacity for w in part.widths)
     moved = [s for g, grp in enumerate(self.scheduler.groups) if (grp.first_device, grp.width)
              not in kept for s in self.scheduler.running[g]]
@@ -154,19 +174,34 @@ class Engine:
     if too_long:
       raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
                          f"are longer than its widest group holds ({cap} tokens)")
-    record = SwitchRecord(label(self.partition), part, strategy.value, reason, self.clock())
-    if strategy is Strategy.DRAIN:
-      self.scheduler.closed = {g for g, grp in enumerate(self.scheduler.groups)
-                               if (grp.first_device, grp.width) not in kept}
-      self._pending = record
-      self._maybe_finish_drain()
+    return part, strategy
+
+  def _supersede_pending(self, by: str):
+    """Give up a pending drain (its groups admit again): a later decision replaces it."""
+    if self._pending is None:
+      return
+    log.info("drain to %s superseded by %s", self._pending.to_width, by)
+    self._pending = None
+    self.scheduler.closed = set()
+    self.superseded_drains += 1
+
+  def pin(self, target, strategy: str = "drain", reason: str = "pin") -> Partition:
+    """Pin partition `target` (the static policy) and switch there with `strategy`; a pending
+    drain is superseded. All or nothing: a refused pin leaves the policy and partition as they
+    were."""
+    part, strategy = self._checked_switch(target, strategy)
+    policy = StaticPolicy(label(part))
+    if part != self.partition:
+      self.switch(part, strategy, reason)
     else:
-      self._cut_over(record, strategy)
-    return record
+      self._supersede_pending(reason)
+    self.policy = policy
+    return part
 
   def set_policy(self, policy):
     """Choose the partition from the next step on by `policy` (see `make_policy`); a static
-    policy on a partition that is not compiled is refused."""
+    policy on a partition that is not compiled is refused. A pending drain is superseded: the
+    new policy decides afresh at the next step."""
     chosen = make_policy(policy)
     needed = getattr(chosen, "width", None)
     if needed is not None:
@@ -174,12 +209,15 @@ class Engine:
         self.compiled_partition(needed)
       except ValueError as e:
         raise ValueError(f"policy {policy}: {e}") from None
+    self._supersede_pending(f"policy {chosen.name}")
     self.policy = chosen
 
   def observe(self) -> Observation:
     return introspect.observe(self, self._facts)
 
   def _apply_policy(self):
+    if len(self.paused) and self.paused.oldest_age() >= self.config.max_pause_s:
+      self.recompute_paused(self.config.max_pause_s)
     if self._pending is not None or type(self.policy) is Policy:
       return
     decision = self.policy.decide(self.observe())
@@ -198,6 +236,22 @@ class Engine:
     slots = self.preset.page_tokens * self.card.arch.n_kv_heads
     return migrate_sequence(seq, self.scheduler, self.pool, lambda src, dst, n: self.migrator.move(
         self.device_pools, self.card.arch, src, dst, n, self.pages, slots))
+
+  def recompute_paused(self, older_than: float = 0.0) -> int:
+    """Give up on paused sequences that waited `older_than` seconds or more: they go to the front
+    of the queue and prefill again in the partition in force. The engine does this itself past
+    `max_pause_s`, whatever the policy or a pin. Returns how many."""
+    stale = requeue_paused(self.scheduler, self.paused, older_than)
+    self.pause_expired += len(stale)
+    if stale:
+      log.info("%d paused sequences waited %.1f s or more: recomputed in %s", len(stale),
+               older_than, self.partition.name)
+    return len(stale)
+
+  @property
+  def pending_switch(self) -> SwitchRecord | None:
+    """The drain waiting for its groups to empty, if any."""
+    return self._pending
 
   def _maybe_finish_drain(self):
     sch = self.scheduler

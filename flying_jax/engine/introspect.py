@@ -82,6 +82,7 @@ def stats(engine) -> dict:
   switches = engine.switches
   by_kind = collections.Counter((r.reason, r.strategy) for r in switches)
   cutovers = sorted(r.cutover_s for r in switches)
+  pending = engine.pending_switch
   return {
       "partition": engine.partition.name,
       "width": engine.width,
@@ -90,13 +91,19 @@ def stats(engine) -> dict:
       "waiting": len(engine.scheduler.waiting),
       "paused": len(engine.paused),
       "draining": engine.draining,
+      "pending_partition": pending.target.name if pending else None,   # a drain in progress
+      "pending_reason": f"{pending.reason}/{pending.strategy}" if pending else None,
+      "pending_s": engine.clock() - pending.requested_at if pending else 0.0,
+      "superseded_drains": engine.superseded_drains,
       "kv_usage": engine.kv_usage(),
       "steps": engine.steps,
       "switches": len(switches),
       "switches_by_reason_strategy": {f"{r}/{s}": n for (r, s), n in sorted(by_kind.items())},
       "switch_cutover_ms_median": 1e3 * cutovers[len(cutovers) // 2] if cutovers else None,
       "sequences_paused": sum(r.paused for r in switches),
-      "sequences_recomputed": sum(r.recomputed + r.abandoned for r in switches),
+      "sequences_recomputed": sum(r.recomputed + r.abandoned for r in switches)
+                              + engine.pause_expired,
+      "sequences_pause_expired": engine.pause_expired,
       "sequences_migrated": sum(r.migrated for r in switches),
       "sequences_preempted": engine.scheduler.preempted_total,
       "sequences_kept": sum(r.kept for r in switches),

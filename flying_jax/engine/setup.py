@@ -41,6 +41,8 @@ class EngineConfig:
   # ^ persistent XLA compilation cache ("" or None: off)
   pages_per_device: int | None = None     # override the preset's KV pool size
   progress: bool = False                  # a progress bar while compiling
+  max_pause_s: float = 10.0               # a paused sequence waits at most this long, under any
+  # ^ policy or pin; then it prefills again in the partition in force
 
 
 @dataclasses.dataclass

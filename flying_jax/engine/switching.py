@@ -83,6 +83,11 @@ class PausedSequences:
       return True
     return False
 
+  def oldest_age(self) -> float:
+    """How long the longest-paused sequence has waited (0 when none)."""
+    now = self.clock()
+    return max((now - s.paused_at for g in self._by_group.values() for s in g), default=0.0)
+
   def all(self) -> list[Sequence]:
     return [s for group in self._by_group.values() for s in group]
 
@@ -136,6 +141,20 @@ def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedS
       record.abandoned += 1
     new.waiting.extendleft(reversed(stale))
   record.cutover_s = time.perf_counter() - t0
+
+
+def requeue_paused(scheduler: Scheduler, paused: PausedSequences,
+                   older_than: float = 0.0) -> list[Sequence]:
+  """Give up on paused sequences that waited at least `older_than` seconds: free their pages and
+  put them at the front of `scheduler`'s queue (oldest admission first) to prefill again."""
+  now = paused.clock()
+  stale = sorted((s for s in paused.all() if now - s.paused_at >= older_than),
+                 key=lambda s: s.admitted_at)
+  for seq in stale:
+    paused.remove(seq)
+    _requeue(scheduler, seq)
+  scheduler.waiting.extendleft(reversed(stale))
+  return stale
 
 
 def _requeue(scheduler: Scheduler, seq: Sequence):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Iterable
 
@@ -80,8 +81,8 @@ class SamplingParams:
 
   def _check_filters(self):
     """temperature, top_p, top_k, min_p (written so that NaN fails too)."""
-    if not self.temperature >= 0.0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 <= self.temperature < math.inf:
+      raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if not _is_int(self.top_k) or self.top_k < -1:
@@ -91,8 +92,8 @@ class SamplingParams:
 
   def _check_penalties(self):
     """repetition, presence and frequency penalties."""
-    if not self.repetition_penalty > 0.0:
-      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    if not 0.0 < self.repetition_penalty < math.inf:
+      raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
     if not -2.0 <= self.presence_penalty <= 2.0:
       raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
     if not -2.0 <= self.frequency_penalty <= 2.0:

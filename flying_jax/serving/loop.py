@@ -106,8 +106,12 @@ class EngineLoop:
   def _admit(self, engine: Engine, sub: Submission, sink):
     if self.draining:
       raise Draining("the server is draining: it admits no new requests")
-    if len(engine.scheduler.waiting) >= self.max_waiting:
-      raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+    n = sub.params.n
+    if n > self.max_waiting:
+      raise RequestRejected(f"n={n} samples is more than this server queues "
+                            f"({self.max_waiting} sequences)")
+    if len(engine.scheduler.waiting) + n > self.max_waiting:
+      raise QueueFull(f"the waiting queue is full ({self.max_waiting} sequences); retry later")
     seqs = engine.add_request(sub.request_id, sub.prompt_ids, sub.params, sub.priority)
     self._streams[sub.request_id] = _Stream(sink, len(seqs))
     if self.metrics is not None:
@@ -117,7 +121,10 @@ class EngineLoop:
     if self._streams.pop(request_id, None) is None:
       return
     if abort:
+      running = [s for s in engine.request(request_id) if not s.finished]
       engine.abort(request_id)
+      if self.metrics is not None:
+        self.metrics.on_abort(running)
     engine.release(request_id)
 
   def _run(self):
@@ -138,10 +145,11 @@ class EngineLoop:
       if not events and not engine.scheduler.has_work() and len(engine.paused):
         self._resume_paused(engine)
       self._deliver(engine, events)
-      if self.metrics is not None:
-        self.metrics.on_step(engine)
+      self._refresh()
 
   def _run_commands(self, block: bool):
+    """Run the queued commands. The gauges show each command's effect (an abort, a pin, a drain)
+    before its caller hears back, even when no step follows."""
     try:
       item = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
     except queue.Empty:
@@ -150,13 +158,21 @@ class EngineLoop:
       fn, fut = item
       if fut.set_running_or_notify_cancel():
         try:
-          fut.set_result(fn(self.engine))
+          result = fn(self.engine)
         except BaseException as e:             # handed to the caller, never raised here
+          self._refresh()
           fut.set_exception(e)
+        else:
+          self._refresh()
+          fut.set_result(result)
       try:
         item = self._commands.get_nowait()
       except queue.Empty:
         return
+
+  def _refresh(self):
+    if self.metrics is not None:
+      self.metrics.refresh(self.engine)
 
   def _fail_all(self, engine: Engine, message: str):
     for rid, stream in list(self._streams.items()):
@@ -167,11 +183,9 @@ class EngineLoop:
         log.exception("could not abort %s", rid)
 
   def _resume_paused(self, engine: Engine):
-    """Only paused sequences are left and nothing will bring their layout back: recompute them."""
-    try:
-      engine.switch(engine.partition, "recompute", reason="resume-paused")
-    except (RuntimeError, ValueError) as e:
-      log.warning("paused sequences could not be resumed: %s", e)
+    """Only paused sequences are left and nothing will bring their layout back: recompute them
+    in the partition in force (no switch: a pending drain stays pending)."""
+    engine.recompute_paused()
 
   def _deliver(self, engine: Engine, events):
     now = time.monotonic()

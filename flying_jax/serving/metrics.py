@@ -3,7 +3,8 @@
 Request metrics (time to first token, time per output token, inter-token latency, end-to-end
 latency, queue time, token counters) are recorded on the engine thread as tokens arrive; gauges
 (running, waiting, KV use, the partition in force) and the switching counters are brought up to
-date after every step from the engine's own state. Each server has its own registry, exported
+date from the engine's own state after every step and after every command the engine thread runs
+(submissions, aborts, admin calls), so they never lag a state change. Each server has its own registry, exported
 over HTTP on `--metrics-port`.
 """
 
@@ -30,6 +31,10 @@ class ServingMetrics:
     self.paused = g("flying_num_requests_paused", "Sequences paused by a switch")
     self.kv_usage = g("flying_kv_cache_usage_perc", "Share of KV pages in use (0-1)")
     self.partition = g("flying_partition_info", "1 for the partition in force", ["partition"])
+    self.pending = g("flying_partition_pending_info",
+                     "1 for the partition a drain in progress will switch to", ["partition"])
+    self.pending_s = g("flying_partition_pending_seconds",
+                       "How long the drain in progress has waited (0: none)")
     self.ttft = h("flying_time_to_first_token_seconds", "Arrival to first token", _LATENCY)
     self.tpot = h("flying_time_per_output_token_seconds",
                   "Mean time per output token after the first, per request", _TOKEN_LATENCY)
@@ -51,6 +56,7 @@ class ServingMetrics:
     self._switches_seen = 0
     self._partition_seen: dict[str, float] = {}
     self._shown_partition: str | None = None
+    self._shown_pending: str | None = None
 
   # from the engine loop ------------------------------------------------------------------------
   def on_submit(self, sub):
@@ -77,7 +83,13 @@ class ServingMetrics:
     if seq.scheduled_time is not None:
       self.queue.labels(m).observe(seq.scheduled_time - seq.arrival_time)
 
-  def on_step(self, engine):
+  def on_abort(self, seqs):
+    """Sequences cancelled before they finished (client gone, deadline passed)."""
+    for seq in seqs:
+      self._last_token.pop(seq.seq_id, None)
+      self.requests.labels(self.model, "abort").inc()
+
+  def refresh(self, engine):
     m, sch = self.model, engine.scheduler
     self.running.labels(m).set(sch.num_running())
     self.waiting.labels(m).set(len(sch.waiting))
@@ -89,6 +101,7 @@ class ServingMetrics:
         self.partition.labels(m, self._shown_partition).set(0)
       self.partition.labels(m, name).set(1)
       self._shown_partition = name
+    self._show_pending(engine)
     for rec in engine.switches[self._switches_seen:]:
       self.switches.labels(m, rec.reason, rec.strategy).inc()
       self.cutover.labels(m).observe(rec.cutover_s)
@@ -100,6 +113,17 @@ class ServingMetrics:
       if seconds > done:
         self.partition_seconds.labels(m, part).inc(seconds - done)
         self._partition_seen[part] = seconds
+
+  def _show_pending(self, engine):
+    m, pending = self.model, engine.pending_switch
+    name = pending.target.name if pending is not None else None
+    if name != self._shown_pending:
+      if self._shown_pending is not None:
+        self.pending.labels(m, self._shown_pending).set(0)
+      if name is not None:
+        self.pending.labels(m, name).set(1)
+      self._shown_pending = name
+    self.pending_s.labels(m).set(engine.clock() - pending.requested_at if pending else 0.0)
 
   # export --------------------------------------------------------------------------------------
   def serve_http(self, port: int, host: str = "127.0.0.1"):

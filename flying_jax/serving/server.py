@@ -24,6 +24,7 @@ from flying_jax.engine.engine import Engine
 from flying_jax.serving import requests as R
 from flying_jax.serving import servicers
 from flying_jax.serving.loop import EngineLoop
+from flying_jax.serving.malformed import RejectMalformed
 from flying_jax.serving.metrics import ServingMetrics
 from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
@@ -75,7 +76,7 @@ class Server:
     cfg = self.config
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    self._grpc = server = grpc.aio.server(options=opts)
+    self._grpc = server = grpc.aio.server(options=opts, interceptors=[RejectMalformed()])
     pb_grpc.add_GenerationServicer_to_server(servicers.Generation(self), server)
     pb_grpc.add_AdminServicer_to_server(servicers.Admin(self), server)
     js_grpc.add_OrchestratorServicer_to_server(servicers.Orchestrator(self), server)
@@ -150,7 +151,9 @@ class Server:
         paused=st["paused"], kv_usage=st["kv_usage"], steps=st["steps"],
         switches=st["switches"], switches_by_reason_strategy=st["switches_by_reason_strategy"],
         seconds_per_partition=st["seconds_per_partition"], draining=self.draining,
-        policy=policy[0], pinned_partition=str(policy[1]))
+        policy=policy[0], pinned_partition=str(policy[1]),
+        pending_partition=st["pending_partition"] or "", pending_reason=st["pending_reason"] or "",
+        pending_s=st["pending_s"], superseded_drains=st["superseded_drains"])
 
 
 def versions() -> dict:

@@ -135,12 +135,8 @@ class Admin(pb_grpc.AdminServicer):
     target = request.partition
     target = int(target) if target.isdigit() else target
     strategy = request.strategy or "drain"
-
-    def pin(engine):
-      engine.set_policy(f"static:{target}")
-      if engine.compiled_partition(target) != engine.partition and not engine.draining:
-        engine.switch(target, strategy, reason="pin")
-    return await self._run(context, pin, f"partition {request.partition} pinned ({strategy})")
+    return await self._run(context, lambda e: e.pin(target, strategy),
+                           f"partition {request.partition} pinned ({strategy})")
 
   async def ReleasePartition(self, request, context):
     policy = self.server.config.policy

@@ -220,7 +220,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("partition", "running", "waiting", "paused", "kv_usage", "steps", "switches", "switches_by_reason_strategy", "seconds_per_partition", "draining", "policy", "pinned_partition")
+    __slots__ = ("partition", "running", "waiting", "paused", "kv_usage", "steps", "switches", "switches_by_reason_strategy", "seconds_per_partition", "draining", "policy", "pinned_partition", "pending_partition", "pending_reason", "pending_s", "superseded_drains")
     class SwitchesByReasonStrategyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,10 @@ class Stats(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PINNED_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REASON_FIELD_NUMBER: _ClassVar[int]
+    PENDING_S_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_DRAINS_FIELD_NUMBER: _ClassVar[int]
     partition: str
     running: int
     waiting: int
@@ -259,7 +263,11 @@ class Stats(_message.Message):
     draining: bool
     policy: str
     pinned_partition: str
-    def __init__(self, partition: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., paused: _Optional[int] = ..., kv_usage: _Optional[float] = ..., steps: _Optional[int] = ..., switches: _Optional[int] = ..., switches_by_reason_strategy: _Optional[_Mapping[str, int]] = ..., seconds_per_partition: _Optional[_Mapping[str, float]] = ..., draining: _Optional[bool] = ..., policy: _Optional[str] = ..., pinned_partition: _Optional[str] = ...) -> None: ...
+    pending_partition: str
+    pending_reason: str
+    pending_s: float
+    superseded_drains: int
+    def __init__(self, partition: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., paused: _Optional[int] = ..., kv_usage: _Optional[float] = ..., steps: _Optional[int] = ..., switches: _Optional[int] = ..., switches_by_reason_strategy: _Optional[_Mapping[str, int]] = ..., seconds_per_partition: _Optional[_Mapping[str, float]] = ..., draining: _Optional[bool] = ..., policy: _Optional[str] = ..., pinned_partition: _Optional[str] = ..., pending_partition: _Optional[str] = ..., pending_reason: _Optional[str] = ..., pending_s: _Optional[float] = ..., superseded_drains: _Optional[int] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
