@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
       prog="flying-jax",
       description="flying-jax: serve LLMs with JAX, switching between data and tensor parallelism.")
   parser.add_argument("-v", "--verbose", action="store_true", help="log start-up details")
+  parser.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                      help="a folder of model cards (*.toml) searched before the current "
+                           "directory's models/ and the shipped cards (repeatable; also "
+                           "$FLYING_JAX_MODELS_DIR)")
+  parser.add_argument("--meshes-dir", action="append", default=[], metavar="DIR",
+                      help="a folder of mesh presets (*.toml, hardware presets in its hardware/) "
+                           "searched first (repeatable; also $FLYING_JAX_MESHES_DIR)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   gen = sub.add_parser("generate", help="generate completions for prompts (offline)",
@@ -188,17 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _user_folders(args):
+  """--models-dir / --meshes-dir go first in the search path of every later look-up."""
+  for flag, env in ((args.models_dir, "FLYING_JAX_MODELS_DIR"),
+                    (args.meshes_dir, "FLYING_JAX_MESHES_DIR")):
+    if flag:
+      folders = [os.path.abspath(f) for f in flag] + [os.environ.get(env, "")]
+      os.environ[env] = os.pathsep.join(f for f in folders if f)
+
+
+def _list() -> int:
+  """Each model card, mesh preset and hardware preset, and where it was found."""
+  from flying_jax import presets
+
+  for kind, title in (("models", "models"), ("meshes", "meshes"),
+                      ("hardware", "hardware (flying-jax sim)")):
+    print(f"{title}:")
+    for s in presets.entries(kind):
+      print(f"  {s.name:<16} {s.origin:<24} {s.where}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(message)s")
+  _user_folders(args)
   if args.command == "list":
-    from flying_jax.config import available
-    print("models:", ", ".join(available("models")))
-    print("meshes:", ", ".join(available("meshes")))
-    from flying_jax.sim.hardware import available as hardware
-    print("hardware (flying-jax sim):", ", ".join(hardware()))
-    return 0
+    return _list()
   if args.command == "sim" and args.mode not in ("calibrate", "validate"):
     from flying_jax.sim.cli import run_sim            # no devices: the simulator runs no JAX
     return run_sim(args)

@@ -1,16 +1,17 @@
 """Frozen configuration values parsed once at the edge: model cards and mesh presets.
 
-Model cards live in `models/*.toml`, mesh presets in `meshes/*.toml` at the top of the repository.
-A name (`"smollm2-135m"`) is looked up there; a path to a `.toml` file is read as is.
+Model cards live in `models/*.toml`, mesh presets in `meshes/*.toml` at the top of the repository
+and ship inside the package. A name (`"smollm2-135m"`) is looked up in the user's folders, the
+current directory, a checkout, then the shipped copies (`flying_jax.presets`); a path to a
+`.toml` file is read as is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
+from flying_jax import presets
 
 
 class ConfigError(ValueError):
@@ -112,23 +113,23 @@ class MeshPreset:
         raise ConfigError(f"mesh {self.name}: partition {spec!r} uses widths outside {self.widths}")
 
 
-def _find(kind: str, name: str) -> Path:
-  path = Path(name)
-  if path.suffix == ".toml":
-    if not path.exists():
-      raise ConfigError(f"{kind} file {name} does not exist")
-    return path
-  for root in (_REPO, Path.cwd()):
-    candidate = root / kind / f"{name}.toml"
-    if candidate.exists():
-      return candidate
+def find(kind: str, name: str) -> presets.Source:
+  """The file a model card (`kind="models"`), mesh preset (`"meshes"`) or hardware preset
+  (`"hardware"`) name resolves to; ConfigError names what is known when nothing matches."""
+  source = presets.find(kind, name)
+  if source is not None:
+    return source
+  if name.endswith(".toml"):
+    raise ConfigError(f"{kind} file {name} does not exist")
   known = ", ".join(available(kind)) or "none"
-  raise ConfigError(f"unknown {kind[:-1]} {name!r}; known: {known}")
+  what = {"models": "model", "meshes": "mesh preset", "hardware": "hardware"}[kind]
+  raise ConfigError(f"unknown {what} {name!r}; known: {known}")
 
 
 def available(kind: str) -> list[str]:
-  """Names of the model cards (`kind="models"`) or mesh presets (`kind="meshes"`) shipped."""
-  return sorted(p.stem for p in (_REPO / kind).glob("*.toml"))
+  """Names of the model cards (`kind="models"`), mesh presets (`"meshes"`) or hardware presets
+  (`"hardware"`) found (see `flying_jax.presets`)."""
+  return [s.name for s in presets.entries(kind)]
 
 
 def _fields(cls, table: dict, where: str):
@@ -143,8 +144,8 @@ def _fields(cls, table: dict, where: str):
 
 
 def load_model_card(name: str) -> ModelCard:
-  path = _find("models", name)
-  raw = tomllib.loads(path.read_text())
+  source = find("models", name)
+  path, raw = source.where, tomllib.loads(source.read_text())
   try:
     return ModelCard(
         name=raw["name"],
@@ -158,8 +159,8 @@ def load_model_card(name: str) -> ModelCard:
 
 
 def load_mesh_preset(name: str) -> MeshPreset:
-  path = _find("meshes", name)
-  raw = tomllib.loads(path.read_text())
+  source = find("meshes", name)
+  path, raw = source.where, tomllib.loads(source.read_text())
   flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
   for table in ("batching", "kv"):
     flat.update(raw.get(table, {}))

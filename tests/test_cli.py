@@ -52,11 +52,18 @@ def test_help_mentions_the_commands_and_flags(capsys):
 def test_list(capsys):
   rc, out, _ = main(capsys, "list")
   assert rc == 0
-  models, meshes, hardware = out.strip().splitlines()
-  assert models == "models: " + ", ".join(available("models"))
-  assert meshes == "meshes: " + ", ".join(available("meshes"))
-  assert "tiny" in models and "cpu-8" in meshes
-  assert hardware.startswith("hardware (flying-jax sim): ") and "h200-8" in hardware
+  sections, title = {}, None
+  for line in out.splitlines():
+    if not line.startswith("  "):
+      title = line.rstrip(":")
+      sections[title] = []
+    else:
+      name, origin, path = line.split(maxsplit=2)
+      assert path.endswith(f"{name}.toml") and origin in ("cwd", "checkout")
+      sections[title].append(name)
+  assert sections["models"] == available("models") and "tiny" in sections["models"]
+  assert sections["meshes"] == available("meshes") and "cpu-8" in sections["meshes"]
+  assert "h200-8" in sections["hardware (flying-jax sim)"]
 
 
 def test_usage_errors_exit_2(capsys):

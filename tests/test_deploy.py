@@ -79,3 +79,17 @@ def test_dockerfile_default_command_parses(kind):
   assert {args.port, args.metrics_port} <= image["expose"]
   pinned = re.search(r'"jax==([\d.]+)"', (DEPLOY.parent.parent / "pyproject.toml").read_text())
   assert f"jax[{'cuda12' if kind == 'gpu' else 'tpu'}]=={pinned.group(1)}" in image["text"]
+
+
+@pytest.mark.parametrize("kind", ["gpu", "tpu"])
+def test_dockerfile_installs_the_wheel_not_the_checkout(kind):
+  """The image runs the installed wheel: its cards and presets come from the package, so the
+  final stage copies no models/ or meshes/ and runs from a folder that holds none."""
+  text = dockerfile(kind)["text"]
+  final = text[text.rindex("\nFROM "):]
+  assert "pip wheel" in text[:text.rindex("\nFROM ")]
+  assert "/wheels/flying_jax-*.whl" in final
+  assert not re.search(r"^COPY (?!--from=wheel)", final, re.M), "the image copies the checkout"
+  assert re.search(r"^WORKDIR /srv$", final, re.M)
+  ignored = (DEPLOY.parent.parent / ".dockerignore").read_text().split()
+  assert ".venv/" in ignored and ".git/" in ignored

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from flying_jax.bench import traces
-from flying_jax.config import _REPO
+from flying_jax import presets
 from flying_jax.sim import hardware as H
 from flying_jax.sim.cost import FEATURES, ModelCosts, features, fit
 from flying_jax.sim.driver import drive
@@ -99,7 +99,8 @@ def calibrate(args) -> int:
   engine = _real_engine(args)
   coef, a, t = fit_engine(engine, args.seed, lambda m: print(m, flush=True))
   err = np.abs(a @ np.asarray(coef) - t) / t
-  path = args.output or str(_REPO / H.KIND / "cpu.toml")
+  path = args.output or str(presets.writable_folder("hardware") / "cpu.toml")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     f.write(_preset_text(engine.preset, coef, _stamp(engine, len(t))))
   print(f"fitted {len(t)} steps: median step {1e3 * np.median(t):.1f} ms, relative error median "

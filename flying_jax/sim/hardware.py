@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from pathlib import Path
 
-from flying_jax.config import (ConfigError, MeshPreset, ModelCard, _fields, _REPO,
+from flying_jax.config import (ConfigError, MeshPreset, ModelCard, _fields, find,
                                load_mesh_preset)
+from flying_jax.config import available as config_available
 from flying_jax.parallel import Partition
 
-KIND = "meshes/hardware"
 
 
 class SimError(ValueError):
@@ -57,17 +56,12 @@ class Hardware:
 
 
 def available() -> list[str]:
-  return sorted(p.stem for p in (_REPO / KIND).glob("*.toml"))
+  return config_available("hardware")
 
 
 def load_hardware(name: str) -> Hardware:
-  path = Path(name)
-  if path.suffix != ".toml":
-    path = _REPO / KIND / f"{name}.toml"
-  if not path.exists():
-    raise ConfigError(f"unknown hardware {name!r}; known: {', '.join(available())}")
-  raw = tomllib.loads(path.read_text())
-  return _fields(Hardware, raw, str(path))
+  source = find("hardware", name)
+  return _fields(Hardware, tomllib.loads(source.read_text()), source.where)
 
 
 @dataclasses.dataclass(frozen=True)
