@@ -1,5 +1,6 @@
 """What the gRPC test modules share: prompts, offline references, leak and status checks."""
 
+import contextlib
 import time
 import urllib.request
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from flying_jax.sampling import SamplingParams
+from flying_jax.serving.server import ServeConfig, Server, ServerThread
 
 
 def prompts(n, seed=0):
@@ -30,6 +32,19 @@ def offline(engine, texts, max_tokens=8, **kw):
     out.append((list(seq.output_ids), seq.text))
     engine.release(f"ref-{i}")
   return out
+
+
+@contextlib.contextmanager
+def running_server(engine, admin_token: str, versions: dict | None = None, **config):
+  """A server for `engine` on a free loopback port, with metrics, stopped at the end."""
+  settings = dict(port=0, admin_token=admin_token, max_prompt_tokens=200, metrics_port=0,
+                  drain_grace_s=5.0, max_message_bytes=64 * 1024)
+  th = ServerThread(Server(engine, engine.outputs.tokenizer, ServeConfig(**{**settings, **config}),
+                           versions))
+  try:
+    yield th
+  finally:
+    th.stop()
 
 
 def no_leaks(server, timeout_s=10.0) -> bool:

@@ -19,9 +19,8 @@ from flying_jax.engine.setup import EngineConfig
 from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
 from flying_jax.serving.proto import jetstream_pb2 as js
-from flying_jax.serving.server import ServeConfig, Server, ServerThread
 from flying_jax.tokenizers import load_tokenizer
-from grpc_helpers import code_of, gauge, no_leaks, offline, prompts, scrape
+from grpc_helpers import running_server, code_of, gauge, no_leaks, offline, prompts, scrape
 
 TOKEN = "t0ken"
 ADMIN = [("authorization", f"Bearer {TOKEN}")]
@@ -45,11 +44,8 @@ def reference(engine):
 
 @pytest.fixture(scope="module")
 def server(engine, reference):
-  config = ServeConfig(port=0, admin_token=TOKEN, max_prompt_tokens=200, metrics_port=0,
-                       drain_grace_s=5.0, max_message_bytes=64 * 1024)
-  th = ServerThread(Server(engine, engine.outputs.tokenizer, config))
-  yield th
-  th.stop()
+  with running_server(engine, TOKEN) as th:
+    yield th
 
 
 @pytest.fixture(scope="module")

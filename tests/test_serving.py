@@ -7,6 +7,8 @@ the engine driven directly, as the offline API drives it.
 import asyncio
 import dataclasses
 import json
+import threading
+import time
 import urllib.request
 
 import grpc
@@ -22,9 +24,8 @@ from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
 from flying_jax.serving.proto import jetstream_pb2 as js
 from flying_jax.serving.proto import jetstream_pb2_grpc as js_grpc
-from flying_jax.serving.server import ServeConfig, Server, ServerThread
 from flying_jax.tokenizers import load_tokenizer
-from grpc_helpers import code_of, no_leaks, offline, prompts
+from grpc_helpers import running_server, code_of, no_leaks, offline, prompts
 
 TOKEN = "s3cret"
 ADMIN = [("authorization", f"Bearer {TOKEN}")]
@@ -46,11 +47,8 @@ def reference(engine):
 
 @pytest.fixture(scope="module")
 def server(engine, reference):
-  config = ServeConfig(port=0, admin_token=TOKEN, max_prompt_tokens=200, metrics_port=0,
-                       drain_grace_s=5.0, max_message_bytes=64 * 1024)
-  th = ServerThread(Server(engine, engine.outputs.tokenizer, config, {"flying-jax": "test"}))
-  yield th
-  th.stop()
+  with running_server(engine, TOKEN, {"flying-jax": "test"}) as th:
+    yield th
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +207,28 @@ def test_bad_requests_get_precise_statuses_and_disturb_nothing(channel, server, 
   code, details = code_of(lambda: list(js_stub.Decode(js.DecodeRequest(
       text_content=js.DecodeRequest.TextContent(text="hi"), lora_adapter_id="x"))))
   assert code == grpc.StatusCode.INVALID_ARGUMENT and "LoRA" in details
-  # a full queue: RESOURCE_EXHAUSTED
+  # a full queue: RESOURCE_EXHAUSTED. The engine thread is held so that the first request waits
+  # (queued, not stepped) when the second arrives; a request for more samples than the queue
+  # can ever hold is INVALID_ARGUMENT
   loop = server.server.loop
-  loop.max_waiting = 0
+  loop.max_waiting = 1
+  held = threading.Event()
   try:
-    code, details = code_of(lambda: generate(channel, "w1"))
+    loop.call(lambda e: held.wait(30))
+    req = pb.GenerateRequest(text="w1", sampling=pb.Sampling(temperature=0.0, max_tokens=2))
+    first = stub.Generate(req, timeout=60)
+    time.sleep(0.3)
+    second = stub.Generate(req, timeout=60)
+    time.sleep(0.3)
+    held.set()
+    assert list(first)[-1].finish_reason == "length"
+    code, details = code_of(lambda: list(second))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in details
+    code, details = code_of(lambda: list(stub.Generate(pb.GenerateRequest(
+        text="w1", sampling=pb.Sampling(n=2)), timeout=30)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "n=2 samples" in details
   finally:
+    held.set()
     loop.max_waiting = 256
   assert no_leaks(server)
   texts, ref = reference
