@@ -1,5 +1,5 @@
 """The `flying-jax` command line: generate, serve, request, convert, bench, bench-offline,
-bench-serve, bench-switch, sim, list.
+bench-serve, bench-switch, bench-load, sim, list.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
   conv.add_argument("--model", default="smollm2-135m")
   conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   conv.add_argument("--output", required=True, help="checkpoint directory to create")
+  conv.add_argument("--max-width", type=int, default=8,
+                    help="the widest tensor-parallel group the checkpoint's layout serves (its "
+                         "head rows are padded for every power-of-two width up to it)")
 
   bench = sub.add_parser("bench-offline", help="offline throughput and step-time benchmark",
                          description="Output tokens/s, decode step time at batch 1/8/32, host "
@@ -103,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--output-tokens", type=int, default=128)
   bench.add_argument("--widths", default=None, help="comma-separated widths (default: all)")
   bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+  load = sub.add_parser(
+      "bench-load", help="host memory while loading weights: streamed against whole-model",
+      description="Write a Llama-shaped random checkpoint (bf16 safetensors, ~1.1B parameters "
+                  "by default) and load it in fresh processes with the streaming loader and with "
+                  "the whole-model path; print the peak host memory above the baseline and the "
+                  "transient part (peak minus the settled state, where the placed weights sit).")
+  from flying_jax.bench.loading import add_arguments as _load_args
+  _load_args(load)
 
   sw = sub.add_parser("bench-switch", help="what a partition switch costs, per strategy",
                       description="Cutover time (host bookkeeping and first step in the new "
@@ -254,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "sim":
     from flying_jax.sim.cli import run_sim
     return run_sim(args)
+  if args.command == "bench-load":
+    from flying_jax.bench.loading import run_bench_load
+    return run_bench_load(args)
   if args.command == "bench-switch":
     from flying_jax.bench.switch import run_bench_switch
     return run_bench_switch(args)

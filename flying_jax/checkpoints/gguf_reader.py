@@ -11,17 +11,18 @@ Hugging Face rotate-half order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import mmap
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from flying_jax.checkpoints.loader import expect_shape, expected_shapes
+from flying_jax.checkpoints.loader import Tensor, expect_shape, expected_shapes, prefetch, stack
 from flying_jax.config import Architecture, WeightsSource
 
 _MAGIC = b"GGUF"
@@ -205,27 +206,26 @@ def check_metadata(metadata: dict[str, Any], arch: Architecture, where: str = "G
     raise ValueError(f"{where}: architecture {arch_name!r} is not supported (only llama)")
 
 
-def load_gguf(path: str | Path, arch: Architecture,
-              threads: int | None = None) -> dict[str, np.ndarray]:
-  """Canonical float32 weights from a Llama GGUF file (see `loader` for the layout)."""
+def iter_gguf(path: str | Path, arch: Architecture, threads: int = 2) -> Iterator[Tensor]:
+  """A Llama GGUF file's tensors one at a time, dequantized to float32, in canonical orientation
+  (see `loader`); `threads` tensors decode side by side."""
   gf = read_gguf(path)
   check_metadata(gf.metadata, arch, str(gf.path))
   shapes = expected_shapes(arch)
-  out = {k: np.empty(s, np.float32) for k, s in shapes.items() if k in _PER_LAYER}
+  names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
+  if not arch.tied_embeddings:
+    names["lm_head"] = "output.weight"
+  top = lambda k: lambda: Tensor(k, None, expect_shape(names[k], _get(gf, names[k]), shapes[k],
+                                                       str(gf.path)))
+  jobs = [top(k) for k in names]
+  jobs += [functools.partial(_layer_tensor, gf, i, key, arch) for i in range(arch.n_layers)
+           for key in _PER_LAYER]
+  return prefetch(jobs, threads)
 
-  def fill(i: int) -> None:
-    for key, value in _layer(gf, i, arch).items():
-      out[key][i] = value
 
-  with ThreadPoolExecutor(max_workers=threads) as pool:
-    list(pool.map(fill, range(arch.n_layers)))
-    names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
-    if not arch.tied_embeddings:
-      names["lm_head"] = "output.weight"
-    top = pool.map(lambda k: expect_shape(names[k], _get(gf, names[k]), shapes[k], str(gf.path)),
-                   names)
-    out.update(zip(names, top))
-  return out
+def load_gguf(path: str | Path, arch: Architecture, threads: int = 2) -> dict[str, np.ndarray]:
+  """Canonical float32 weights from a Llama GGUF file (see `loader` for the layout)."""
+  return stack(iter_gguf(path, arch, threads), arch)
 
 
 def _get(gf: GGUFFile, name: str) -> np.ndarray:
@@ -234,29 +234,31 @@ def _get(gf: GGUFFile, name: str) -> np.ndarray:
   return dequantize(gf.tensors[name])
 
 
-def _layer(gf: GGUFFile, i: int, arch: Architecture) -> dict[str, np.ndarray]:
-  """One block's canonical tensors (per-layer, without the leading L axis)."""
+_GGUF = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+         "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up",
+         "w_down": "ffn_down"}
+
+
+def _layer_tensor(gf: GGUFFile, i: int, key: str, arch: Architecture) -> Tensor:
+  """One canonical tensor of block `i` (without the leading L axis)."""
   a = arch
   q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-
-  def mat(short: str, rows: int, cols: int) -> np.ndarray:
-    name = f"blk.{i}.{short}.weight"
-    return expect_shape(name, _get(gf, name), (rows, cols), str(gf.path))
-
-  def vec(short: str) -> np.ndarray:
-    name = f"blk.{i}.{short}.weight"
-    return expect_shape(name, _get(gf, name), (a.dim,), str(gf.path))
-
-  wq = unpermute_rope_rows(mat("attn_q", q_out, a.dim), a.n_heads)
-  wk = unpermute_rope_rows(mat("attn_k", kv_out, a.dim), a.n_kv_heads)
-  return {
-      "attn_norm": vec("attn_norm"),
-      "wq": wq.T.reshape(a.dim, a.n_heads, a.head_dim),
-      "wk": wk.T.reshape(a.dim, a.n_kv_heads, a.head_dim),
-      "wv": mat("attn_v", kv_out, a.dim).T.reshape(a.dim, a.n_kv_heads, a.head_dim),
-      "wo": mat("attn_output", a.dim, q_out).T.reshape(a.n_heads, a.head_dim, a.dim),
-      "ffn_norm": vec("ffn_norm"),
-      "w_gate": mat("ffn_gate", a.ffn_dim, a.dim).T,
-      "w_up": mat("ffn_up", a.ffn_dim, a.dim).T,
-      "w_down": mat("ffn_down", a.dim, a.ffn_dim).T,
-  }
+  name = f"blk.{i}.{_GGUF[key]}.weight"
+  stored = {"attn_norm": (a.dim,), "ffn_norm": (a.dim,), "wq": (q_out, a.dim),
+            "wk": (kv_out, a.dim), "wv": (kv_out, a.dim), "wo": (a.dim, q_out),
+            "w_gate": (a.ffn_dim, a.dim), "w_up": (a.ffn_dim, a.dim),
+            "w_down": (a.dim, a.ffn_dim)}[key]
+  w = expect_shape(name, _get(gf, name), stored, str(gf.path))
+  if key in ("attn_norm", "ffn_norm"):
+    return Tensor(key, i, w)
+  if key == "wq":
+    w = unpermute_rope_rows(w, a.n_heads).T.reshape(a.dim, a.n_heads, a.head_dim)
+  elif key == "wk":
+    w = unpermute_rope_rows(w, a.n_kv_heads).T.reshape(a.dim, a.n_kv_heads, a.head_dim)
+  elif key == "wv":
+    w = w.T.reshape(a.dim, a.n_kv_heads, a.head_dim)
+  elif key == "wo":
+    w = w.T.reshape(a.n_heads, a.head_dim, a.dim)
+  else:
+    w = w.T
+  return Tensor(key, i, w)

@@ -41,7 +41,9 @@ def save_resident(host: dict, arch: Architecture, path: str | Path, model_name: 
   ckpt.save(path / "weights", _tree(host))
   ckpt.wait_until_finished()
   meta = {"model": model_name, "architecture": dataclasses.asdict(arch),
-          "dtype": str(np.asarray(host["embed"]).dtype)}
+          "dtype": str(np.asarray(host["embed"]).dtype),
+          "rows": [int(host["layers"][0]["wq"].shape[0]) // arch.head_dim,
+                   int(host["layers"][0]["wk"].shape[0]) // arch.head_dim]}
   (path / _META).write_text(json.dumps(meta, indent=1))
 
 
@@ -52,8 +54,10 @@ def read_meta(path: str | Path) -> dict:
   return json.loads(meta_file.read_text())
 
 
-def restore_resident(path: str | Path, arch: Architecture, dtype, sharding) -> W.ResidentWeights:
-  """Restore onto the devices, directly in the given (replicated) sharding."""
+def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
+                     rows: tuple[int, int] | None = None) -> W.ResidentWeights:
+  """Restore onto the devices, directly in the given (replicated) sharding. `rows`: the query /
+  KV rows the compiled widths need (`heads.weight_rows`); the checkpoint must have as many."""
   import orbax.checkpoint as ocp
 
   path = Path(path).absolute()
@@ -61,7 +65,12 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, sharding) -> W
   if meta["architecture"] != dataclasses.asdict(arch):
     raise ConfigError(f"checkpoint {path} was written for another architecture: "
                       f"{meta['architecture']}")
-  abstract = W.abstract(arch, meta["dtype"], sharding)
+  stored = tuple(meta.get("rows") or (arch.n_heads, arch.n_kv_heads))
+  if rows is not None and any(have < need for have, need in zip(stored, rows)):
+    raise ConfigError(f"checkpoint {path} is laid out for fewer widths ({stored[0]} query / "
+                      f"{stored[1]} KV rows, these widths need {rows[0]} / {rows[1]}): convert "
+                      f"it again with a larger --max-width")
+  abstract = W.abstract(arch, meta["dtype"], sharding, stored)
   target = _tree(dict(embed=abstract.embed, unembed=abstract.unembed,
                       final_norm=abstract.final_norm,
                       layers=[vars(lw) for lw in abstract.layers]))
@@ -84,8 +93,13 @@ def run_convert(args) -> int:
   if card.weights.format == "orbax":
     print("error: the model card already points at an orbax checkpoint", file=sys.stderr)
     return 2
-  host = W.resident_layout(load_checkpoint(card), card.arch, jnp.dtype(args.dtype))
+  from flying_jax.model.heads import weight_rows
+
+  widths = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= args.max_width]
+  rows = weight_rows(card.arch, widths)
+  host = W.resident_layout(load_checkpoint(card), card.arch, jnp.dtype(args.dtype), rows)
   save_resident(host, card.arch, args.output, card.name)
-  print(f"wrote {args.output} ({card.name}, {args.dtype})")
+  print(f"wrote {args.output} ({card.name}, {args.dtype}, laid out for widths up to "
+        f"{widths[-1]})")
   print(f"use it with a model card whose [weights] say: format = \"orbax\", path = \"{args.output}\"")
   return 0

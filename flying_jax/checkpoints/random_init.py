@@ -1,20 +1,28 @@
-"""Deterministic random weights in the canonical layout, scaled like a real initialization.
+"""Deterministic random weights in the canonical layout, scaled like a real initialization, made
+on a device with `jax.random`.
 
-Every layer of a stacked tensor (and every 4096-row chunk of an embedding) draws from its own
-stream keyed by (seed, name, chunk): values do not depend on generation order; chunks fill in parallel.
-Matrices are normal with std 1/sqrt(fan_in); norms are 1.0.
+Each tensor (each layer's slice of a per-layer one) draws from its own key, folded from (seed,
+name, layer): values do not depend on the order of generation, and threefry gives the same values
+on every machine and backend. Matrices are normal with std 1/sqrt(fan_in); norms are 1.0.
+`iter_random` yields them one at a time as device arrays (the engine converts and places each
+where it was made, nothing passes through the host); `random_weights` gathers them on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from flying_jax.checkpoints.loader import NORMS, expected_shapes
+from flying_jax.checkpoints.loader import NORMS, Tensor, expected_shapes, stack
 from flying_jax.config import Architecture
+
+_TOP = ("embed", "lm_head", "final_norm")
 
 
 def fan_in(name: str, arch: Architecture) -> int:
@@ -26,31 +34,33 @@ def fan_in(name: str, arch: Architecture) -> int:
   return arch.dim
 
 
-def random_weights(arch: Architecture, seed: int = 0,
-                   threads: int | None = None) -> dict[str, np.ndarray]:
-  """Canonical float32 weights for `arch`, the same for the same `seed` on every machine."""
+def iter_random(arch: Architecture, seed: int = 0) -> Iterator[Tensor]:
+  """`arch`'s random weights one tensor at a time, as arrays on the default device."""
   shapes = expected_shapes(arch)
-  out = {name: _init(name, shape) for name, shape in shapes.items()}
-  jobs = [(name, chunk) for name, shape in shapes.items() if name not in NORMS
-          for chunk in range(-(-shape[0] // _rows_per_chunk(name)))]
-
-  def fill(job: tuple[str, int]) -> None:
-    name, chunk = job
-    rows = _rows_per_chunk(name)
-    target = out[name][chunk * rows:(chunk + 1) * rows]
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), chunk])
-    rng.standard_normal(out=target, dtype=np.float32)
-    target *= np.float32(1.0 / math.sqrt(fan_in(name, arch)))
-
-  with ThreadPoolExecutor(max_workers=threads) as pool:
-    list(pool.map(fill, jobs))
-  return out
+  for name in _TOP:
+    if name in shapes:
+      yield Tensor(name, None, _one(name, shapes[name], None, seed, arch))
+  per_layer = [n for n in shapes if n not in _TOP]
+  for layer in range(arch.n_layers):
+    for name in per_layer:
+      yield Tensor(name, layer, _one(name, shapes[name][1:], layer, seed, arch))
 
 
-def _rows_per_chunk(name: str) -> int:
-  """Stacked per-layer tensors draw one layer per stream; embeddings 4096 vocabulary rows."""
-  return 4096 if name in ("embed", "lm_head") else 1
+def random_weights(arch: Architecture, seed: int = 0, threads: int | None = None
+                   ) -> dict[str, np.ndarray]:
+  """Canonical float32 weights for `arch` on the host, the same for the same `seed` everywhere
+  (`threads` is accepted for compatibility; generation runs on the device)."""
+  return stack(iter_random(arch, seed), arch)
 
 
-def _init(name: str, shape: tuple[int, ...]) -> np.ndarray:
-  return np.ones(shape, np.float32) if name in NORMS else np.empty(shape, np.float32)
+def _one(name: str, shape: tuple[int, ...], layer: int | None, seed: int, arch: Architecture):
+  if name in NORMS:
+    return jnp.ones(shape, jnp.float32)
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  key = jax.random.fold_in(key, 0 if layer is None else layer + 1)
+  return _normal(key, shape, 1.0 / math.sqrt(fan_in(name, arch)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape: tuple[int, ...], scale: float):
+  return jax.random.normal(key, shape, jnp.float32) * jnp.float32(scale)

@@ -8,11 +8,12 @@ transpose and reshape per tensor. Sharded checkpoints are found through
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from flying_jax.checkpoints.loader import expect_shape, expected_shapes
+from flying_jax.checkpoints.loader import Tensor, expect_shape, expected_shapes, stack
 from flying_jax.config import Architecture, ConfigError
 
 INDEX = "model.safetensors.index.json"
@@ -78,7 +79,8 @@ def _top_names(arch: Architecture) -> dict[str, str]:
 
 
 class _Tensors:
-  """Name -> file lookup over a possibly sharded safetensors directory, reading as float32."""
+  """Name -> file lookup over a possibly sharded safetensors directory, reading one tensor at a
+  time in its stored dtype (bfloat16 through ml_dtypes)."""
 
   def __init__(self, path: Path):
     import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can return it
@@ -97,8 +99,7 @@ class _Tensors:
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in self.where:
       raise ValueError(f"safetensors checkpoint {self.path} lacks tensor {name!r}")
-    array = self.where[name].get_tensor(name)
-    return expect_shape(name, array, shape, str(self.path)).astype(np.float32, copy=False)
+    return expect_shape(name, self.where[name].get_tensor(name), shape, str(self.path))
 
 
 def check_hf_config(path: Path, arch: Architecture) -> None:
@@ -114,31 +115,72 @@ def check_hf_config(path: Path, arch: Architecture) -> None:
                        f"{getattr(arch, field)}")
 
 
-def load_safetensors_dir(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
-  """Canonical float32 weights from a Hugging Face Llama safetensors directory."""
+def iter_safetensors_dir(path: str | Path, arch: Architecture) -> Iterator[Tensor]:
+  """A Hugging Face Llama safetensors directory's tensors one at a time, in their stored dtype,
+  in canonical orientation (see `loader`)."""
   path = Path(path).expanduser()
   if not path.is_dir():
     raise FileNotFoundError(f"safetensors checkpoint directory {path} does not exist")
   check_hf_config(path, arch)
   tensors, shapes = _Tensors(path), expected_shapes(arch)
-  out = {k: tensors.get(name, shapes[k]) for k, name in _top_names(arch).items()}
-  for key, (suffix, hf_shape) in _hf_layout(arch).items():
-    out[key] = np.empty(shapes[key], np.float32)
-    for i in range(arch.n_layers):
+  for k, name in _top_names(arch).items():
+    yield Tensor(k, None, tensors.get(name, shapes[k]))
+  layout = _hf_layout(arch)
+  for i in range(arch.n_layers):
+    for key, (suffix, hf_shape) in layout.items():
       w = tensors.get(f"model.layers.{i}.{suffix}", hf_shape)
-      out[key][i] = w if key in _NORMS else w.T.reshape(shapes[key][1:])
-  return out
+      yield Tensor(key, i, w if key in _NORMS else w.T.reshape(shapes[key][1:]))
+
+
+def load_safetensors_dir(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
+  """Canonical float32 weights from a Hugging Face Llama safetensors directory."""
+  return stack(iter_safetensors_dir(path, arch), arch)
 
 
 def _hf_tensors(weights: dict[str, np.ndarray], arch: Architecture, layer: int | None) -> dict:
   """HF-named [out, in] tensors: the top-level ones (`layer=None`) or those of one layer."""
   if layer is None:
     return {name: weights[k] for k, name in _top_names(arch).items()}
-  out = {}
-  for key, (suffix, hf_shape) in _hf_layout(arch).items():
-    w = weights[key][layer]
-    out[f"model.layers.{layer}.{suffix}"] = w if key in _NORMS else w.reshape(-1, hf_shape[0]).T
-  return out
+  return dict(hf_tensor(key, layer, weights[key][layer], arch) for key in _hf_layout(arch))
+
+
+def hf_tensor(key: str, layer: int | None, w: np.ndarray, arch: Architecture):
+  """(Hugging Face name, [out, in] array) of one canonical tensor (one layer's slice)."""
+  if layer is None:
+    return _top_names(arch)[key], w
+  suffix, hf_shape = _hf_layout(arch)[key]
+  return f"model.layers.{layer}.{suffix}", w if key in _NORMS else w.reshape(-1, hf_shape[0]).T
+
+
+def write_safetensors_stream(tensors, arch: Architecture, path: str | Path,
+                             dtype: str = "bfloat16") -> Path:
+  """Write a stream of canonical `Tensor`s as a sharded Hugging Face checkpoint, one file per
+  layer (plus one for the top-level tensors), holding one layer on the host at a time."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+
+  np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  path = Path(path).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  n = arch.n_layers + 1
+  name_of = lambda unit: f"model-{unit + 1:05d}-of-{n:05d}.safetensors"
+  weight_map, unit, group = {}, 0, {}
+
+  def flush():
+    save_file(group, str(path / name_of(unit)), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(group, name_of(unit)))
+
+  for t in tensors:
+    u = 0 if t.layer is None else t.layer + 1
+    if u != unit:
+      flush()
+      unit, group = u, {}
+    name, w = hf_tensor(t.name, t.layer, t.array, arch)
+    group[name] = np.ascontiguousarray(w, dtype=np_dtype)
+  flush()
+  (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+  (path / "config.json").write_text(json.dumps(hf_config_from_architecture(arch, dtype), indent=1))
+  return path
 
 
 def save_safetensors_dir(weights: dict[str, np.ndarray], arch: Architecture, path: str | Path,

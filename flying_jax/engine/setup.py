@@ -20,7 +20,7 @@ from flying_jax.kv import DevicePools, PageLayout, PagePool
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
-from flying_jax.model.heads import padding_report, plan_heads
+from flying_jax.model.heads import padding_report, plan_heads, weight_rows
 from flying_jax.parallel import MeshSpecs, Partition, Span, mesh_for_span
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
@@ -55,6 +55,7 @@ class StartupReport:
   weight_bytes: int = 0
   kv_bytes: int = 0
   padding: list = dataclasses.field(default_factory=list)
+  layout: str = ""                                            # the weight rows' padding
   compiled: list = dataclasses.field(default_factory=list)   # one line per width
 
   @property
@@ -66,6 +67,8 @@ class StartupReport:
            f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
            f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each), "
            f"KV pools {self.kv_bytes / 2**20:.0f} MiB"]
+    if self.layout:
+      out.append(self.layout)
     out.extend(self.compiled)
     for p in self.padding:
       out.append(f"width {p['width']}: {p['q_heads_per_device']} q / {p['kv_heads_per_device']} kv "
@@ -154,10 +157,10 @@ def dtype_of(preset: MeshPreset):
   return jnp.dtype(preset.dtype)
 
 
-def load_weights_host(card: ModelCard, dtype) -> dict:
+def load_weights_host(card: ModelCard, dtype, rows: tuple[int, int] | None = None) -> dict:
   from flying_jax.checkpoints import load_checkpoint
 
-  return W.resident_layout(load_checkpoint(card), card.arch, dtype)
+  return W.resident_layout(load_checkpoint(card), card.arch, dtype, rows)
 
 
 def describe_programs(registry: ProgramRegistry) -> list[str]:
@@ -189,8 +192,18 @@ def build_migrator(card: ModelCard, setups: dict, pools):
                            longest * copies * arch.head_dim)
 
 
-def report_padding(card: ModelCard, widths) -> list[dict]:
-  return [padding_report(card.arch, w) for w in widths]
+def layout_line(card: ModelCard, rows: tuple[int, int], dtype) -> str:
+  """What laying every width's heads out as contiguous rows costs in weight memory."""
+  a = card.arch
+  extra = 2 * ((rows[0] - a.n_heads) + (rows[1] - a.n_kv_heads)) * a.head_dim * a.dim
+  mib = extra * a.n_layers * jnp.dtype(dtype).itemsize / 2**20
+  return (f"weight layout: {rows[0]} query / {rows[1]} KV head rows per layer for {a.n_heads} / "
+          f"{a.n_kv_heads} heads (zero rows so every width reads one contiguous run), "
+          f"+{mib:.1f} MiB")
+
+
+def report_padding(card: ModelCard, widths, rows=None) -> list[dict]:
+  return [padding_report(card.arch, w, rows) for w in widths]
 
 
 @dataclasses.dataclass
@@ -220,16 +233,25 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   span_setups = {sp: width_setup(card, preset, devices, sp, pages) for sp in spans}
   setups = {w: span_setups[Span(0, n, w)] for w in widths}
   replicated = setups[widths[0]].specs.replicated()
+  rows = weight_rows(card.arch, sorted({sp.width for sp in spans}))
   t0 = time.perf_counter()
   if host_weights is None and card.weights.format == "orbax":
     from flying_jax.checkpoints.orbax_store import restore_resident
-    weights = restore_resident(card.weights.path, card.arch, dtype, replicated)
+    weights = restore_resident(card.weights.path, card.arch, dtype, replicated, rows)
     jax.block_until_ready(weights)
     rep.load_s = time.perf_counter() - t0
-  else:
-    host = host_weights if host_weights is not None else load_weights_host(card, dtype)
+  elif host_weights is not None:
     rep.load_s = time.perf_counter() - t0
-    weights = W.place(host, replicated)
+    weights = W.place(host_weights, replicated)
+  else:                                 # one tensor at a time: read, convert, place, next
+    from flying_jax.checkpoints import iter_tensors
+    weights = W.load_resident(iter_tensors(card), card.arch, dtype, rows,
+                              lambda a: jax.device_put(a, replicated).block_until_ready())
+    jax.block_until_ready(weights)
+    rep.load_s = time.perf_counter() - t0
+  if any(have < need for have, need in zip(W.rows_of(weights, card.arch.head_dim), rows)):
+    raise ValueError(f"the weights have {W.rows_of(weights, card.arch.head_dim)} query/KV rows; widths "
+                     f"{tuple(widths)} need {rows} (lay them out with heads.weight_rows)")
   t0 = time.perf_counter()
   slots = preset.page_tokens * card.arch.n_kv_heads
   device_pools = DevicePools.create(card.arch.n_layers, n, pages, slots, card.arch.head_dim, dtype,
@@ -240,7 +262,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                              cfg.hist_len, cfg.max_banned,
                              max(s.rows for ws in setups.values() for s in ws.shapes))
   bar = _progress(cfg.progress, registry.count())
-  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated), bar)
+  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated, W.rows_of(weights, card.arch.head_dim)), bar)
   if bar is not None:
     bar.close()
   resident = Resident(weights, device_pools, span_setups, n)
@@ -253,7 +275,9 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   rep.programs = len(registry) + (len(migrator) if migrator else 0)
   rep.weight_bytes = weights.nbytes()
   rep.kv_bytes = device_pools.nbytes()
-  rep.padding = report_padding(card, widths)
+  rows = W.rows_of(weights, card.arch.head_dim)
+  rep.padding = report_padding(card, widths, rows)
+  rep.layout = layout_line(card, rows, dtype)
   rep.compiled = describe_programs(registry)
   mixed = [name for name, p in partitions.items() if p.uniform_width is None]
   if mixed:

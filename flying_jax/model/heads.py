@@ -4,6 +4,13 @@ A width-w group splits the KV heads over its devices; every device holds its KV 
 heads that read them, so attention never crosses devices. When the KV heads do not divide w, the
 missing slots are padding (index -1: zero weights, zero output); when w is larger than the number of
 KV heads, each KV head is replicated on `w / kv_pad` devices and its query heads are split among them.
+
+Every device reads its heads as ONE contiguous run of rows of the resident projections (query
+heads in their natural order, kv-major; KV heads likewise): rows `q_start[d] : q_start[d] +
+q_per_device` and `kv_start[d] : kv_start[d] + kv_per_device`, a dynamic slice along the leading
+axis that no width turns into a gather. Rows past the real heads are exact zeros (the resident
+arrays are padded to `weight_rows`); where a width splits a KV head's query heads unevenly, a run
+may cover a neighbour's real head, which `q_mask` zeroes before the output projection.
 """
 
 from __future__ import annotations
@@ -24,6 +31,27 @@ class HeadPlan:
   q_per_kv: int                   # query heads per KV head on one device (padded group size)
   q_index: np.ndarray             # [width, kv_per_device * q_per_kv] global query head, or -1
   kv_index: np.ndarray            # [width, kv_per_device] global KV head, or -1
+  q_start: np.ndarray             # [width] first query row each device reads
+  kv_start: np.ndarray            # [width] first KV row each device reads
+  n_heads: int = 0                # real query heads (rows below it are real, above it zeros)
+
+  @property
+  def q_rows_needed(self) -> int:
+    return int(self.q_start.max()) + self.q_per_device
+
+  @property
+  def kv_rows_needed(self) -> int:
+    return int(self.kv_start.max()) + self.kv_per_device
+
+  @property
+  def q_mask(self) -> np.ndarray | None:
+    """[width, q_per_device] 1 where a read row is this device's head; None when every other row
+    read is a zero padding row (nothing to mask)."""
+    rows = self.q_start[:, None] + np.arange(self.q_per_device)[None, :]
+    mine = rows == self.q_index
+    if np.all(mine | (rows >= self.n_heads)):
+      return None
+    return mine.astype(np.float32)
 
   @property
   def q_per_device(self) -> int:
@@ -63,13 +91,29 @@ def plan_heads(arch: Architecture, width: int) -> HeadPlan:
         qi = part * gpd + j
         if qi < g:
           q_index[d, s * gpd + j] = kv * g + qi
-  plan = HeadPlan(width, kvpd, gpd, q_index, kv_index)
+  if width <= hkv:
+    q_start = np.arange(width) * kvpd * g
+    kv_start = np.arange(width) * kvpd
+  else:
+    kv_of, part = np.arange(width) // rep, np.arange(width) % rep
+    q_start, kv_start = kv_of * g + part * gpd, kv_of
+  plan = HeadPlan(width, kvpd, gpd, q_index, kv_index, q_start.astype(np.int32),
+                  kv_start.astype(np.int32), arch.n_heads)
   _check(plan, arch)
   return plan
 
 
+def weight_rows(arch: Architecture, widths) -> tuple[int, int]:
+  """(query rows, KV rows) the resident projections are padded to so that every width's runs
+  stay inside them (the extra rows are zeros)."""
+  plans = [plan_heads(arch, w) for w in widths]
+  return (max([arch.n_heads] + [p.q_rows_needed for p in plans]),
+          max([arch.n_kv_heads] + [p.kv_rows_needed for p in plans]))
+
+
 def _check(plan: HeadPlan, arch: Architecture):
-  """Every real query head is computed exactly once, next to its own KV head."""
+  """Every real query head is computed exactly once, next to its own KV head, inside the device's
+  contiguous runs of rows."""
   q = plan.q_index[plan.q_index >= 0]
   if sorted(q.tolist()) != list(range(arch.n_heads)):
     raise AssertionError(f"head plan for width {plan.width} does not cover each query head once")
@@ -77,15 +121,24 @@ def _check(plan: HeadPlan, arch: Architecture):
     for slot, h in enumerate(plan.q_index[d]):
       if h >= 0 and plan.kv_index[d, slot // plan.q_per_kv] != h // arch.group_size:
         raise AssertionError(f"query head {h} placed away from its KV head at width {plan.width}")
+      if h >= 0 and h != plan.q_start[d] + slot:
+        raise AssertionError(f"query head {h} outside device {d}'s run at width {plan.width}")
+    for slot, kv in enumerate(plan.kv_index[d]):
+      if kv >= 0 and kv != plan.kv_start[d] + slot:
+        raise AssertionError(f"KV head {kv} outside device {d}'s run at width {plan.width}")
+      if kv < 0 and plan.kv_start[d] + slot < arch.n_kv_heads:
+        raise AssertionError(f"a padded KV slot of device {d} reads a real head at width "
+                             f"{plan.width}")
 
 
-def padding_report(arch: Architecture, width: int) -> dict:
-  """Extra attention FLOPs and KV bytes that padding and replication cost at this width."""
+def padding_report(arch: Architecture, width: int, rows: tuple[int, int] | None = None) -> dict:
+  """Extra attention FLOPs and KV bytes that padding and replication cost at this width (width 1
+  multiplies every row of the resident layout, `rows` = `weight_rows`, zero rows included)."""
   plan = plan_heads(arch, width)
   hd, dim = arch.head_dim, arch.dim
   real = (arch.n_heads + 2 * arch.n_kv_heads) * hd * dim + arch.n_heads * hd * dim
-  padded = width * ((plan.q_per_device + 2 * plan.kv_per_device) * hd * dim
-                    + plan.q_per_device * hd * dim)
+  nq, nkv = (plan.q_per_device, plan.kv_per_device) if width > 1 or rows is None else rows
+  padded = width * ((nq + 2 * nkv) * hd * dim + nq * hd * dim)
   return {
       "width": width,
       "q_heads_per_device": plan.q_per_device,

@@ -62,24 +62,30 @@ def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: 
 def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Architecture,
           shape: StepShape, plan: HeadPlan, geom: KVGeometry, coll: Collectives):
   """One decoder layer on this device; writes the step's KV into the pools and returns them."""
-  wqkv, wo, w_gu, w_down = shard_layer(lw, plan, coll, arch)
-  nq, nkv = plan.q_per_device, plan.kv_per_device
+  wq, wk, wv, wo, w_gate, w_up, w_down = shard_layer(lw, plan, coll, arch)
   with jax.named_scope("attention"):
     h = rms_norm(x_TxD, lw.attn_norm, arch.norm_eps)
-    qkv = jnp.einsum("td,dkh->tkh", h, wqkv)
-    q = rope(qkv[:, :nq], meta.positions, arch.rope_theta)
-    k = rope(qkv[:, nq:nq + nkv], meta.positions, arch.rope_theta)
-    v = qkv[:, nq + nkv:]
+    nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
+    heads = lambda w, n: (h @ w.T).reshape(h.shape[0], -1, hd)[:, :n]   # width 1: drop padding
+    q = rope(heads(wq, nq), meta.positions, arch.rope_theta)
+    k = rope(heads(wk, nkv), meta.positions, arch.rope_theta)
+    v = heads(wv, nkv)
     k_pool = write_k(k_pool, k, meta.write_base, geom)
     v_pool = write_kv(v_pool, v, meta.write_base, geom.tokens_per_page)
     o = _attention(q, k_pool, v_pool, meta, shape, plan, geom)
-    t, dh = o.shape[0], nq * arch.head_dim      # merged (head, hd) axes: a plain GEMM, no weight copy
-    x_TxD = x_TxD + coll.sum(o.reshape(t, dh) @ wo.reshape(dh, arch.dim))
+    mask = plan.q_mask
+    if mask is not None:                       # a neighbour's head read by an uneven split
+      o = o * jnp.asarray(mask, o.dtype)[coll.index()][None, :, None]
+    o = o.reshape(o.shape[0], nq * hd)
+    if wo.shape[0] > nq * hd:
+      o = jnp.pad(o, ((0, 0), (0, wo.shape[0] - nq * hd)))
+    x_TxD = x_TxD + coll.sum(o @ wo)
   with jax.named_scope("ffn"):
     h = rms_norm(x_TxD, lw.ffn_norm, arch.norm_eps)
-    gu = jnp.einsum("td,dkf->tkf", h, w_gu)
-    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)
-    x_TxD = x_TxD + coll.sum(jnp.einsum("tf,fd->td", a.astype(x_TxD.dtype), w_down))
+    g = (h @ w_gate.T).astype(jnp.float32)
+    u = (h @ w_up.T).astype(jnp.float32)
+    a = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+    x_TxD = x_TxD + coll.sum(a @ w_down)
   return x_TxD, k_pool, v_pool
 
 

@@ -1,9 +1,18 @@
 """The resident weight layout: one copy per engine, read by every width's program.
 
-Projections are stored "x @ W" with the model dimension leading, query/key/value fused along a head
-axis (`wqkv[D, Hq + 2*Hkv, hd]`) and gate/up fused (`w_gu[D, 2, F]`), so that width 1 runs plain GEMMs
-on the resident arrays and a width-w program takes its heads / FFN columns out of them inside the
-program (see `shard_layer`). Layers are separate arrays so no program slices a layer out of a stack.
+Every projection is stored with the dimension tensor parallelism splits LEADING, so that the
+shard any width's device needs is one contiguous run of rows, read with a dynamic slice along
+axis 0 (no gather, no strided slice; on GPU, XLA can feed such a slice to the GEMM in place):
+
+  wq [Rq*hd, D], wk / wv [Rkv*hd, D]    output heads leading (x @ W^T), kv-major head order,
+                                         padded with zero heads to Rq / Rkv (`heads.weight_rows`)
+  wo [Rq*hd, D]                           input heads leading (x @ W)
+  w_gate / w_up [F, D]                    output columns leading (x @ W^T)
+  w_down [F, D]                           input columns leading (x @ W)
+
+Each device's rows are a plain GEMM operand: contracting over the minor dimension (x @ W^T) or
+over the leading ones (x @ W). Width 1 reads the real rows as a static prefix. Layers are
+separate arrays so no program slices a layer out of a stack.
 """
 
 from __future__ import annotations
@@ -23,11 +32,17 @@ from flying_jax.parallel import Collectives
 @dataclasses.dataclass(frozen=True)
 class LayerWeights:
   attn_norm: jax.Array   # [D]
-  wqkv: jax.Array        # [D, Hq + 2*Hkv, hd]
-  wo: jax.Array          # [Hq, hd, D]
+  wq: jax.Array          # [Rq*hd, D]
+  wk: jax.Array          # [Rkv*hd, D]
+  wv: jax.Array          # [Rkv*hd, D]
+  wo: jax.Array          # [Rq*hd, D]
   ffn_norm: jax.Array    # [D]
-  w_gu: jax.Array        # [D, 2, F]
+  w_gate: jax.Array      # [F, D]
+  w_up: jax.Array        # [F, D]
   w_down: jax.Array      # [F, D]
+
+
+LAYER_NAMES = tuple(f.name for f in dataclasses.fields(LayerWeights))
 
 
 @jax.tree_util.register_dataclass
@@ -50,20 +65,64 @@ class ResidentWeights:
     return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(self) for s in x.addressable_shards]
 
 
-def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype) -> dict:
-  """Canonical checkpoint arrays (see `flying_jax.checkpoints`) -> host arrays in resident layout."""
-  dt = np.dtype(jnp.dtype(dtype))
-  layers = []
-  for l in range(arch.n_layers):
-    wqkv = np.concatenate([canonical["wq"][l], canonical["wk"][l], canonical["wv"][l]], axis=1)
-    w_gu = np.stack([canonical["w_gate"][l], canonical["w_up"][l]], axis=1)
-    layers.append(dict(
-        attn_norm=canonical["attn_norm"][l].astype(dt), wqkv=wqkv.astype(dt),
-        wo=canonical["wo"][l].astype(dt), ffn_norm=canonical["ffn_norm"][l].astype(dt),
-        w_gu=w_gu.astype(dt), w_down=canonical["w_down"][l].astype(dt)))
-  unembed = None if arch.tied_embeddings else canonical["lm_head"].astype(dt)
-  return dict(embed=canonical["embed"].astype(dt), unembed=unembed,
-              final_norm=canonical["final_norm"].astype(dt), layers=layers)
+def resident_tensor(name: str, array, arch: Architecture, dtype,
+                    rows: tuple[int, int] | None = None):
+  """One canonical tensor (one layer's slice of a per-layer one, see `flying_jax.checkpoints`)
+  in its resident form and dtype: projections transposed to lead with the split dimension, head
+  rows padded with zeros to `rows` (default: the real heads only). A numpy array stays on the
+  host; a jax.Array (weights made on a device) is converted where it is."""
+  xp = jnp if isinstance(array, jax.Array) else np
+  a = xp.asarray(array, jnp.dtype(dtype))
+  q_rows, kv_rows = rows or (arch.n_heads, arch.n_kv_heads)
+  hd, dim = arch.head_dim, arch.dim
+  if name in ("wq", "wk", "wv"):                        # [D, H, hd] -> [Rows*hd, D]
+    n = q_rows if name == "wq" else kv_rows
+    return _pad_rows(a.transpose(1, 2, 0).reshape(-1, dim), n * hd, xp)
+  if name == "wo":                                      # [Hq, hd, D] -> [Rq*hd, D]
+    return _pad_rows(a.reshape(-1, dim), q_rows * hd, xp)
+  if name in ("w_gate", "w_up"):                        # [D, F] -> [F, D]
+    return np.ascontiguousarray(a.T) if xp is np else a.T
+  return a
+
+
+def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
+                    rows: tuple[int, int] | None = None) -> dict:
+  """Canonical checkpoint arrays (see `flying_jax.checkpoints`) -> host arrays in resident
+  layout (`resident_tensor` of each)."""
+  conv = lambda name, a: resident_tensor(name, a, arch, dtype, rows)
+  layers = [{k: conv(k, canonical[k][l]) for k in LAYER_NAMES} for l in range(arch.n_layers)]
+  return dict(embed=conv("embed", canonical["embed"]),
+              unembed=None if arch.tied_embeddings else conv("lm_head", canonical["lm_head"]),
+              final_norm=conv("final_norm", canonical["final_norm"]), layers=layers)
+
+
+def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeights:
+  """Resident weights from a stream of canonical `Tensor`s (`checkpoints.iter_tensors`): each is
+  converted and handed to `put` (which places it on the devices) before the next is read, so the
+  host holds about one tensor at a time."""
+  top: dict = {}
+  layers: list[dict] = [{} for _ in range(arch.n_layers)]
+  for t in tensors:
+    placed = put(resident_tensor(t.name, t.array, arch, dtype, rows))
+    (top if t.layer is None else layers[t.layer])[t.name] = placed
+  missing = [n for n in ("embed", "final_norm") if n not in top]
+  missing += [f"{n} of layer {l}" for l, lw in enumerate(layers) for n in LAYER_NAMES
+              if n not in lw]
+  if not arch.tied_embeddings and "lm_head" not in top:
+    missing.append("lm_head")
+  if missing:
+    raise ValueError(f"weights lack tensor(s) {missing[:6]}")
+  return ResidentWeights(embed=top["embed"], unembed=top.get("lm_head"),
+                         final_norm=top["final_norm"],
+                         layers=tuple(LayerWeights(**lw) for lw in layers))
+
+
+def _pad_rows(a, rows: int, xp=np):
+  if a.shape[0] > rows:
+    raise ValueError(f"{a.shape[0]} rows do not fit a layout of {rows}")
+  if a.shape[0] == rows:
+    return a
+  return xp.concatenate([a, xp.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
 
 
 def place(host: dict, sharding) -> ResidentWeights:
@@ -74,34 +133,46 @@ def place(host: dict, sharding) -> ResidentWeights:
                          final_norm=put(host["final_norm"]), layers=layers)
 
 
-def abstract(arch: Architecture, dtype, sharding) -> ResidentWeights:
+def abstract(arch: Architecture, dtype, sharding, rows: tuple[int, int] | None = None
+             ) -> ResidentWeights:
   """ShapeDtypeStructs of the resident weights: AOT lowering and orbax restore targets."""
   s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   a = arch
+  q_rows, kv_rows = rows or (a.n_heads, a.n_kv_heads)
+  q, kv = q_rows * a.head_dim, kv_rows * a.head_dim
   layer = LayerWeights(
-      attn_norm=s(a.dim), wqkv=s(a.dim, a.n_heads + 2 * a.n_kv_heads, a.head_dim),
-      wo=s(a.n_heads, a.head_dim, a.dim), ffn_norm=s(a.dim), w_gu=s(a.dim, 2, a.ffn_dim),
-      w_down=s(a.ffn_dim, a.dim))
+      attn_norm=s(a.dim), wq=s(q, a.dim), wk=s(kv, a.dim), wv=s(kv, a.dim), wo=s(q, a.dim),
+      ffn_norm=s(a.dim),
+      w_gate=s(a.ffn_dim, a.dim), w_up=s(a.ffn_dim, a.dim), w_down=s(a.ffn_dim, a.dim))
   return ResidentWeights(embed=s(a.vocab_size, a.dim),
                          unembed=None if a.tied_embeddings else s(a.vocab_size, a.dim),
                          final_norm=s(a.dim), layers=(layer,) * a.n_layers)
 
 
+def rows_of(weights: ResidentWeights, head_dim: int) -> tuple[int, int]:
+  """(query heads, KV heads) the resident weights (or their abstract structs) are laid out for."""
+  lw = weights.layers[0]
+  return lw.wq.shape[0] // head_dim, lw.wk.shape[0] // head_dim
+
+
+def _rows(w, start, size: int, index):
+  """Rows `start[index] : + size` of `w`; one device (width 1) reads every row, padding included
+  (a prefix slice would be a copy on some backends; the caller drops the padded heads from the
+  activations, which costs less than copying the weight)."""
+  if len(start) == 1:
+    return w
+  return jax.lax.dynamic_slice_in_dim(w, jnp.asarray(start, jnp.int32)[index], size, axis=0)
+
+
 def shard_layer(lw: LayerWeights, plan: HeadPlan, coll: Collectives, arch: Architecture):
-  """This device's slice of a resident layer, taken inside the program (nothing persistent)."""
-  if plan.is_identity:
-    return lw.wqkv, lw.wo, lw.w_gu, lw.w_down
-  d = coll.index()
-  hq, hkv = arch.n_heads, arch.n_kv_heads
-  oob = hq + 2 * hkv                                    # out of range: filled with exact zeros
-  q_idx = jnp.asarray(np.where(plan.q_index >= 0, plan.q_index, oob))[d]
-  kv = plan.kv_index
-  k_idx = jnp.asarray(np.where(kv >= 0, hq + kv, oob))[d]
-  v_idx = jnp.asarray(np.where(kv >= 0, hq + hkv + kv, oob))[d]
-  idx = jnp.concatenate([q_idx, k_idx, v_idx])
-  wqkv = jnp.take(lw.wqkv, idx, axis=1, mode="fill", fill_value=0)
-  wo = jnp.take(lw.wo, jnp.where(q_idx < hq, q_idx, hq), axis=0, mode="fill", fill_value=0)
+  """This device's runs of rows of a resident layer: contiguous slices along axis 0, taken inside
+  the program (nothing persistent, no gather). Returns (wq, wk, wv, wo, w_gate, w_up, w_down);
+  at width 1 the whole arrays, whose rows past `plan.q_per_device` / `kv_per_device` are zeros."""
+  d = coll.index() if plan.width > 1 else 0
+  nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
+  q = lambda w: _rows(w, plan.q_start * hd, nq * hd, d)
+  kv = lambda w: _rows(w, plan.kv_start * hd, nkv * hd, d)
   f = arch.ffn_dim // plan.width
-  w_gu = jax.lax.dynamic_slice_in_dim(lw.w_gu, d * f, f, axis=2)
-  w_down = jax.lax.dynamic_slice_in_dim(lw.w_down, d * f, f, axis=0)
-  return wqkv, wo, w_gu, w_down
+  ffn = lambda w: _rows(w, np.arange(plan.width) * f, f, d)
+  return (q(lw.wq), kv(lw.wk), kv(lw.wv), q(lw.wo), ffn(lw.w_gate), ffn(lw.w_up),
+          ffn(lw.w_down))

@@ -1,0 +1,86 @@
+"""The resident layout: every width's programs read their weights whole or as one contiguous run
+of leading rows, never through a gather, a transpose or a strided slice (read in the optimized
+HLO of every compiled layer and head program), and the padding rows stay zeros."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flying_jax.config import load_mesh_preset, load_model_card
+from flying_jax.engine.engine import Engine
+from flying_jax.engine.setup import EngineConfig
+from flying_jax.model.heads import plan_heads, weight_rows
+from flying_jax.runtime.weight_reads import copies, weight_reads
+
+PROJECTIONS = {"lw.wq", "lw.wk", "lw.wv", "lw.wo", "lw.w_gate", "lw.w_up", "lw.w_down"}
+
+
+@pytest.fixture(scope="module")
+def engine():
+  """SmolLM2's heads (9 query / 3 KV: padding and uneven splits) on one small layer."""
+  card = load_model_card("smollm2-135m")
+  arch = dataclasses.replace(card.arch, n_layers=1, vocab_size=512)
+  card = dataclasses.replace(card, arch=arch,
+                             weights=dataclasses.replace(card.weights, format="random"))
+  preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
+                               prefill_chunks=(32,), token_budget=40, partitions=("4+1x4",))
+  return Engine(card, preset, EngineConfig(widths=(1, 2, 4, 8), cache_dir=""))
+
+
+def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
+  checked = 0
+  for span, kind, shape in engine.registry.keys():
+    if kind not in ("layer", "head"):
+      continue
+    hlo = engine.registry[(span, kind, shape)].as_text()
+    weight = (lambda n: n.startswith("lw.")) if kind == "layer" else (
+        lambda n: n.startswith(("unembed", "final_norm")))
+    assert copies(hlo, weight) == [], (span, kind, shape)
+    reads = weight_reads(hlo, weight)
+    if kind == "layer":
+      seen = {r.weight: r.kind for r in reads if r.weight in PROJECTIONS}
+      assert set(seen) == PROJECTIONS, (span, seen)
+      want = "whole" if span.width == 1 else "rows"       # width 1 reads every row as it is
+      assert set(seen.values()) == {want}, (span, seen)
+    checked += 1
+  assert checked >= 2 * 5                   # widths 1, 2, 4, 8 and the mixed partition's spans
+
+
+def test_the_check_sees_gathers_transposes_and_strided_slices():
+  """A negative control: the reads this layout avoids are reported."""
+  w = jnp.ones((16, 64), jnp.float32)
+  x = jnp.ones((4, 64), jnp.float32)
+  idx = jnp.array([3, 1, 2], jnp.int32)
+  programs = {
+      "gather": lambda w_q, x, idx: x @ jnp.take(w_q, idx * 4, axis=0).T,
+      "strided slice": lambda w_q, x, idx: x[:, :8] @ w_q[:, :8].T,
+      "minor dynamic slice": lambda w_q, x, idx: x[:, :8] @ jax.lax.dynamic_slice_in_dim(
+          w_q, idx[0] * 8, 8, axis=1).T,
+  }
+  for name, fn in programs.items():
+    hlo = jax.jit(fn).lower(w, x, idx).compile().as_text()
+    found = copies(hlo, lambda n: n == "w_q")
+    assert found, (name, weight_reads(hlo, lambda n: n == "w_q"))
+  fine = jax.jit(lambda w_q, x, idx: x @ jax.lax.dynamic_slice_in_dim(w_q, idx[0], 8, 0).T
+                 ).lower(w, x, idx).compile().as_text()
+  assert not copies(fine, lambda n: n == "w_q")
+  assert {r.kind for r in weight_reads(fine, lambda n: n == "w_q")} == {"rows"}
+
+
+def test_padding_rows_are_zero_and_every_run_fits(engine):
+  arch = engine.card.arch
+  q_rows, kv_rows = weight_rows(arch, (1, 2, 4, 8))
+  assert (q_rows, kv_rows) == (13, 4)         # 9 / 3 heads padded for the uneven splits
+  hd = arch.head_dim
+  lw = engine.weights.layers[0]
+  assert lw.wq.shape == (q_rows * hd, arch.dim) and lw.wk.shape == (kv_rows * hd, arch.dim)
+  for name in ("wq", "wo"):
+    assert not np.asarray(getattr(lw, name))[arch.n_heads * hd:].any()
+  for name in ("wk", "wv"):
+    assert not np.asarray(getattr(lw, name))[arch.n_kv_heads * hd:].any()
+  for w in (1, 2, 4, 8):
+    plan = plan_heads(arch, w)
+    assert plan.q_rows_needed <= q_rows and plan.kv_rows_needed <= kv_rows
