@@ -1,5 +1,5 @@
 """The `flying-jax` command line: generate, serve, request, convert, bench, bench-offline,
-bench-serve, bench-switch, bench-load, sim, list.
+bench-serve, bench-switch, bench-load, sim, list, card.
 
 Entry point only: it sets up the simulated CPU devices (when the mesh is a CPU mesh) before JAX
 creates its backend, parses flags into frozen configs and hands them to the library.
@@ -204,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
                   "the cost model of this machine's CPU."))
 
   sub.add_parser("list", help="list model cards, mesh presets and hardware presets")
+
+  card = sub.add_parser(
+      "card", help="make a model card from a Hugging Face checkpoint directory",
+      description="Read a Hugging Face checkpoint directory (config.json, *.safetensors, the "
+                  "tokenizer) and write a model card for it: its architecture, its safetensors "
+                  "as the weights, its tokenizer and stop ids.")
+  card.add_argument("--from-hf", required=True, metavar="DIR",
+                    help="the directory (config.json and *.safetensors)")
+  card.add_argument("--name", default=None, help="the card's name (default: the folder's name)")
+  card.add_argument("--output", default=None,
+                    help="write the card to this .toml file (default: print it)")
   return parser
 
 
@@ -235,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
   _user_folders(args)
   if args.command == "list":
     return _list()
+  if args.command == "card":
+    from flying_jax.presets.from_hf import run_card
+    return run_card(args)
   if args.command == "sim" and args.mode not in ("calibrate", "validate"):
     from flying_jax.sim.cli import run_sim            # no devices: the simulator runs no JAX
     return run_sim(args)

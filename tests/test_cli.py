@@ -200,3 +200,26 @@ def test_bench_peer_agrees_with_transformers(capsys):
     assert float(ratio.rstrip("x")) == pytest.approx(float(ours) / float(theirs), rel=0.02)
     assert int(same.rstrip("%")) >= 80                 # same weights, same greedy tokens
   assert "transformers" in out and "PyTorch" in out
+
+
+def test_card_from_a_hugging_face_directory(capsys, tmp_path):
+  """`card --from-hf`: a card whose architecture and weights are the directory's."""
+  import numpy as np
+
+  from flying_jax import checkpoints as ck
+
+  tiny = load_model_card("tiny")
+  weights = ck.random_weights(tiny.arch, seed=3)
+  hf = ck.save_safetensors_dir(weights, tiny.arch, tmp_path / "Tiny-HF", shard_bytes=200_000)
+  (hf / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')
+  out = tmp_path / "cards" / "tiny-hf.toml"
+  rc, _, err = main(capsys, "card", "--from-hf", str(hf), "--output", str(out))
+  assert rc == 0 and "wrote" in err
+  card = load_model_card(str(out))
+  assert card.name == "tiny-hf" and card.arch == tiny.arch
+  assert card.weights.format == "safetensors" and card.tokenizer.kind == "bytes"
+  assert card.tokenizer.stop_ids == (7, 9)
+  loaded = ck.load_checkpoint(card)
+  assert all(np.array_equal(loaded[k], weights[k]) for k in weights)
+  rc, _, err = main(capsys, "card", "--from-hf", str(tmp_path / "nowhere"))
+  assert rc == 2 and "config.json" in err

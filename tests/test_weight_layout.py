@@ -84,3 +84,13 @@ def test_padding_rows_are_zero_and_every_run_fits(engine):
   for w in (1, 2, 4, 8):
     plan = plan_heads(arch, w)
     assert plan.q_rows_needed <= q_rows and plan.kv_rows_needed <= kv_rows
+
+
+def test_slice_check_runs_and_reports_the_run_reads():
+  """The device check (`python -m flying_jax.bench.slice_check`) on small CPU shapes."""
+  from flying_jax.bench.slice_check import check
+
+  out = check(dim=64, rows=256, tokens=4, widths=(1, 4), dtype="float32")
+  assert [r["reads"] for r in out] == [["dot:whole"], ["dynamic-slice:rows"]]
+  assert out[0]["temp_bytes"] == 0 and out[1]["rows"] == 64
+  assert all(r["sliced_ms"] > 0 and r["given_ms"] > 0 for r in out)
