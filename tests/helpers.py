@@ -2,7 +2,6 @@
 
 import collections
 import contextlib
-import json
 
 import numpy as np
 
@@ -29,14 +28,3 @@ def captured_logits(engine):
     yield got
   finally:
     del engine.executor.run
-
-
-def toml_value(v) -> str:
-  """A Python value as a TOML literal (enough for model cards and mesh presets)."""
-  if isinstance(v, bool):
-    return "true" if v else "false"
-  if isinstance(v, str):
-    return json.dumps(v)
-  if isinstance(v, (tuple, list)):
-    return "[" + ", ".join(toml_value(x) for x in v) + "]"
-  return repr(v)

@@ -16,7 +16,7 @@ from flying_jax.config import available, load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
-from helpers import toml_value
+from flying_jax.presets.from_hf import toml_value
 
 
 def main(capsys, *argv):

@@ -26,8 +26,8 @@ from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
-from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, cut_over,
-                                        label, migrate_sequence, requeue_paused)
+from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, check_switch,
+                                        cut_over, label, migrate_sequence, requeue_paused)
 from flying_jax.parallel import Partition, PartitionError
 from flying_jax.sampling import SamplingParams
 
@@ -157,24 +157,8 @@ class Engine:
   def _checked_switch(self, target, strategy) -> tuple[Partition, Strategy]:
     """The partition and strategy of a switch to `target`, or ValueError / RuntimeError saying
     why it cannot happen now; changes nothing."""
-    part = self.compiled_partition(target)
-    try:
-      strategy = Strategy(strategy)
-    except ValueError:
-      raise ValueError(f"unknown switch strategy {strategy!r}; use one of "
-                       f"{', '.join(s.value for s in Strategy)}") from None
-    if strategy is Strategy.MIGRATE and self.migrator is None:
-      raise ValueError("the migrate strategy needs more than one compiled width")
-    kept = set(part.groups)
-    cap = max(self.setups[w].capacity for w in part.widths)
-    moved = [s for g, grp in enumerate(self.scheduler.groups) if (grp.first_device, grp.width)
-             not in kept for s in self.scheduler.running[g]]
-    movable = list(self.scheduler.waiting) + ([] if strategy is Strategy.PAUSE else moved)
-    too_long = [s.request_id for s in movable if s.max_length() > cap]
-    if too_long:
-      raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
-                         f"are longer than its widest group holds ({cap} tokens)")
-    return part, strategy
+    return check_switch(self.compiled_partition(target), strategy, self.scheduler, self.setups,
+                        self.migrator is not None)
 
   def _supersede_pending(self, by: str):
     """Give up a pending drain (its groups admit again): a later decision replaces it."""

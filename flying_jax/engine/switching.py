@@ -95,6 +95,29 @@ class PausedSequences:
     return sum(len(g) for g in self._by_group.values())
 
 
+def check_switch(part: Partition, strategy, scheduler: Scheduler, setups: dict,
+                 can_migrate: bool) -> tuple[Partition, Strategy]:
+  """`(part, Strategy(strategy))` if a switch to `part` can happen now, else ValueError (a bad
+  strategy) or RuntimeError (a request in flight longer than the target's widest group holds)."""
+  try:
+    strategy = Strategy(strategy)
+  except ValueError:
+    raise ValueError(f"unknown switch strategy {strategy!r}; use one of "
+                     f"{', '.join(s.value for s in Strategy)}") from None
+  if strategy is Strategy.MIGRATE and not can_migrate:
+    raise ValueError("the migrate strategy needs more than one compiled width")
+  kept = set(part.groups)
+  cap = max(setups[w].capacity for w in part.widths)
+  moved = [s for g, grp in enumerate(scheduler.groups) if (grp.first_device, grp.width)
+           not in kept for s in scheduler.running[g]]
+  movable = list(scheduler.waiting) + ([] if strategy is Strategy.PAUSE else moved)
+  too_long = [s.request_id for s in movable if s.max_length() > cap]
+  if too_long:
+    raise RuntimeError(f"cannot switch to {part.name}: requests {sorted(set(too_long))[:5]} "
+                       f"are longer than its widest group holds ({cap} tokens)")
+  return part, strategy
+
+
 def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedSequences,
              record: SwitchRecord, migrate=None):
   """Move every sequence of `old` into `new` (or into `paused`) according to `strategy`.

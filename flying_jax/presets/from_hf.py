@@ -24,13 +24,14 @@ def _stop_ids(*configs: dict) -> list[int]:
   return []
 
 
-def _toml(v) -> str:
+def toml_value(v) -> str:
+  """A Python value as a TOML literal (enough for model cards and mesh presets)."""
   if isinstance(v, bool):
     return "true" if v else "false"
   if isinstance(v, str):
     return json.dumps(v)
   if isinstance(v, (list, tuple)):
-    return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return "[" + ", ".join(toml_value(x) for x in v) + "]"
   return repr(v)
 
 
@@ -60,12 +61,12 @@ def card_from_hf(directory: str | Path, name: str | None = None) -> str:
   if "<|im_start|>" in str(template):
     tokenizer["chat_template"] = "chatml"
   tokenizer["stop_ids"] = _stop_ids(_read(d / "generation_config.json"), config)
-  lines = [f"# Made by `flying-jax card --from-hf {d}`.", f"name = {_toml(name)}",
-           f"description = {_toml(config.get('_name_or_path') or d.name)}", "", "[architecture]"]
-  lines += [f"{k} = {_toml(v)}" for k, v in dataclasses.asdict(arch).items()]
-  lines += ["", "[weights]", 'format = "safetensors"', f"path = {_toml(str(d))}", "",
+  lines = [f"# Made by `flying-jax card --from-hf {d}`.", f"name = {toml_value(name)}",
+           f"description = {toml_value(config.get('_name_or_path') or d.name)}", "", "[architecture]"]
+  lines += [f"{k} = {toml_value(v)}" for k, v in dataclasses.asdict(arch).items()]
+  lines += ["", "[weights]", 'format = "safetensors"', f"path = {toml_value(str(d))}", "",
             "[tokenizer]"]
-  lines += [f"{k} = {_toml(v)}" for k, v in tokenizer.items()]
+  lines += [f"{k} = {toml_value(v)}" for k, v in tokenizer.items()]
   return "\n".join(lines) + "\n"
 
 
