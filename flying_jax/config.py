@@ -31,8 +31,13 @@ class Architecture:
   norm_eps: float
   tied_embeddings: bool
   max_context: int
+  family: str = "llama"            # the model family (`flying_jax.model.families`)
 
   def __post_init__(self):
+    from flying_jax.model.families import names   # no JAX: a table of names
+    if self.family not in names():
+      raise ConfigError(f"model family {self.family!r} is not supported; known: "
+                        f"{', '.join(names())}")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 

@@ -201,9 +201,13 @@ def check_metadata(metadata: dict[str, Any], arch: Architecture, where: str = "G
   for key, want in pairs.items():
     if key in metadata and int(metadata[key]) != want:
       raise ValueError(f"{where}: {key} = {metadata[key]} but the model card says {want}")
+  from flying_jax.model.families import family_of
+
   arch_name = metadata.get("general.architecture", "llama")
-  if arch_name != "llama":
-    raise ValueError(f"{where}: architecture {arch_name!r} is not supported (only llama)")
+  readable = family_of(arch.family).gguf_architectures
+  if arch_name not in readable:
+    raise ValueError(f"{where}: architecture {arch_name!r} is not supported for the "
+                     f"{arch.family} family (reads {', '.join(readable)})")
 
 
 def iter_gguf(path: str | Path, arch: Architecture, threads: int = 2) -> Iterator[Tensor]:

@@ -62,7 +62,7 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
 
   path = Path(path).absolute()
   meta = read_meta(path)
-  if meta["architecture"] != dataclasses.asdict(arch):
+  if {"family": "llama", **meta["architecture"]} != dataclasses.asdict(arch):
     raise ConfigError(f"checkpoint {path} was written for another architecture: "
                       f"{meta['architecture']}")
   stored = tuple(meta.get("rows") or (arch.n_heads, arch.n_kv_heads))

@@ -1,4 +1,4 @@
-"""Hugging Face Llama checkpoints (a directory of *.safetensors + config.json), both ways.
+"""Hugging Face Llama / Mistral checkpoints (a directory of *.safetensors + config.json), both ways.
 
 HF stores Linear weights as [out, in] with Q/K already in rotate-half order, so reading is a
 transpose and reshape per tensor. Sharded checkpoints are found through
@@ -24,14 +24,22 @@ _PROJ = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_
 
 
 def architecture_from_hf_config(config: dict) -> Architecture:
-  """An `Architecture` from a Hugging Face Llama `config.json` dictionary."""
-  model_type = config.get("model_type", "llama")
-  if model_type != "llama":
-    raise ConfigError(f"config.json: model_type {model_type!r} is not supported (only llama)")
+  """An `Architecture` from a Hugging Face `config.json` dictionary (Llama or Mistral)."""
+  from flying_jax.model.families import family_for_hf
+
+  try:
+    family = family_for_hf(config.get("model_type", "llama"))
+  except ValueError as e:
+    raise ConfigError(f"config.json: {e}") from None
   if config.get("rope_scaling"):
     raise ConfigError(f"config.json: rope_scaling {config['rope_scaling']} is not supported")
   if config.get("attention_bias") or config.get("mlp_bias"):
     raise ConfigError("config.json: attention_bias / mlp_bias are not supported")
+  context = int(config.get("max_position_embeddings", 2048))
+  window = config.get("sliding_window")
+  if window is not None and int(window) < context:
+    raise ConfigError(f"config.json: a sliding window of {window} tokens (below the context of "
+                      f"{context}) is not supported yet")
   try:
     dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     return Architecture(
@@ -42,16 +50,19 @@ def architecture_from_hf_config(config: dict) -> Architecture:
         rope_theta=float(config.get("rope_theta", 10000.0)),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_context=int(config.get("max_position_embeddings", 2048)))
+        max_context=context, family=family)
   except KeyError as e:
     raise ConfigError(f"config.json: missing {e}") from None
 
 
 def hf_config_from_architecture(arch: Architecture, dtype: str = "float32") -> dict:
-  """The Hugging Face `config.json` dictionary of a Llama with `arch` (inverse of the above)."""
+  """The Hugging Face `config.json` dictionary of a Llama / Mistral with `arch` (inverse of the
+  above)."""
   a = arch
+  head = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[a.family]
+  extra = {"sliding_window": None} if a.family == "mistral" else {}
   return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      **extra, "architectures": [head], "model_type": a.family, "hidden_act": "silu",
       "hidden_size": a.dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
       "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "intermediate_size": a.ffn_dim,
       "vocab_size": a.vocab_size, "rope_theta": a.rope_theta, "rms_norm_eps": a.norm_eps,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flying_jax.config import Architecture
-from flying_jax.model import llama
+from flying_jax.model.families import family_of
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
@@ -66,20 +66,22 @@ class ProgramStats:
   alias_bytes: int
 
 
-def _embed_fn(ws: WidthSetup, shape: StepShape):
+def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
+  model = family_of(arch.family).forward
+
   def f(embed_VxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
-    return llama.embed(embed_VxD, meta)[None]
+    return model.embed(embed_VxD, meta)[None]
   s = ws.specs
   return per_device(f, s, (s.replicated_spec, s.per_group_spec), s.per_group_spec)
 
 
 def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
-  coll = Collectives(ws.width)
+  coll, model = Collectives(ws.width), family_of(arch.family).forward
 
   def f(lw, k_pool, v_pool, x_1xTxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
-    x, k_pool, v_pool = llama.layer(lw, k_pool, v_pool, x_1xTxD[0], meta, arch=arch, shape=shape,
+    x, k_pool, v_pool = model.layer(lw, k_pool, v_pool, x_1xTxD[0], meta, arch=arch, shape=shape,
                                     plan=ws.plan, geom=ws.geom, coll=coll)
     return x[None], k_pool, v_pool
   s = ws.specs
@@ -90,11 +92,11 @@ def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
 
 
 def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, rows: int):
-  coll = Collectives(ws.width)
+  coll, model = Collectives(ws.width), family_of(arch.family).forward
 
   def f(unembed, final_norm, x_1xTxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
-    logits_RxV = llama.logits(unembed, final_norm, x_1xTxD[0], meta, arch=arch, coll=coll)
+    logits_RxV = model.logits(unembed, final_norm, x_1xTxD[0], meta, arch=arch, coll=coll)
     return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None]
   s = ws.specs
   g = s.per_group_spec
@@ -171,7 +173,7 @@ class ProgramRegistry:
       pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
                                   sharding=s.per_device())
     if kind == "embed":
-      jitted = jax.jit(_embed_fn(ws, shape))
+      jitted = jax.jit(_embed_fn(ws, shape, self.arch))
       args = (retarget(wa.embed), meta)
     elif kind == "layer":
       jitted = jax.jit(_layer_fn(ws, shape, self.arch), donate_argnums=(1, 2, 3))
