@@ -15,7 +15,8 @@ import pytest
 from flying_jax import LLM
 from flying_jax.config import MeshPreset, load_mesh_preset
 from flying_jax.sampling import SamplingParams
-from helpers import captured_logits, toml_value
+from flying_jax.presets.from_hf import toml_value
+from helpers import captured_logits
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2-135m-instruct.json"
 WIDTHS = (1, 2, 4, 8)
