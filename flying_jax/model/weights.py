@@ -81,8 +81,8 @@ def resident_tensor(name: str, array, arch: Architecture, dtype,
   if name == "wo":                                      # [Hq, hd, D] -> [Rq*hd, D]
     return _pad_rows(a.reshape(-1, dim), q_rows * hd, xp)
   if name in ("w_gate", "w_up"):                        # [D, F] -> [F, D]
-    return np.ascontiguousarray(a.T) if xp is np else a.T
-  return a
+    a = a.T
+  return np.ascontiguousarray(a) if xp is np else a      # row-major: the layout programs expect
 
 
 def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
