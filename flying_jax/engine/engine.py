@@ -143,6 +143,10 @@ class Engine:
     Everything is checked before anything changes: a refused switch leaves the engine as it was.
     """
     part, strategy = self._checked_switch(target, strategy)
+    return self._switch(part, strategy, reason)
+
+  def _switch(self, part: Partition, strategy: Strategy, reason: str) -> SwitchRecord:
+    """`switch` once `_checked_switch` has accepted it."""
     self._supersede_pending(reason)
     record = SwitchRecord(label(self.partition), part, strategy.value, reason, self.clock())
     if strategy is Strategy.DRAIN:
@@ -176,7 +180,7 @@ class Engine:
     part, strategy = self._checked_switch(target, strategy)
     policy = StaticPolicy(label(part))
     if part != self.partition:
-      self.switch(part, strategy, reason)
+      self._switch(part, strategy, reason)
     else:
       self._supersede_pending(reason)
     self.policy = policy

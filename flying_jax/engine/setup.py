@@ -157,12 +157,6 @@ def dtype_of(preset: MeshPreset):
   return jnp.dtype(preset.dtype)
 
 
-def load_weights_host(card: ModelCard, dtype, rows: tuple[int, int] | None = None) -> dict:
-  from flying_jax.checkpoints import load_checkpoint
-
-  return W.resident_layout(load_checkpoint(card), card.arch, dtype, rows)
-
-
 def describe_programs(registry: ProgramRegistry) -> list[str]:
   """One line per span: the step shapes compiled and the slowest compile."""
   lines = []
@@ -249,9 +243,10 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                               lambda a: jax.device_put(a, replicated).block_until_ready())
     jax.block_until_ready(weights)
     rep.load_s = time.perf_counter() - t0
-  if any(have < need for have, need in zip(W.rows_of(weights, card.arch.head_dim), rows)):
-    raise ValueError(f"the weights have {W.rows_of(weights, card.arch.head_dim)} query/KV rows; widths "
-                     f"{tuple(widths)} need {rows} (lay them out with heads.weight_rows)")
+  laid_out = W.rows_of(weights, card.arch.head_dim)   # an orbax checkpoint may hold more rows
+  if any(have < need for have, need in zip(laid_out, rows)):
+    raise ValueError(f"the weights have {laid_out} query/KV rows; widths {tuple(widths)} need "
+                     f"{rows} (lay them out with heads.weight_rows)")
   t0 = time.perf_counter()
   slots = preset.page_tokens * card.arch.n_kv_heads
   device_pools = DevicePools.create(card.arch.n_layers, n, pages, slots, card.arch.head_dim, dtype,
@@ -262,7 +257,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                              cfg.hist_len, cfg.max_banned,
                              max(s.rows for ws in setups.values() for s in ws.shapes))
   bar = _progress(cfg.progress, registry.count())
-  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated, W.rows_of(weights, card.arch.head_dim)), bar)
+  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated, laid_out), bar)
   if bar is not None:
     bar.close()
   resident = Resident(weights, device_pools, span_setups, n)
@@ -275,9 +270,8 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   rep.programs = len(registry) + (len(migrator) if migrator else 0)
   rep.weight_bytes = weights.nbytes()
   rep.kv_bytes = device_pools.nbytes()
-  rows = W.rows_of(weights, card.arch.head_dim)
-  rep.padding = report_padding(card, widths, rows)
-  rep.layout = layout_line(card, rows, dtype)
+  rep.padding = report_padding(card, widths, laid_out)
+  rep.layout = layout_line(card, laid_out, dtype)
   rep.compiled = describe_programs(registry)
   mixed = [name for name, p in partitions.items() if p.uniform_width is None]
   if mixed:
