@@ -32,14 +32,32 @@ class Architecture:
   tied_embeddings: bool
   max_context: int
   family: str = "llama"            # the model family (`flying_jax.model.families`)
+  sliding_window: int = 0          # keys a sliding-window layer sees, itself included (0: none)
+  sliding_pattern: int = 0         # layer l is global iff l % p == p - 1 (0: every layer slides)
+  rope_local_theta: float = 0.0    # RoPE base of the sliding layers (0: rope_theta)
+  query_pre_attn_scalar: float = 0.0  # scores scale by its -1/2 power (0: head_dim)
 
   def __post_init__(self):
     from flying_jax.model.families import names   # no JAX: a table of names
     if self.family not in names():
       raise ConfigError(f"model family {self.family!r} is not supported; known: "
                         f"{', '.join(names())}")
+    if self.sliding_window < 0 or self.sliding_pattern < 0:
+      raise ConfigError("sliding_window and sliding_pattern must not be negative")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+  def sliding(self, layer: int) -> bool:
+    """Whether `layer` attends to a sliding window of the last `sliding_window` keys."""
+    p = self.sliding_pattern
+    return self.sliding_window > 0 and (p == 0 or layer % p != p - 1)
+
+  def layer_rope_theta(self, layer: int) -> float:
+    return self.rope_local_theta if self.sliding(layer) and self.rope_local_theta else self.rope_theta
+
+  @property
+  def attn_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   @property
   def group_size(self) -> int:
@@ -59,7 +77,9 @@ class WeightsSource:
   format: str                      # gguf | safetensors | orbax | random
   path: str | None = None          # a file or directory
   package: str | None = None       # an installed package that ships the file
-  file: str | None = None          # file name inside `package`
+  file: str | None = None          # file name inside `package` (or of the file `parts` make)
+  parts: tuple[str, ...] = ()      # "package:path" pieces of one file, concatenated once into a
+  # ^ cache folder ($FLYING_JAX_CACHE, default ~/.cache/flying-jax) and checked against sha256
   sha256: str | None = None
   seed: int = 0                    # for format = "random"
 

@@ -145,7 +145,7 @@ def test_gguf_path_resolution(tmp_path, smol):
 
 
 def test_gguf_unsupported_tokenizer(tmp_path):
-  cases = [("spm", "llama", "default"), ("bpe", "gpt2", "qwen2"), ("none", None, None)]
+  cases = [("t5", "t5", "default"), ("bpe", "gpt2", "qwen2"), ("none", None, None)]
   for name, model, pre in cases:
     w = gguf.GGUFWriter(tmp_path / name, "llama")
     if model:
@@ -156,7 +156,7 @@ def test_gguf_unsupported_tokenizer(tmp_path):
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-  for name, match in [("spm", "'llama' is not supported"), ("bpe", "pre-tokenizer 'qwen2'"),
+  for name, match in [("t5", "'t5' is not supported"), ("bpe", "pre-tokenizer 'qwen2'"),
                       ("none", "holds no tokenizer")]:
     with pytest.raises(TokenizerError, match=match):
       load_tokenizer(_card("gguf"), gguf_path=tmp_path / name)

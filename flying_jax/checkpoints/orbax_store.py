@@ -23,8 +23,10 @@ _META = "flying_jax.json"
 
 
 def _tree(host: dict) -> dict:
+  """The saved tree: every checkpoint tensor; per-layer constants are derived again on restore."""
+  keep = lambda lw: {k: v for k, v in lw.items() if v is not None and k not in W.CONSTANTS}
   tree = {"embed": host["embed"], "final_norm": host["final_norm"],
-          "layers": {str(i): dict(lw) for i, lw in enumerate(host["layers"])}}
+          "layers": {str(i): keep(lw) for i, lw in enumerate(host["layers"])}}
   if host.get("unembed") is not None:
     tree["unembed"] = host["unembed"]
   return tree
@@ -62,7 +64,8 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
 
   path = Path(path).absolute()
   meta = read_meta(path)
-  if {"family": "llama", **meta["architecture"]} != dataclasses.asdict(arch):
+  defaults = {f.name: f.default for f in dataclasses.fields(arch)}   # fields added since
+  if {**defaults, **meta["architecture"]} != dataclasses.asdict(arch):
     raise ConfigError(f"checkpoint {path} was written for another architecture: "
                       f"{meta['architecture']}")
   stored = tuple(meta.get("rows") or (arch.n_heads, arch.n_kv_heads))
@@ -77,8 +80,10 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
   restored = ocp.StandardCheckpointer().restore(path / "weights", target)
   cast = (lambda a: a) if jnp.dtype(meta["dtype"]) == jnp.dtype(dtype) else (
       lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(a))
-  layers = tuple(W.LayerWeights(**{k: cast(v) for k, v in restored["layers"][str(i)].items()})
-                 for i in range(arch.n_layers))
+  constants = [{k: jax.device_put(v, sharding) for k, v in W.layer_constants(arch, i).items()}
+               for i in range(arch.n_layers)]
+  layers = tuple(W.LayerWeights(**{k: cast(v) for k, v in restored["layers"][str(i)].items()},
+                                **constants[i]) for i in range(arch.n_layers))
   unembed = restored.get("unembed")
   return W.ResidentWeights(embed=cast(restored["embed"]),
                            unembed=None if unembed is None else cast(unembed),

@@ -19,31 +19,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flying_jax.checkpoints.loader import NORMS, Tensor, expected_shapes, stack
+from flying_jax.checkpoints.loader import Tensor, expected_shapes, stack
 from flying_jax.config import Architecture
-
-_TOP = ("embed", "lm_head", "final_norm")
 
 
 def fan_in(name: str, arch: Architecture) -> int:
   """The input width each canonical matrix contracts over (embeddings: the model width)."""
-  if name == "wo":
+  from flying_jax.model.tables import spec_of
+
+  role = spec_of(arch, name).role
+  if role == "o":
     return arch.n_heads * arch.head_dim
-  if name == "w_down":
+  if role == "ffn_out":
     return arch.ffn_dim
   return arch.dim
 
 
 def iter_random(arch: Architecture, seed: int = 0) -> Iterator[Tensor]:
   """`arch`'s random weights one tensor at a time, as arrays on the default device."""
-  shapes = expected_shapes(arch)
-  for name in _TOP:
-    if name in shapes:
-      yield Tensor(name, None, _one(name, shapes[name], None, seed, arch))
-  per_layer = [n for n in shapes if n not in _TOP]
+  from flying_jax.model.tables import layer_specs, top_specs
+
+  for spec in top_specs(arch):
+    yield Tensor(spec.name, None, _one(spec, None, seed, arch))
   for layer in range(arch.n_layers):
-    for name in per_layer:
-      yield Tensor(name, layer, _one(name, shapes[name][1:], layer, seed, arch))
+    for spec in layer_specs(arch):
+      yield Tensor(spec.name, layer, _one(spec, layer, seed, arch))
 
 
 def random_weights(arch: Architecture, seed: int = 0, threads: int | None = None
@@ -53,8 +53,9 @@ def random_weights(arch: Architecture, seed: int = 0, threads: int | None = None
   return stack(iter_random(arch, seed), arch)
 
 
-def _one(name: str, shape: tuple[int, ...], layer: int | None, seed: int, arch: Architecture):
-  if name in NORMS:
+def _one(spec, layer: int | None, seed: int, arch: Architecture):
+  name, shape = spec.name, spec.canonical_shape(arch)
+  if spec.role in ("norm", "head_norm"):
     return jnp.ones(shape, jnp.float32)
   key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
   key = jax.random.fold_in(key, 0 if layer is None else layer + 1)

@@ -1,7 +1,8 @@
-"""Hugging Face Llama / Mistral checkpoints (a directory of *.safetensors + config.json), both ways.
+"""Hugging Face checkpoints (a directory of *.safetensors + config.json): read for every family
+of `model.families` through its weight table; Llama / Mistral also written.
 
 HF stores Linear weights as [out, in] with Q/K already in rotate-half order, so reading is a
-transpose and reshape per tensor. Sharded checkpoints are found through
+transpose and reshape per tensor (Gemma's norms are stored minus one). Sharded checkpoints are found through
 `model.safetensors.index.json`; bf16 tensors are read through `ml_dtypes` and widened to float32.
 """
 
@@ -17,48 +18,95 @@ from flying_jax.checkpoints.loader import Tensor, expect_shape, expected_shapes,
 from flying_jax.config import Architecture, ConfigError
 
 INDEX = "model.safetensors.index.json"
-_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-_PROJ = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-         "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-         "w_down": "mlp.down_proj"}
+
+
+def _rope(config: dict, kind: str | None = None) -> dict:
+  """RoPE parameters: transformers 5 nests them (per layer type for Gemma 3), older configs
+  keep `rope_theta` / `rope_scaling` / `rope_local_base_freq` at the top."""
+  params = config.get("rope_parameters") or {}
+  if kind is not None and kind in params:
+    params = params[kind]
+  elif kind is not None and "full_attention" in params:
+    params = params["full_attention"]
+  out = {"rope_theta": params.get("rope_theta", config.get("rope_theta", 10000.0)),
+         "rope_type": params.get("rope_type", "default")}
+  if kind == "sliding_attention" and "rope_theta" not in params:
+    out["rope_theta"] = config.get("rope_local_base_freq", out["rope_theta"])
+  if config.get("rope_scaling"):
+    out["rope_type"] = config["rope_scaling"].get("rope_type", "scaled")
+  return out
+
+
+def _windows(config: dict, n_layers: int, context: int) -> dict:
+  """sliding_window / sliding_pattern / rope_local_theta from `layer_types` (Gemma 3, Qwen3,
+  Mistral); an all-sliding model (Mistral) has pattern 0."""
+  window = config.get("sliding_window")
+  if window is None or config.get("use_sliding_window") is False or int(window) >= context:
+    return {}
+  window = int(window)
+  types = config.get("layer_types") or ["sliding_attention"] * n_layers
+  sliding = [t == "sliding_attention" for t in types]
+  if not any(sliding):
+    return {}
+  if all(sliding):
+    pattern = 0
+  else:
+    pattern = sliding.index(False) + 1
+    if any(s != (l % pattern != pattern - 1) for l, s in enumerate(sliding)):
+      raise ConfigError(f"config.json: layer_types {types} do not repeat one pattern")
+  out = {"sliding_window": window, "sliding_pattern": pattern}
+  local = _rope(config, "sliding_attention")["rope_theta"]
+  if local != _rope(config, "full_attention")["rope_theta"]:
+    out["rope_local_theta"] = float(local)
+  return out
 
 
 def architecture_from_hf_config(config: dict) -> Architecture:
-  """An `Architecture` from a Hugging Face `config.json` dictionary (Llama or Mistral)."""
+  """An `Architecture` from a Hugging Face `config.json` dictionary (any family of
+  `model.families`: Llama, Mistral, Qwen3, Gemma 3)."""
   from flying_jax.model.families import family_for_hf
 
   try:
     family = family_for_hf(config.get("model_type", "llama"))
   except ValueError as e:
     raise ConfigError(f"config.json: {e}") from None
-  if config.get("rope_scaling"):
-    raise ConfigError(f"config.json: rope_scaling {config['rope_scaling']} is not supported")
+  if config.get("rope_scaling") or _rope(config)["rope_type"] != "default":
+    raise ConfigError(f"config.json: rope_scaling {_rope(config)['rope_type']!r} is not supported")
   if config.get("attention_bias") or config.get("mlp_bias"):
     raise ConfigError("config.json: attention_bias / mlp_bias are not supported")
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if config.get(key):
+      raise ConfigError(f"config.json: {key} is not supported")
+  act = config.get("hidden_activation") or config.get("hidden_act", "silu")
+  want = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
+  if act != want:
+    raise ConfigError(f"config.json: activation {act!r} is not {want!r} ({family})")
   context = int(config.get("max_position_embeddings", 2048))
-  window = config.get("sliding_window")
-  if window is not None and int(window) < context:
-    raise ConfigError(f"config.json: a sliding window of {window} tokens (below the context of "
-                      f"{context}) is not supported yet")
   try:
     dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_layers = int(config["num_hidden_layers"])
+    extra = _windows(config, n_layers, context)
+    if family == "gemma3":
+      extra["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or 0.0)
     return Architecture(
-        dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=heads,
+        dim=dim, n_layers=n_layers, n_heads=heads,
         n_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or dim // heads),
         ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=float(_rope(config, "full_attention")["rope_theta"]),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_context=context, family=family)
+        tied_embeddings=bool(config.get("tie_word_embeddings", family == "gemma3")),
+        max_context=context, family=family, **extra)
   except KeyError as e:
     raise ConfigError(f"config.json: missing {e}") from None
 
 
 def hf_config_from_architecture(arch: Architecture, dtype: str = "float32") -> dict:
   """The Hugging Face `config.json` dictionary of a Llama / Mistral with `arch` (inverse of the
-  above)."""
+  above; checkpoints this project writes)."""
   a = arch
+  if a.family not in ("llama", "mistral") or a.sliding_window:
+    raise ValueError(f"writing {a.family} checkpoints is not supported (llama, mistral)")
   head = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[a.family]
   extra = {"sliding_window": None} if a.family == "mistral" else {}
   return {
@@ -69,24 +117,6 @@ def hf_config_from_architecture(arch: Architecture, dtype: str = "float32") -> d
       "tie_word_embeddings": a.tied_embeddings, "max_position_embeddings": a.max_context,
       "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": dtype,
   }
-
-
-def _hf_layout(arch: Architecture) -> dict[str, tuple[str, tuple[int, ...]]]:
-  """Canonical per-layer key -> (HF suffix, HF shape) for one layer."""
-  a = arch
-  q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-  shapes = {"wq": (q, a.dim), "wk": (kv, a.dim), "wv": (kv, a.dim), "wo": (a.dim, q),
-            "w_gate": (a.ffn_dim, a.dim), "w_up": (a.ffn_dim, a.dim), "w_down": (a.dim, a.ffn_dim)}
-  layout = {k: (f"{v}.weight", shapes[k]) for k, v in _PROJ.items()}
-  layout.update({k: (f"{v}.weight", (a.dim,)) for k, v in _NORMS.items()})
-  return layout
-
-
-def _top_names(arch: Architecture) -> dict[str, str]:
-  names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
-  if not arch.tied_embeddings:
-    names["lm_head"] = "lm_head.weight"
-  return names
 
 
 class _Tensors:
@@ -127,20 +157,27 @@ def check_hf_config(path: Path, arch: Architecture) -> None:
 
 
 def iter_safetensors_dir(path: str | Path, arch: Architecture) -> Iterator[Tensor]:
-  """A Hugging Face Llama safetensors directory's tensors one at a time, in their stored dtype,
-  in canonical orientation (see `loader`)."""
+  """A Hugging Face safetensors directory's tensors one at a time (the family's weight table,
+  `model.tables`), in their stored dtype, in canonical orientation (see `loader`)."""
+  from flying_jax.model.tables import layer_specs, top_specs
+
   path = Path(path).expanduser()
   if not path.is_dir():
     raise FileNotFoundError(f"safetensors checkpoint directory {path} does not exist")
   check_hf_config(path, arch)
-  tensors, shapes = _Tensors(path), expected_shapes(arch)
-  for k, name in _top_names(arch).items():
-    yield Tensor(k, None, tensors.get(name, shapes[k]))
-  layout = _hf_layout(arch)
+  tensors = _Tensors(path)
+
+  def read(spec, layer):
+    w = tensors.get(spec.hf.format(i=layer), spec.stored_shape(arch))
+    if spec.hf_offset:
+      w = w.astype(np.float32) + np.float32(spec.hf_offset)
+    return Tensor(spec.name, layer, spec.to_canonical(w, arch))
+
+  for spec in top_specs(arch):
+    yield read(spec, None)
   for i in range(arch.n_layers):
-    for key, (suffix, hf_shape) in layout.items():
-      w = tensors.get(f"model.layers.{i}.{suffix}", hf_shape)
-      yield Tensor(key, i, w if key in _NORMS else w.T.reshape(shapes[key][1:]))
+    for spec in layer_specs(arch):
+      yield read(spec, i)
 
 
 def load_safetensors_dir(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
@@ -150,17 +187,20 @@ def load_safetensors_dir(path: str | Path, arch: Architecture) -> dict[str, np.n
 
 def _hf_tensors(weights: dict[str, np.ndarray], arch: Architecture, layer: int | None) -> dict:
   """HF-named [out, in] tensors: the top-level ones (`layer=None`) or those of one layer."""
-  if layer is None:
-    return {name: weights[k] for k, name in _top_names(arch).items()}
-  return dict(hf_tensor(key, layer, weights[key][layer], arch) for key in _hf_layout(arch))
+  from flying_jax.model.tables import layer_specs, top_specs
+
+  specs = top_specs(arch) if layer is None else layer_specs(arch)
+  return dict(hf_tensor(s.name, layer, weights[s.name] if layer is None else weights[s.name][layer],
+                        arch) for s in specs)
 
 
 def hf_tensor(key: str, layer: int | None, w: np.ndarray, arch: Architecture):
   """(Hugging Face name, [out, in] array) of one canonical tensor (one layer's slice)."""
-  if layer is None:
-    return _top_names(arch)[key], w
-  suffix, hf_shape = _hf_layout(arch)[key]
-  return f"model.layers.{layer}.{suffix}", w if key in _NORMS else w.reshape(-1, hf_shape[0]).T
+  from flying_jax.model.tables import spec_of
+
+  spec = spec_of(arch, key)
+  w = spec.to_stored(w, arch)
+  return spec.hf.format(i=layer), (w - np.float32(spec.hf_offset) if spec.hf_offset else w)
 
 
 def write_safetensors_stream(tensors, arch: Architecture, path: str | Path,

@@ -80,17 +80,20 @@ def _gather_block(pool_PxSxH, pages_SxB, geom: KVGeometry):
 
 
 def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n_blocks,
-                    geom: KVGeometry):
+                    geom: KVGeometry, window=None, scale: float | None = None):
   """Causal attention of S sequences' Q query tokens over their paged KV.
 
   q: [S, Q, K kv heads, G queries per kv head, hd]; qpos: absolute positions of the queries;
   table: page ids per sequence (unused entries may be anything); kvlen: valid KV tokens per sequence;
   n_blocks: how many blocks of `pages_per_block` pages to visit (traced scalar).
+  window: None, or a traced int32 W: a query at position i sees keys i-W+1 .. i (blocks wholly
+  before every query's window are not visited). scale: of the scores (default hd ** -0.5).
   """
   s, q, k, g, hd = q_SxQxKxGxH.shape
   blk_tokens = geom.pages_per_block * geom.tokens_per_page
+  scale = hd ** -0.5 if scale is None else scale
   # Rows r = (g, q) of each kv head: [S, K, G*Q, hd] (a free reshape when Q == 1).
-  qf = (q_SxQxKxGxH.astype(jnp.float32) * hd ** -0.5).transpose(0, 2, 3, 1, 4).reshape(s, k, g * q, hd)
+  qf = (q_SxQxKxGxH.astype(jnp.float32) * scale).transpose(0, 2, 3, 1, 4).reshape(s, k, g * q, hd)
   qpos_SxR = jnp.broadcast_to(qpos_SxQ[:, None, :], (s, g, q)).reshape(s, g * q)
 
   def body(b, carry):
@@ -102,6 +105,8 @@ def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n
     kv_pos = b * blk_tokens + jnp.arange(blk_tokens)
     mask_SxRxN = ((kv_pos[None, None, :] <= qpos_SxR[:, :, None])
                   & (kv_pos[None, None, :] < kvlen_S[:, None, None]))
+    if window is not None:
+      mask_SxRxN &= kv_pos[None, None, :] > qpos_SxR[:, :, None] - window
     mask = mask_SxRxN[:, None]                                      # [S, 1, R, N]
     sc = jnp.einsum("skrh,skhn->skrn", qf, kb)
     sc = jnp.where(mask, sc, _NEG)
@@ -114,8 +119,11 @@ def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n
 
   init = (jnp.full((s, k, g * q), _NEG, jnp.float32), jnp.zeros((s, k, g * q), jnp.float32),
           jnp.zeros((s, k, g * q, hd), jnp.float32))
+  first = 0
+  if window is not None:                  # no query of the step sees keys before this block
+    first = jnp.clip((qpos_SxQ.min() - window + 1) // blk_tokens, 0, n_blocks)
   with jax.named_scope("paged_attention"):
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    _, l, acc = jax.lax.fori_loop(first, n_blocks, body, init)
   out = acc / jnp.maximum(l, 1e-30)[..., None]                     # [S, K, G*Q, hd]
   out = out.reshape(s, k, g, q, hd).transpose(0, 3, 1, 2, 4)       # [S, Q, K, G, hd]
   return out.astype(q_SxQxKxGxH.dtype)

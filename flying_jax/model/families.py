@@ -1,10 +1,19 @@
 """Model families, found by the name a model card gives (`[architecture] family = "llama"`).
 
 A family is the per-device forward (`embed`, `layer`, `logits`, run under `per_device` by the
-program registry) and the names checkpoints give it: Hugging Face `model_type`s and GGUF
+program registry), its weight table (`model.tables`: every tensor, its role and its checkpoint
+names) and the names checkpoints give the family: Hugging Face `model_type`s and GGUF
 `general.architecture` values. Programs look a family up here; nothing else imports a model
-module directly. Mistral is Llama's forward (grouped-query attention, SwiGLU, RMSNorm, rotate-half
-RoPE) when its sliding window does not bind.
+module directly.
+
+- llama: grouped-query attention, SwiGLU, RMSNorm, rotate-half RoPE.
+- mistral: Llama's forward; a sliding window (every layer) is masked exactly when it binds.
+- qwen3: Llama with per-head RMSNorms on q and k before RoPE.
+- gemma3: q/k norms, a norm after attention and after the FFN, GeGLU (tanh), embeddings scaled
+  by sqrt(dim), sliding-window layers with their own RoPE base, and global ones.
+
+Adding a family: a weight table in `model.tables`, a forward module (or an existing one), and an
+entry below.
 """
 
 from __future__ import annotations
@@ -12,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from types import ModuleType
+from typing import Callable
+
+from flying_jax.model import tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +32,8 @@ class Family:
   module: str                      # defines embed(embed_VxD, meta), layer(...), logits(...)
   hf_model_types: tuple[str, ...]  # config.json "model_type" values it reads
   gguf_architectures: tuple[str, ...]
+  table: Callable[[], tuple]       # its weight table (`model.tables`)
+  gguf_rope_permuted: bool = True  # llama.cpp permutes Q/K rows for interleaved RoPE
 
   @property
   def forward(self) -> ModuleType:
@@ -29,8 +43,13 @@ class Family:
 
 def _families() -> dict[str, Family]:
   return {
-      "llama": Family("llama", "flying_jax.model.llama", ("llama",), ("llama",)),
-      "mistral": Family("mistral", "flying_jax.model.llama", ("mistral",), ("llama",)),
+      "llama": Family("llama", "flying_jax.model.llama", ("llama",), ("llama",), tables.llama),
+      "mistral": Family("mistral", "flying_jax.model.llama", ("mistral",), ("llama",),
+                        tables.llama),
+      "qwen3": Family("qwen3", "flying_jax.model.llama", ("qwen3",), ("qwen3",), tables.qwen3,
+                      gguf_rope_permuted=False),
+      "gemma3": Family("gemma3", "flying_jax.model.gemma3", ("gemma3_text", "gemma3"),
+                       ("gemma3",), tables.gemma3, gguf_rope_permuted=False),
   }
 
 

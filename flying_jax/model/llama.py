@@ -1,5 +1,8 @@
 """The Llama forward as pure per-device functions: embed, one decoder layer, final norm + logits.
 
+Also Mistral (a sliding window through the layer's constants) and Qwen3 (per-head q/k norms);
+Gemma 3 (`gemma3.py`) reuses the attention block and the logits.
+
 Each function sees one device's blocks (it runs under `per_device`); the width is static and only
 decides which heads/columns the device takes and whether partial sums are reduced over the group.
 """
@@ -23,10 +26,11 @@ def rms_norm(x_TxD, w_D, eps: float):
   return (y * w_D.astype(jnp.float32)).astype(x_TxD.dtype)
 
 
-def rope(x_TxNxH, pos_T, theta: float):
-  """Rotate-half rotary embedding (Hugging Face convention)."""
+def rope(x_TxNxH, pos_T, theta: float, inv_H=None):
+  """Rotate-half rotary embedding (Hugging Face convention); `inv_H` (a layer's constants, see
+  `weights.layer_constants`) replaces the inverse frequencies of base `theta`."""
   hd = x_TxNxH.shape[-1]
-  inv = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  inv = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd) if inv_H is None else inv_H
   ang = pos_T.astype(jnp.float32)[:, None] * inv[None, :]         # [T, hd/2]
   cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
   xf = x_TxNxH.astype(jnp.float32)
@@ -40,7 +44,7 @@ def embed(embed_VxD, meta: StepMeta):
 
 
 def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: HeadPlan,
-               geom: KVGeometry):
+               geom: KVGeometry, window=None, scale: float | None = None):
   t, _, hd = q_TxQxH.shape
   q = q_TxQxH.reshape(t, plan.kv_per_device, plan.q_per_kv, hd)
   d = shape.decode
@@ -48,15 +52,42 @@ def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: 
   if d:
     parts.append(paged_attention(
         q[:d, None], meta.positions[:d, None], k_pool, v_pool, meta.dec_table, meta.dec_len,
-        meta.n_blocks[0], geom)[:, 0])
+        meta.n_blocks[0], geom, window, scale)[:, 0])
   if shape.chunk:
     r, c = shape.pre_rows, shape.chunk
     qp = q[d:].reshape(r, c, plan.kv_per_device, plan.q_per_kv, hd)
     parts.append(paged_attention(
         qp, meta.positions[d:].reshape(r, c), k_pool, v_pool, meta.pre_table, meta.pre_len,
-        meta.n_blocks[1], geom).reshape(r * c, plan.kv_per_device, plan.q_per_kv, hd))
+        meta.n_blocks[1], geom, window, scale).reshape(r * c, plan.kv_per_device, plan.q_per_kv,
+                                                       hd))
   out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
   return out.reshape(t, plan.q_per_device, hd)
+
+
+def attention_block(lw: LayerWeights, k_pool, v_pool, h_TxD, meta: StepMeta, *, arch: Architecture,
+                    shape: StepShape, plan: HeadPlan, geom: KVGeometry, coll: Collectives,
+                    wq, wk, wv, wo):
+  """Self-attention of the normed activations `h` on this device's heads (q/k norms and
+  per-layer RoPE / window when the layer has them); returns this device's partial output
+  (before the sum over the group) and the pools with the step's KV written."""
+  nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
+  heads = lambda w, n: (h_TxD @ w.T).reshape(h_TxD.shape[0], -1, hd)[:, :n]  # width 1: no padding
+  q, k, v = heads(wq, nq), heads(wk, nkv), heads(wv, nkv)
+  if lw.q_norm is not None:
+    q, k = rms_norm(q, lw.q_norm, arch.norm_eps), rms_norm(k, lw.k_norm, arch.norm_eps)
+  q = rope(q, meta.positions, arch.rope_theta, lw.rope_inv)
+  k = rope(k, meta.positions, arch.rope_theta, lw.rope_inv)
+  k_pool = write_k(k_pool, k, meta.write_base, geom)
+  v_pool = write_kv(v_pool, v, meta.write_base, geom.tokens_per_page)
+  window = None if lw.window is None else lw.window[0]
+  o = _attention(q, k_pool, v_pool, meta, shape, plan, geom, window, arch.attn_scale)
+  mask = plan.q_mask
+  if mask is not None:                       # a neighbour's head read by an uneven split
+    o = o * jnp.asarray(mask, o.dtype)[coll.index()][None, :, None]
+  o = o.reshape(o.shape[0], nq * hd)
+  if wo.shape[0] > nq * hd:
+    o = jnp.pad(o, ((0, 0), (0, wo.shape[0] - nq * hd)))
+  return o @ wo, k_pool, v_pool
 
 
 def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Architecture,
@@ -65,21 +96,10 @@ def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Arch
   wq, wk, wv, wo, w_gate, w_up, w_down = shard_layer(lw, plan, coll, arch)
   with jax.named_scope("attention"):
     h = rms_norm(x_TxD, lw.attn_norm, arch.norm_eps)
-    nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
-    heads = lambda w, n: (h @ w.T).reshape(h.shape[0], -1, hd)[:, :n]   # width 1: drop padding
-    q = rope(heads(wq, nq), meta.positions, arch.rope_theta)
-    k = rope(heads(wk, nkv), meta.positions, arch.rope_theta)
-    v = heads(wv, nkv)
-    k_pool = write_k(k_pool, k, meta.write_base, geom)
-    v_pool = write_kv(v_pool, v, meta.write_base, geom.tokens_per_page)
-    o = _attention(q, k_pool, v_pool, meta, shape, plan, geom)
-    mask = plan.q_mask
-    if mask is not None:                       # a neighbour's head read by an uneven split
-      o = o * jnp.asarray(mask, o.dtype)[coll.index()][None, :, None]
-    o = o.reshape(o.shape[0], nq * hd)
-    if wo.shape[0] > nq * hd:
-      o = jnp.pad(o, ((0, 0), (0, wo.shape[0] - nq * hd)))
-    x_TxD = x_TxD + coll.sum(o @ wo)
+    o, k_pool, v_pool = attention_block(lw, k_pool, v_pool, h, meta, arch=arch, shape=shape,
+                                        plan=plan, geom=geom, coll=coll, wq=wq, wk=wk, wv=wv,
+                                        wo=wo)
+    x_TxD = x_TxD + coll.sum(o)
   with jax.named_scope("ffn"):
     h = rms_norm(x_TxD, lw.ffn_norm, arch.norm_eps)
     g = (h @ w_gate.T).astype(jnp.float32)

@@ -40,9 +40,29 @@ class LayerWeights:
   w_gate: jax.Array      # [F, D]
   w_up: jax.Array        # [F, D]
   w_down: jax.Array      # [F, D]
+  # the family's other tensors (`model.tables`), None where it has none:
+  q_norm: jax.Array | None = None           # [hd] per-head RMSNorm of q (Qwen3, Gemma 3)
+  k_norm: jax.Array | None = None           # [hd]
+  post_attn_norm: jax.Array | None = None   # [D] Gemma 3's norm of the attention output
+  post_ffn_norm: jax.Array | None = None    # [D] and of the FFN output
+  # per-layer constants of models whose layers differ (`layer_constants`), not from checkpoints:
+  rope_inv: jax.Array | None = None         # [hd/2] float32 RoPE inverse frequencies
+  window: jax.Array | None = None           # [1] int32 keys visible to a query (sliding window)
 
 
 LAYER_NAMES = tuple(f.name for f in dataclasses.fields(LayerWeights))
+CONSTANTS = ("rope_inv", "window")
+
+
+def layer_constants(arch: Architecture, layer: int) -> dict[str, np.ndarray]:
+  """Per-layer constants as arrays, so one compiled layer program serves layers that differ in
+  RoPE base or window (Gemma 3's sliding and global layers). Empty for models without windows."""
+  if not arch.sliding_window:
+    return {}
+  hd = arch.head_dim
+  inv = arch.layer_rope_theta(layer) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+  window = arch.sliding_window if arch.sliding(layer) else 2**30
+  return {"rope_inv": inv.astype(np.float32), "window": np.array([window], np.int32)}
 
 
 @jax.tree_util.register_dataclass
@@ -68,19 +88,23 @@ class ResidentWeights:
 def resident_tensor(name: str, array, arch: Architecture, dtype,
                     rows: tuple[int, int] | None = None):
   """One canonical tensor (one layer's slice of a per-layer one, see `flying_jax.checkpoints`)
-  in its resident form and dtype: projections transposed to lead with the split dimension, head
-  rows padded with zeros to `rows` (default: the real heads only). A numpy array stays on the
-  host; a jax.Array (weights made on a device) is converted where it is."""
+  in its resident form and dtype, by its role in the family's table (`model.tables`):
+  projections transposed to lead with the split dimension, head rows padded with zeros to `rows`
+  (default: the real heads only). A numpy array stays on the host; a jax.Array (weights made on
+  a device) is converted where it is."""
+  from flying_jax.model.tables import spec_of
+
   xp = jnp if isinstance(array, jax.Array) else np
   a = xp.asarray(array, jnp.dtype(dtype))
   q_rows, kv_rows = rows or (arch.n_heads, arch.n_kv_heads)
   hd, dim = arch.head_dim, arch.dim
-  if name in ("wq", "wk", "wv"):                        # [D, H, hd] -> [Rows*hd, D]
-    n = q_rows if name == "wq" else kv_rows
+  role = spec_of(arch, name).role
+  if role in ("q", "kv"):                               # [D, H, hd] -> [Rows*hd, D]
+    n = q_rows if role == "q" else kv_rows
     return _pad_rows(a.transpose(1, 2, 0).reshape(-1, dim), n * hd, xp)
-  if name == "wo":                                      # [Hq, hd, D] -> [Rq*hd, D]
+  if role == "o":                                       # [Hq, hd, D] -> [Rq*hd, D]
     return _pad_rows(a.reshape(-1, dim), q_rows * hd, xp)
-  if name in ("w_gate", "w_up"):                        # [D, F] -> [F, D]
+  if role == "ffn_in":                                  # [D, F] -> [F, D]
     a = a.T
   return np.ascontiguousarray(a) if xp is np else a      # row-major: the layout programs expect
 
@@ -89,8 +113,11 @@ def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
                     rows: tuple[int, int] | None = None) -> dict:
   """Canonical checkpoint arrays (see `flying_jax.checkpoints`) -> host arrays in resident
   layout (`resident_tensor` of each)."""
+  from flying_jax.model.tables import layer_specs
+
   conv = lambda name, a: resident_tensor(name, a, arch, dtype, rows)
-  layers = [{k: conv(k, canonical[k][l]) for k in LAYER_NAMES} for l in range(arch.n_layers)]
+  layers = [{**{s.name: conv(s.name, canonical[s.name][l]) for s in layer_specs(arch)},
+             **layer_constants(arch, l)} for l in range(arch.n_layers)]
   return dict(embed=conv("embed", canonical["embed"]),
               unembed=None if arch.tied_embeddings else conv("lm_head", canonical["lm_head"]),
               final_norm=conv("final_norm", canonical["final_norm"]), layers=layers)
@@ -100,14 +127,17 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   """Resident weights from a stream of canonical `Tensor`s (`checkpoints.iter_tensors`): each is
   converted and handed to `put` (which places it on the devices) before the next is read, so the
   host holds about one tensor at a time."""
+  from flying_jax.model.tables import layer_specs
+
   top: dict = {}
-  layers: list[dict] = [{} for _ in range(arch.n_layers)]
+  layers: list[dict] = [{k: put(v) for k, v in layer_constants(arch, l).items()}
+                        for l in range(arch.n_layers)]
   for t in tensors:
     placed = put(resident_tensor(t.name, t.array, arch, dtype, rows))
     (top if t.layer is None else layers[t.layer])[t.name] = placed
   missing = [n for n in ("embed", "final_norm") if n not in top]
-  missing += [f"{n} of layer {l}" for l, lw in enumerate(layers) for n in LAYER_NAMES
-              if n not in lw]
+  missing += [f"{s.name} of layer {l}" for l, lw in enumerate(layers) for s in layer_specs(arch)
+              if s.name not in lw]
   if not arch.tied_embeddings and "lm_head" not in top:
     missing.append("lm_head")
   if missing:
@@ -128,7 +158,8 @@ def _pad_rows(a, rows: int, xp=np):
 def place(host: dict, sharding) -> ResidentWeights:
   """Put the weights on the devices once, replicated: each engine holds one full copy."""
   put = lambda a: None if a is None else jax.device_put(a, sharding)
-  layers = tuple(LayerWeights(**{k: put(v) for k, v in lw.items()}) for lw in host["layers"])
+  layers = tuple(LayerWeights(**{k: put(v) for k, v in lw.items() if v is not None})
+                 for lw in host["layers"])
   return ResidentWeights(embed=put(host["embed"]), unembed=put(host["unembed"]),
                          final_norm=put(host["final_norm"]), layers=layers)
 
@@ -140,13 +171,17 @@ def abstract(arch: Architecture, dtype, sharding, rows: tuple[int, int] | None =
   a = arch
   q_rows, kv_rows = rows or (a.n_heads, a.n_kv_heads)
   q, kv = q_rows * a.head_dim, kv_rows * a.head_dim
-  layer = LayerWeights(
-      attn_norm=s(a.dim), wq=s(q, a.dim), wk=s(kv, a.dim), wv=s(kv, a.dim), wo=s(q, a.dim),
-      ffn_norm=s(a.dim),
-      w_gate=s(a.ffn_dim, a.dim), w_up=s(a.ffn_dim, a.dim), w_down=s(a.ffn_dim, a.dim))
+  from flying_jax.model.tables import layer_specs
+
+  resident = {"norm": (a.dim,), "head_norm": (a.head_dim,), "q": (q, a.dim), "kv": (kv, a.dim),
+              "o": (q, a.dim), "ffn_in": (a.ffn_dim, a.dim), "ffn_out": (a.ffn_dim, a.dim)}
+  fields = {sp.name: s(*resident[sp.role]) for sp in layer_specs(a)}
+  const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=sharding)
+  layers = tuple(LayerWeights(**fields, **{k: const(c) for k, c in layer_constants(a, l).items()})
+                 for l in range(a.n_layers))
   return ResidentWeights(embed=s(a.vocab_size, a.dim),
                          unembed=None if a.tied_embeddings else s(a.vocab_size, a.dim),
-                         final_norm=s(a.dim), layers=(layer,) * a.n_layers)
+                         final_norm=s(a.dim), layers=layers)
 
 
 def rows_of(weights: ResidentWeights, head_dim: int) -> tuple[int, int]:

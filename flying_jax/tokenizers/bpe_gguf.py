@@ -100,8 +100,8 @@ def build_hf_tokenizer(meta: dict):
   model = meta.get("tokenizer.ggml.model")
   if model != "gpt2":
     raise TokenizerError(
-        f"GGUF tokenizer model {model!r} is not supported here: only byte-level BPE ('gpt2'); "
-        "SentencePiece models need kind = 'sentencepiece' with a .model file")
+        f"GGUF tokenizer model {model!r} is not supported: known 'gpt2' (byte-level BPE) and "
+        "'llama' (SentencePiece)")
   pre = meta.get("tokenizer.ggml.pre", "default")
   if pre not in _PRE_TOKENIZERS:
     raise TokenizerError(
@@ -126,12 +126,15 @@ def build_hf_tokenizer(meta: dict):
   return hf
 
 
-def load(path: str | Path, *, stop_ids: Sequence[int] = (),
-         chat_template: str | None = None) -> HFTokenizer:
-  """The tokenizer of the GGUF file at `path`. Stop ids default to the file's EOS token."""
+def load(path: str | Path, *, stop_ids: Sequence[int] = (), chat_template: str | None = None):
+  """The tokenizer of the GGUF file at `path`: byte-level BPE here, SentencePiece ("llama")
+  through `spm_gguf`. Stop ids default to the file's EOS token."""
   meta = read_tokenizer_metadata(path)
   if "tokenizer.ggml.tokens" not in meta:
     raise TokenizerError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.tokens)")
+  if meta.get("tokenizer.ggml.model") == "llama":
+    from flying_jax.tokenizers import spm_gguf
+    return spm_gguf.load(meta, stop_ids=stop_ids, chat_template=chat_template, where=path)
   eos = meta.get("tokenizer.ggml.eos_token_id")
   bos = meta.get("tokenizer.ggml.bos_token_id")
   add_bos = meta.get("tokenizer.ggml.add_bos_token", False)

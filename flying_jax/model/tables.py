@@ -1,0 +1,150 @@
+"""Weight tables: each family declares its tensors once, and every reader and the layout use it.
+
+A `TensorSpec` names one canonical tensor (a field of `ResidentWeights` or `LayerWeights`), its
+role (which fixes its shapes, how it is transposed, and how tensor parallelism splits it), and the
+names GGUF files and Hugging Face safetensors give it (`{i}` stands for the layer). The GGUF and
+safetensors readers, random initialisation, the resident layout and the orbax store all walk
+`table(arch)`; no other module spells a checkpoint name.
+
+Roles, with the canonical (`x @ W`) shape and the stored `[out, in]` shape both formats use:
+
+  embed      [V, D]                       [V, D]
+  norm       [D]                          [D]           (RMSNorm weight, replicated)
+  head_norm  [hd]                         [hd]          (per-head RMSNorm shared by the heads)
+  q          [D, Hq, hd]                  [Hq*hd, D]    (split by query heads)
+  kv         [D, Hkv, hd]                 [Hkv*hd, D]   (split by KV heads)
+  o          [Hq, hd, D]                  [D, Hq*hd]    (split by query heads, input side)
+  ffn_in     [D, F]                       [F, D]        (split by FFN columns)
+  ffn_out    [F, D]                       [D, F]        (split by FFN columns, input side)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flying_jax.config import Architecture
+
+ROLES = ("embed", "norm", "head_norm", "q", "kv", "o", "ffn_in", "ffn_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  name: str                 # canonical name (a ResidentWeights / LayerWeights field)
+  role: str                 # one of ROLES
+  gguf: str                 # GGUF tensor name; "{i}" is the layer
+  hf: str                   # Hugging Face safetensors name; "{i}" is the layer
+  per_layer: bool = True
+  hf_offset: float = 0.0    # HF stores weight - offset (Gemma's RMSNorm computes x * (1 + w))
+
+  def canonical_shape(self, arch: Architecture) -> tuple[int, ...]:
+    a = arch
+    return {"embed": (a.vocab_size, a.dim), "norm": (a.dim,), "head_norm": (a.head_dim,),
+            "q": (a.dim, a.n_heads, a.head_dim), "kv": (a.dim, a.n_kv_heads, a.head_dim),
+            "o": (a.n_heads, a.head_dim, a.dim), "ffn_in": (a.dim, a.ffn_dim),
+            "ffn_out": (a.ffn_dim, a.dim)}[self.role]
+
+  def stored_shape(self, arch: Architecture) -> tuple[int, ...]:
+    """The `[out, in]` shape GGUF (as numpy) and safetensors store."""
+    c = self.canonical_shape(arch)
+    if self.role in ("q", "kv"):
+      return (c[1] * c[2], c[0])
+    if self.role == "o":
+      return (c[2], c[0] * c[1])
+    if self.role in ("ffn_in", "ffn_out"):
+      return (c[1], c[0])
+    return c
+
+  def to_canonical(self, stored, arch: Architecture):
+    """A stored `[out, in]` array (numpy) in canonical orientation."""
+    c = self.canonical_shape(arch)
+    if self.role in ("q", "kv", "ffn_in", "ffn_out"):
+      return stored.T.reshape(c)
+    if self.role == "o":
+      return stored.T.reshape(c)
+    return stored
+
+  def to_stored(self, canonical, arch: Architecture):
+    """The inverse of `to_canonical` (writing checkpoints)."""
+    s = self.stored_shape(arch)
+    if self.role in ("q", "kv", "o"):
+      return canonical.reshape(-1, s[0]).T
+    if self.role in ("ffn_in", "ffn_out"):
+      return canonical.T
+    return canonical
+
+  def key(self, layer: int | None) -> str:
+    return self.name if layer is None else f"{self.name}.{layer}"
+
+
+def _llama(q_k_norms: bool = False) -> tuple[TensorSpec, ...]:
+  L = "model.layers.{i}."
+  specs = [
+      TensorSpec("embed", "embed", "token_embd.weight", "model.embed_tokens.weight", False),
+      TensorSpec("final_norm", "norm", "output_norm.weight", "model.norm.weight", False),
+      TensorSpec("lm_head", "embed", "output.weight", "lm_head.weight", False),
+      TensorSpec("attn_norm", "norm", "blk.{i}.attn_norm.weight", L + "input_layernorm.weight"),
+      TensorSpec("wq", "q", "blk.{i}.attn_q.weight", L + "self_attn.q_proj.weight"),
+      TensorSpec("wk", "kv", "blk.{i}.attn_k.weight", L + "self_attn.k_proj.weight"),
+      TensorSpec("wv", "kv", "blk.{i}.attn_v.weight", L + "self_attn.v_proj.weight"),
+      TensorSpec("wo", "o", "blk.{i}.attn_output.weight", L + "self_attn.o_proj.weight"),
+      TensorSpec("ffn_norm", "norm", "blk.{i}.ffn_norm.weight",
+                 L + "post_attention_layernorm.weight"),
+      TensorSpec("w_gate", "ffn_in", "blk.{i}.ffn_gate.weight", L + "mlp.gate_proj.weight"),
+      TensorSpec("w_up", "ffn_in", "blk.{i}.ffn_up.weight", L + "mlp.up_proj.weight"),
+      TensorSpec("w_down", "ffn_out", "blk.{i}.ffn_down.weight", L + "mlp.down_proj.weight"),
+  ]
+  if q_k_norms:
+    specs += [TensorSpec("q_norm", "head_norm", "blk.{i}.attn_q_norm.weight",
+                         L + "self_attn.q_norm.weight"),
+              TensorSpec("k_norm", "head_norm", "blk.{i}.attn_k_norm.weight",
+                         L + "self_attn.k_norm.weight")]
+  return tuple(specs)
+
+
+def _gemma3() -> tuple[TensorSpec, ...]:
+  """Gemma 3: q/k norms, a norm after attention and one around the FFN (HF: stored minus one)."""
+  L = "model.layers.{i}."
+  rename = {"ffn_norm": L + "pre_feedforward_layernorm.weight"}
+  specs = [dataclasses.replace(s, hf=rename.get(s.name, s.hf),
+                               hf_offset=1.0 if s.role in ("norm", "head_norm") else 0.0)
+           for s in _llama(q_k_norms=True)]
+  specs += [TensorSpec("post_attn_norm", "norm", "blk.{i}.post_attention_norm.weight",
+                       L + "post_attention_layernorm.weight", hf_offset=1.0),
+            TensorSpec("post_ffn_norm", "norm", "blk.{i}.post_ffw_norm.weight",
+                       L + "post_feedforward_layernorm.weight", hf_offset=1.0)]
+  return tuple(specs)
+
+
+def llama() -> tuple[TensorSpec, ...]:
+  return _llama()
+
+
+def qwen3() -> tuple[TensorSpec, ...]:
+  return _llama(q_k_norms=True)
+
+
+gemma3 = _gemma3
+
+
+def table(arch: Architecture) -> tuple[TensorSpec, ...]:
+  """The tensors of `arch`'s family (`families.Family.table`), `lm_head` left out when embeddings
+  are tied: top-level tensors first, then the per-layer ones in the order readers yield them."""
+  from flying_jax.model.families import family_of
+
+  specs = family_of(arch.family).table()
+  return tuple(s for s in specs if not (s.name == "lm_head" and arch.tied_embeddings))
+
+
+def layer_specs(arch: Architecture) -> tuple[TensorSpec, ...]:
+  return tuple(s for s in table(arch) if s.per_layer)
+
+
+def top_specs(arch: Architecture) -> tuple[TensorSpec, ...]:
+  return tuple(s for s in table(arch) if not s.per_layer)
+
+
+def spec_of(arch: Architecture, name: str) -> TensorSpec:
+  for s in table(arch):
+    if s.name == name:
+      return s
+  raise KeyError(f"{arch.family} has no tensor {name!r}")
