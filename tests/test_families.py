@@ -1,7 +1,9 @@
-"""Model families against Hugging Face transformers: a tiny randomly initialised Llama and
-Mistral saved with `save_pretrained`, made into cards with `card --from-hf`, served at every
-width (Mistral, Llama's forward read from another config, at widths 1 and 8); the logits of every
-greedy step match transformers' forward on the same ids."""
+"""Model families against Hugging Face transformers: tiny randomly initialised Llama, Mistral
+(a sliding window of 8 that binds), Qwen3 (q/k norms) and Gemma 3 (sandwich norms stored minus
+one, a sliding and a global layer with their own RoPE bases, a query scale other than head_dim)
+saved with `save_pretrained`, made into cards with `card --from-hf`, served at every width; the
+logits of every greedy step match transformers' forward on the same ids. Norm weights are
+perturbed away from their initial ones so that a norm read wrongly shows."""
 
 import dataclasses
 
@@ -27,23 +29,40 @@ SHAPE = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_att
 def hf_model(family: str, path):
   torch.manual_seed(0)
   if family == "llama":
-    config = transformers.LlamaConfig(**SHAPE)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+  elif family == "mistral":
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, sliding_window=8))
+  elif family == "qwen3":
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE))
   else:
-    config = transformers.MistralConfig(**SHAPE, sliding_window=None)
-    model = transformers.MistralForCausalLM(config)
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    shape = {**SHAPE, "tie_word_embeddings": True, "rope_theta": None}
+    shape.pop("rope_theta")
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **shape, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, rope_parameters=rope))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.add_(0.1 * torch.randn_like(p))
   model = model.eval()
   model.save_pretrained(path, safe_serialization=True)
   return model
 
 
-@pytest.mark.parametrize("family,widths", [("llama", WIDTHS), ("mistral", (1, 8))])
+@pytest.mark.parametrize("family,widths", [("llama", WIDTHS), ("mistral", (1, 8)),
+                                           ("qwen3", WIDTHS), ("gemma3", WIDTHS)])
 def test_every_width_matches_transformers(family, widths, tmp_path):
   model = hf_model(family, tmp_path / family)
   card_file = tmp_path / f"{family}.toml"
   card_file.write_text(card_from_hf(tmp_path / family, f"tiny-{family}"))
   card = load_model_card(str(card_file))
-  assert card.arch.family == family and card.arch.n_heads == 6   # uneven splits at widths 4, 8
+  a = card.arch
+  assert a.family == family and a.n_heads == 6                    # uneven splits at widths 4, 8
+  windows = {"mistral": (8, 0, 0.0), "gemma3": (8, 2, 1e4)}.get(family, (0, 0, 0.0))
+  assert (a.sliding_window, a.sliding_pattern, a.rope_local_theta) == windows
+  assert a.attn_scale == (24 if family == "gemma3" else 16) ** -0.5
   preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
                                prefill_chunks=(32,), token_budget=40, partitions=())
   engine = Engine(card, preset, EngineConfig(widths=widths, cache_dir=""))
