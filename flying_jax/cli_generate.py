@@ -22,7 +22,11 @@ def run_generate(args) -> int:
 
   try:
     params = sampling_from_args(args)
-    llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
+    width = args.width
+    if width is None and args.partition is None and not args.all_widths:
+      from flying_jax.config import default_mesh_name, load_mesh_preset
+      width = min(load_mesh_preset(args.mesh or default_mesh_name()).widths)  # compile it only
+    llm = LLM(model=args.model, mesh=args.mesh, width=width, partition=args.partition,
               widths="all" if args.all_widths else None,
               cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy)
   except (ValueError, ConfigError) as e:

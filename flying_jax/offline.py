@@ -103,13 +103,13 @@ class LLM:
       return None, [int(t) for t in prompt["prompt_token_ids"]]
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
       text = self.tokenizer.apply_chat_template(list(prompt))
-      return text, self.tokenizer.encode(text)
+      return text, self.tokenizer.encode_prompt(text)
     if not isinstance(prompt, str):
       raise TypeError(f"a prompt is a string, a chat message list or {{'prompt_token_ids': [...]}}, "
                       f"not {type(prompt).__name__}")
     if chat:
       prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    return prompt, self.tokenizer.encode(prompt)
+    return prompt, self.tokenizer.encode_prompt(prompt)
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                chat: bool = False, use_tqdm: bool = True) -> list[RequestOutput]:

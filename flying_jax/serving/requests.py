@@ -47,7 +47,7 @@ def _encode(tokenizer, text: str, vocab: int, limits: Limits, what: str) -> Prom
   if len(text) > 8 * limits.max_prompt_tokens:     # no tokenizer work on absurd inputs
     raise BadRequest(f"{what} has {len(text)} characters; this server takes at most "
                      f"{limits.max_prompt_tokens} tokens")
-  return Prompt(text, _check_ids(tokenizer.encode(text), vocab, limits, what))
+  return Prompt(text, _check_ids(tokenizer.encode_prompt(text), vocab, limits, what))
 
 
 def prompt_of(req: pb.GenerateRequest, tokenizer, vocab: int, limits: Limits) -> Prompt:

@@ -82,7 +82,7 @@ class Generation(pb_grpc.GenerationServicer):
         text = request.text
     except R.BadRequest as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    return pb.TokenizeResponse(token_ids=s.tokenizer.encode(text) if text else [], text=text)
+    return pb.TokenizeResponse(token_ids=s.tokenizer.encode_prompt(text) if text else [], text=text)
 
   async def Detokenize(self, request, context):
     s = self.server

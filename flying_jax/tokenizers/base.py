@@ -5,7 +5,8 @@ A `Tokenizer` turns text into token ids and back. Backends: byte-level BPE read 
 (`hf_json.py`) and raw UTF-8 bytes for random-weight models (`byte.py`). Conventions shared by all:
 
 - `encode` never adds special tokens unless asked; `add_bos=True` prepends `bos_id` when the model
-  uses one (`bos_id is None` means it does not, and `add_bos` is then a no-op).
+  uses one (`bos_id is None` means it does not, and `add_bos` is then a no-op). `encode_prompt`
+  is what serving uses: BOS first when the model takes one and the text lacks it.
 - Special-token strings in the text (`<|im_end|>`, `<s>`) are matched atomically, so a rendered chat
   prompt encodes to the ids the model was trained on. Encode chat prompts with `add_bos=False`: the
   templates write the BOS token themselves where the format wants one.
@@ -67,6 +68,13 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def special_ids(self) -> frozenset[int]:
     """Ids of the control tokens (BOS, EOS, `<|im_start|>`, ...)."""
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """The ids a prompt is served as: `encode(text)` with the model's BOS in front when it takes
+    one (Gemma, Llama-2) and the text does not already start with it (a chat template that
+    writes its own BOS). What Hugging Face tokenizers do with `add_special_tokens=True`."""
+    bos = self._token_text(self.bos_id)
+    return self.encode(text, add_bos=self.bos_id is not None and not (bos and text.startswith(bos)))
 
   def _prepend_bos(self, ids: list[int], add_bos: bool) -> list[int]:
     return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
