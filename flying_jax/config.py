@@ -119,11 +119,17 @@ class MeshPreset:
   partitions: tuple[str, ...] = ()       # mixed partitions allowed besides the uniform ones
 
   def __post_init__(self):
+    t = self.base_width
+    if t < 1 or t & (t - 1) or self.devices % t:
+      raise ConfigError(f"mesh {self.name}: base_width {t} must be a power of two dividing "
+                        f"{self.devices}")
     for w in self.widths:
       if w < 1 or w & (w - 1) or self.devices % w:
         raise ConfigError(f"mesh {self.name}: width {w} must be a power of two dividing {self.devices}")
-    if self.base_width != 1:
-      raise ConfigError(f"mesh {self.name}: only base_width = 1 is supported so far")
+      if w % t:
+        raise ConfigError(f"mesh {self.name}: width {w} is narrower than or not a multiple of "
+                          f"the base width {t} (an engine of {t} devices holds one copy of the "
+                          f"weights)")
     if not self.decode_buckets or not self.prefill_chunks:
       raise ConfigError(f"mesh {self.name}: decode_buckets and prefill_chunks must not be empty")
     if 1 not in self.prefill_rows:

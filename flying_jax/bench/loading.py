@@ -77,7 +77,7 @@ def measure_here(path: str, way: str, dtype: str) -> dict:
   """Load `path` in this process (one CPU device) and report its memory (bytes)."""
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec
+  from flying_jax.parallel import MeshSpecs, mesh_for_width
 
   from flying_jax.checkpoints.safetensors_reader import (architecture_from_hf_config,
                                                          iter_safetensors_dir,
@@ -85,16 +85,15 @@ def measure_here(path: str, way: str, dtype: str) -> dict:
   from flying_jax.model import weights as W
 
   arch = architecture_from_hf_config(json.loads(open(os.path.join(path, "config.json")).read()))
-  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = NamedSharding(mesh, PartitionSpec())
+  specs = MeshSpecs(mesh_for_width(jax.devices()[:1], 1))
+  replicated = specs.replicated()
   jax.block_until_ready(jax.device_put(np.zeros(4), replicated))
   base, sampler = _anon(), _Peak()
   if way == "stream":
     weights = W.load_resident(iter_safetensors_dir(path, arch), arch, dtype, None,
-                              lambda a: jax.device_put(a, replicated).block_until_ready())
+                              lambda a, _: jax.device_put(a, replicated).block_until_ready())
   else:
-    weights = W.place(W.resident_layout(load_safetensors_dir(path, arch), arch, dtype),
-                      replicated)
+    weights = W.place(W.resident_layout(load_safetensors_dir(path, arch), arch, dtype), specs)
   jax.block_until_ready(weights)
   peak, after = sampler.stop(), _anon()
   leaves = jax.tree.leaves(weights)

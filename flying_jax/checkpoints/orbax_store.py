@@ -56,11 +56,15 @@ def read_meta(path: str | Path) -> dict:
   return json.loads(meta_file.read_text())
 
 
-def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
-                     rows: tuple[int, int] | None = None) -> W.ResidentWeights:
-  """Restore onto the devices, directly in the given (replicated) sharding. `rows`: the query /
-  KV rows the compiled widths need (`heads.weight_rows`); the checkpoint must have as many."""
+def restore_resident(path: str | Path, arch: Architecture, dtype, specs, rows=None
+                     ) -> W.ResidentWeights:
+  """Restore onto the devices, straight into the engine's shardings (`specs`: a width's
+  `MeshSpecs`). `rows`: the `heads.RowBlocks` the compiled widths need; the checkpoint must hold
+  as many rows. A checkpoint stores the one-device layout, which an engine of several devices
+  reads directly when its shards are consecutive runs of it (heads that split evenly)."""
   import orbax.checkpoint as ocp
+
+  from flying_jax.model.heads import RowBlocks
 
   path = Path(path).absolute()
   meta = read_meta(path)
@@ -69,19 +73,31 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, sharding,
     raise ConfigError(f"checkpoint {path} was written for another architecture: "
                       f"{meta['architecture']}")
   stored = tuple(meta.get("rows") or (arch.n_heads, arch.n_kv_heads))
-  if rows is not None and any(have < need for have, need in zip(stored, rows)):
-    raise ConfigError(f"checkpoint {path} is laid out for fewer widths ({stored[0]} query / "
-                      f"{stored[1]} KV rows, these widths need {rows[0]} / {rows[1]}): convert "
-                      f"it again with a larger --max-width")
-  abstract = W.abstract(arch, meta["dtype"], sharding, stored)
+  rows = rows or RowBlocks.single(stored)
+  if rows.base == 1:
+    if any(have < need for have, need in zip(stored, rows.rows)):
+      raise ConfigError(f"checkpoint {path} is laid out for fewer widths ({stored[0]} query / "
+                        f"{stored[1]} KV rows, these widths need {rows.rows[0]} / "
+                        f"{rows.rows[1]}): convert it again with a larger --max-width")
+    rows = RowBlocks.single(stored)
+  else:
+    t = rows.base
+    runs = (rows.q_lo == tuple(j * rows.q_size for j in range(t))
+            and rows.kv_lo == tuple(j * rows.kv_size for j in range(t)))
+    if not runs or stored != (t * rows.q_size, t * rows.kv_size):
+      raise ConfigError(f"checkpoint {path} ({stored[0]} query / {stored[1]} KV rows) cannot be "
+                        f"cut into shards of an engine of {t} devices for these widths (it "
+                        f"needs {rows}); serve it at base width 1, or read the model's GGUF or "
+                        f"safetensors")
+  abstract = W.abstract(arch, meta["dtype"], specs, rows)
   target = _tree(dict(embed=abstract.embed, unembed=abstract.unembed,
                       final_norm=abstract.final_norm,
                       layers=[vars(lw) for lw in abstract.layers]))
   restored = ocp.StandardCheckpointer().restore(path / "weights", target)
   cast = (lambda a: a) if jnp.dtype(meta["dtype"]) == jnp.dtype(dtype) else (
-      lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(a))
-  constants = [{k: jax.device_put(v, sharding) for k, v in W.layer_constants(arch, i).items()}
-               for i in range(arch.n_layers)]
+      lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=a.sharding)(a))
+  constants = [{k: jax.device_put(v, specs.replicated())
+                for k, v in W.layer_constants(arch, i).items()} for i in range(arch.n_layers)]
   layers = tuple(W.LayerWeights(**{k: cast(v) for k, v in restored["layers"][str(i)].items()},
                                 **constants[i]) for i in range(arch.n_layers))
   unembed = restored.get("unembed")

@@ -20,7 +20,8 @@ from flying_jax.kv import DevicePools, PageLayout, PagePool
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
-from flying_jax.model.heads import padding_report, plan_heads, weight_rows
+from flying_jax.model.heads import (RowBlocks, padding_report, plan_heads, row_blocks,
+                                    shard_reads)
 from flying_jax.parallel import MeshSpecs, Partition, Span, mesh_for_span
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
@@ -91,15 +92,18 @@ def enable_compile_cache(cache_dir: str | None):
 
 
 def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
-                pages: int, specs=None) -> WidthSetup:
+                pages: int, specs=None, blocks: RowBlocks | None = None) -> WidthSetup:
   """The static set-up of one span (a bare width: the uniform partition's span over all devices).
 
-  `specs` default: the span's mesh over `devices` (the simulator passes its own, without JAX)."""
+  `specs` default: the span's mesh over `devices` (the simulator passes its own, without JAX).
+  `blocks`: the rows each device of an engine holds (default: those this width alone needs)."""
   if isinstance(span, int):
     span = Span(0, len(devices), span)
   width = span.width
   arch = card.arch
-  plan = plan_heads(arch, width)
+  base = preset.base_width
+  blocks = blocks or row_blocks(arch, (width,), base)
+  plan = shard_reads(plan_heads(arch, width), blocks, arch.ffn_dim)
   slots = preset.page_tokens * arch.n_kv_heads
   tpp = slots // plan.kv_per_device
   ppb = max(1, preset.attention_block_tokens // tpp)
@@ -111,8 +115,8 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
                         if c // r > 0]
   shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
   if specs is None:
-    specs = MeshSpecs(mesh_for_span(devices, span))
-  return WidthSetup(specs, plan, geom, shapes, capacity, span)
+    specs = MeshSpecs(mesh_for_span(devices, span, base))
+  return WidthSetup(specs, plan, geom, shapes, capacity, span, base)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -124,7 +128,7 @@ def _round_up(a: int, b: int) -> int:
 
 
 def layout_of(ws: WidthSetup) -> PageLayout:
-  return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page)
+  return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page, ws.base)
 
 
 def mixed_partitions(preset: MeshPreset, widths, requested) -> dict[str, Partition]:
@@ -186,14 +190,15 @@ def build_migrator(card: ModelCard, setups: dict, pools):
                            longest * copies * arch.head_dim)
 
 
-def layout_line(card: ModelCard, rows: tuple[int, int], dtype) -> str:
+def layout_line(card: ModelCard, rows: RowBlocks, dtype) -> str:
   """What laying every width's heads out as contiguous rows costs in weight memory."""
-  a = card.arch
-  extra = 2 * ((rows[0] - a.n_heads) + (rows[1] - a.n_kv_heads)) * a.head_dim * a.dim
-  mib = extra * a.n_layers * jnp.dtype(dtype).itemsize / 2**20
-  return (f"weight layout: {rows[0]} query / {rows[1]} KV head rows per layer for {a.n_heads} / "
-          f"{a.n_kv_heads} heads (zero rows so every width reads one contiguous run), "
-          f"+{mib:.1f} MiB")
+  a, t = card.arch, rows.base
+  extra = 2 * ((t * rows.q_size - a.n_heads) + (t * rows.kv_size - a.n_kv_heads)) * a.head_dim
+  mib = extra * a.dim * a.n_layers * jnp.dtype(dtype).itemsize / 2**20
+  where = "per layer" if t == 1 else f"per layer on each of an engine's {t} devices"
+  return (f"weight layout: {rows.q_size} query / {rows.kv_size} KV head rows {where} for "
+          f"{a.n_heads} / {a.n_kv_heads} heads (zero rows so every width reads one contiguous "
+          f"run), +{mib:.1f} MiB per engine")
 
 
 def report_padding(card: ModelCard, widths, rows=None) -> list[dict]:
@@ -224,29 +229,33 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   n = len(devices)
   pages = cfg.pages_per_device or preset.pages_per_device
   spans = sorted({sp for p in partitions.values() for sp in p.spans})
-  span_setups = {sp: width_setup(card, preset, devices, sp, pages) for sp in spans}
+  rows = row_blocks(card.arch, sorted({sp.width for sp in spans}), preset.base_width)
+  span_setups = {sp: width_setup(card, preset, devices, sp, pages, blocks=rows) for sp in spans}
   setups = {w: span_setups[Span(0, n, w)] for w in widths}
-  replicated = setups[widths[0]].specs.replicated()
-  rows = weight_rows(card.arch, sorted({sp.width for sp in spans}))
+  specs = setups[widths[0]].specs
+  replicated = specs.replicated()
   t0 = time.perf_counter()
   if host_weights is None and card.weights.format == "orbax":
     from flying_jax.checkpoints.orbax_store import restore_resident
-    weights = restore_resident(card.weights.path, card.arch, dtype, replicated, rows)
+    weights = restore_resident(card.weights.path, card.arch, dtype, specs, rows)
     jax.block_until_ready(weights)
     rep.load_s = time.perf_counter() - t0
   elif host_weights is not None:
     rep.load_s = time.perf_counter() - t0
-    weights = W.place(host_weights, replicated)
+    weights = W.place(host_weights, specs)
   else:                                 # one tensor at a time: read, convert, place, next
     from flying_jax.checkpoints import iter_tensors
+    put = lambda a, split: jax.device_put(a, specs.sharded() if split else replicated)
     weights = W.load_resident(iter_tensors(card), card.arch, dtype, rows,
-                              lambda a: jax.device_put(a, replicated).block_until_ready())
+                              lambda a, split: put(a, split).block_until_ready())
     jax.block_until_ready(weights)
     rep.load_s = time.perf_counter() - t0
-  laid_out = W.rows_of(weights, card.arch.head_dim)   # an orbax checkpoint may hold more rows
-  if any(have < need for have, need in zip(laid_out, rows)):
+  laid_out = W.rows_of(weights, card.arch.head_dim, rows.base)  # orbax may hold more rows
+  if rows.base == 1 and any(have < need for have, need in zip(laid_out, rows.rows)):
     raise ValueError(f"the weights have {laid_out} query/KV rows; widths {tuple(widths)} need "
-                     f"{rows} (lay them out with heads.weight_rows)")
+                     f"{rows.rows} (lay them out with heads.row_blocks)")
+  if rows.base == 1:
+    rows = RowBlocks.single(laid_out)
   t0 = time.perf_counter()
   slots = preset.page_tokens * card.arch.n_kv_heads
   device_pools = DevicePools.create(card.arch.n_layers, n, pages, slots, card.arch.head_dim, dtype,
@@ -257,7 +266,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                              cfg.hist_len, cfg.max_banned,
                              max(s.rows for ws in setups.values() for s in ws.shapes))
   bar = _progress(cfg.progress, registry.count())
-  rep.compile_s = registry.build(W.abstract(card.arch, dtype, replicated, laid_out), bar)
+  rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), bar)
   if bar is not None:
     bar.close()
   resident = Resident(weights, device_pools, span_setups, n)
@@ -271,7 +280,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   rep.weight_bytes = weights.nbytes()
   rep.kv_bytes = device_pools.nbytes()
   rep.padding = report_padding(card, widths, laid_out)
-  rep.layout = layout_line(card, laid_out, dtype)
+  rep.layout = layout_line(card, rows, dtype)
   rep.compiled = describe_programs(registry)
   mixed = [name for name, p in partitions.items() if p.uniform_width is None]
   if mixed:

@@ -20,6 +20,7 @@ import numpy as np
 from flying_jax.config import Architecture
 from flying_jax.kv.pool import PageLayout
 from flying_jax.model.heads import plan_heads
+from flying_jax.parallel.partition import position_of_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +31,14 @@ class Placement:
   pages: tuple[int, ...]
 
 
-def _head_homes(arch: Architecture, width: int) -> dict[int, list[tuple[int, int]]]:
+def _head_homes(arch: Architecture, width: int, base: int = 1) -> dict[int, list[tuple[int, int]]]:
   """KV head -> [(device offset in the group, slot of the head on that device)]."""
   plan = plan_heads(arch, width)
   homes: dict[int, list[tuple[int, int]]] = {}
-  for d in range(width):
-    for s, h in enumerate(plan.kv_index[d]):
+  for r in range(width):                      # ranks; a rank's device: `position_of_rank`
+    for s, h in enumerate(plan.kv_index[r]):
       if h >= 0:
-        homes.setdefault(int(h), []).append((d, s))
+        homes.setdefault(int(h), []).append((position_of_rank(r, width, base), s))
   return homes
 
 
@@ -60,8 +61,8 @@ def migration_indices(arch: Architecture, src: Placement, dst: Placement, n_toke
   """(src_v, dst_v, src_k, dst_k) flat int arrays of equal length: copy pool[src] to pool[dst]."""
   hd = arch.head_dim
   tokens = np.arange(n_tokens, dtype=np.int64)
-  homes_src = _head_homes(arch, src.layout.width)
-  homes_dst = _head_homes(arch, dst.layout.width)
+  homes_src = _head_homes(arch, src.layout.width, src.layout.base)
+  homes_dst = _head_homes(arch, dst.layout.width, dst.layout.base)
   parts = ([], [], [], [])
   for h in range(arch.n_kv_heads):
     sv, sk = _addresses(src, *homes_src[h][0], tokens, pages_per_device, slots, hd)

@@ -26,6 +26,7 @@ class PageLayout:
   width: int
   kv_per_device: int
   tokens_per_page: int
+  base: int = 1          # devices per engine: which device of the group holds which heads
 
   def pages_for(self, tokens: int) -> int:
     return -(-tokens // self.tokens_per_page)

@@ -34,6 +34,7 @@ class HeadPlan:
   q_start: np.ndarray             # [width] first query row each device reads
   kv_start: np.ndarray            # [width] first KV row each device reads
   n_heads: int = 0                # real query heads (rows below it are real, above it zeros)
+  reads: "ShardReads | None" = None   # where each rank's rows sit in its device's resident shard
 
   @property
   def q_rows_needed(self) -> int:
@@ -101,6 +102,74 @@ def plan_heads(arch: Architecture, width: int) -> HeadPlan:
                   kv_start.astype(np.int32), arch.n_heads)
   _check(plan, arch)
   return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+  """The rows each device of an engine (base width t) holds: shard j of the query-head rows is
+  rows `q_lo[j] : q_lo[j] + q_size` of the padded head order (zeros past the real heads), the
+  same for KV heads; FFN columns split evenly. Every rank's run at every compiled width lies
+  inside its device's shard (ranks nest: rank r of a width m*t group is on shard r // m)."""
+  base: int
+  q_lo: tuple[int, ...]
+  q_size: int
+  kv_lo: tuple[int, ...]
+  kv_size: int
+
+  @property
+  def rows(self) -> tuple[int, int]:
+    """(query, KV) head rows of one device's shard."""
+    return self.q_size, self.kv_size
+
+  @staticmethod
+  def single(rows: tuple[int, int]) -> "RowBlocks":
+    """An engine of one device holding `rows` (query, KV) head rows."""
+    return RowBlocks(1, (0,), int(rows[0]), (0,), int(rows[1]))
+
+
+def row_blocks(arch: Architecture, widths, base: int = 1) -> RowBlocks:
+  """The smallest shards that hold every compiled width's runs (`widths` multiples of `base`)."""
+  if base == 1:
+    return RowBlocks.single(weight_rows(arch, widths))
+  q_runs, kv_runs = [[] for _ in range(base)], [[] for _ in range(base)]
+  for w in widths:
+    if w % base:
+      raise ValueError(f"width {w} is not a multiple of the base width {base}")
+    plan, m = plan_heads(arch, w), w // base
+    for r in range(w):
+      q_runs[r // m].append((int(plan.q_start[r]), int(plan.q_start[r]) + plan.q_per_device))
+      kv_runs[r // m].append((int(plan.kv_start[r]), int(plan.kv_start[r]) + plan.kv_per_device))
+  lo = lambda runs: tuple(min(a for a, _ in rs) for rs in runs)
+  size = lambda runs: max(max(b for _, b in rs) - min(a for a, _ in rs) for rs in runs)
+  return RowBlocks(base, lo(q_runs), size(q_runs), lo(kv_runs), size(kv_runs))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardReads:
+  """Where each rank of one width reads its rows inside its device's shard: query / KV head
+  rows from `q[r]` / `kv[r]` (in heads), FFN columns from `ffn[r]`; `whole`: every rank reads its
+  whole shard (an engine's own width: its real heads first, zero rows after)."""
+  q: tuple[int, ...]
+  kv: tuple[int, ...]
+  ffn: tuple[int, ...]
+  ffn_size: int
+  whole: bool
+
+
+def shard_reads(plan: HeadPlan, blocks: RowBlocks, ffn_dim: int) -> HeadPlan:
+  """`plan` with its `reads` in the shards of `blocks`."""
+  w, t = plan.width, blocks.base
+  m = w // t
+  q = tuple(int(plan.q_start[r]) - blocks.q_lo[r // m] for r in range(w))
+  kv = tuple(int(plan.kv_start[r]) - blocks.kv_lo[r // m] for r in range(w))
+  f = ffn_dim // w
+  ffn = tuple((r % m) * f for r in range(w))
+  for r in range(w):
+    if not (0 <= q[r] and q[r] + plan.q_per_device <= blocks.q_size and 0 <= kv[r]
+            and kv[r] + plan.kv_per_device <= blocks.kv_size):
+      raise AssertionError(f"rank {r} of width {w} reads outside its shard")
+  whole = m == 1 and not any(q) and not any(kv)
+  return dataclasses.replace(plan, reads=ShardReads(q, kv, ffn, f, whole))
 
 
 def weight_rows(arch: Architecture, widths) -> tuple[int, int]:

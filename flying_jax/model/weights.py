@@ -85,32 +85,43 @@ class ResidentWeights:
     return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(self) for s in x.addressable_shards]
 
 
-def resident_tensor(name: str, array, arch: Architecture, dtype,
-                    rows: tuple[int, int] | None = None):
+SPLIT = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # split over an engine's devices
+
+
+def _blocks(rows) -> "RowBlocks":
+  from flying_jax.model.heads import RowBlocks
+
+  return rows if isinstance(rows, RowBlocks) else RowBlocks.single(rows)
+
+
+def resident_tensor(name: str, array, arch: Architecture, dtype, rows=None):
   """One canonical tensor (one layer's slice of a per-layer one, see `flying_jax.checkpoints`)
   in its resident form and dtype, by its role in the family's table (`model.tables`):
-  projections transposed to lead with the split dimension, head rows padded with zeros to `rows`
-  (default: the real heads only). A numpy array stays on the host; a jax.Array (weights made on
-  a device) is converted where it is."""
+  projections transposed to lead with the split dimension, head rows padded with zeros and cut
+  into the engine's shards (`rows`: a `heads.RowBlocks`, or (query, KV) rows of a one-device
+  engine; default: the real heads only), shard after shard along the leading axis. A numpy array
+  stays on the host; a jax.Array (weights made on a device) is converted where it is."""
   from flying_jax.model.tables import spec_of
 
   xp = jnp if isinstance(array, jax.Array) else np
   a = xp.asarray(array, jnp.dtype(dtype))
-  q_rows, kv_rows = rows or (arch.n_heads, arch.n_kv_heads)
+  blocks = _blocks(rows or (arch.n_heads, arch.n_kv_heads))
   hd, dim = arch.head_dim, arch.dim
   role = spec_of(arch, name).role
-  if role in ("q", "kv"):                               # [D, H, hd] -> [Rows*hd, D]
-    n = q_rows if role == "q" else kv_rows
-    return _pad_rows(a.transpose(1, 2, 0).reshape(-1, dim), n * hd, xp)
-  if role == "o":                                       # [Hq, hd, D] -> [Rq*hd, D]
-    return _pad_rows(a.reshape(-1, dim), q_rows * hd, xp)
+  if role in ("q", "kv", "o"):                # [D, H, hd] or [Hq, hd, D] -> [Rows*hd, D]
+    a = a.transpose(1, 2, 0).reshape(-1, dim) if role != "o" else a.reshape(-1, dim)
+    lo, size = (blocks.kv_lo, blocks.kv_size) if role == "kv" else (blocks.q_lo, blocks.q_size)
+    a = _pad_rows(a, (max(lo) + size) * hd, xp)
+    if blocks.base > 1:
+      a = xp.concatenate([a[l * hd:(l + size) * hd] for l in lo])
+    return np.ascontiguousarray(a) if xp is np else a
   if role == "ffn_in":                                  # [D, F] -> [F, D]
     a = a.T
   return np.ascontiguousarray(a) if xp is np else a      # row-major: the layout programs expect
 
 
 def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
-                    rows: tuple[int, int] | None = None) -> dict:
+                    rows=None) -> dict:
   """Canonical checkpoint arrays (see `flying_jax.checkpoints`) -> host arrays in resident
   layout (`resident_tensor` of each)."""
   from flying_jax.model.tables import layer_specs
@@ -125,15 +136,16 @@ def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
 
 def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeights:
   """Resident weights from a stream of canonical `Tensor`s (`checkpoints.iter_tensors`): each is
-  converted and handed to `put` (which places it on the devices) before the next is read, so the
-  host holds about one tensor at a time."""
+  converted and handed to `put(array, split)` (which places it on the devices, cut over an
+  engine's devices when `split`) before the next is read, so the host holds about one tensor at
+  a time."""
   from flying_jax.model.tables import layer_specs
 
   top: dict = {}
-  layers: list[dict] = [{k: put(v) for k, v in layer_constants(arch, l).items()}
+  layers: list[dict] = [{k: put(v, False) for k, v in layer_constants(arch, l).items()}
                         for l in range(arch.n_layers)]
   for t in tensors:
-    placed = put(resident_tensor(t.name, t.array, arch, dtype, rows))
+    placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), t.name in SPLIT)
     (top if t.layer is None else layers[t.layer])[t.name] = placed
   missing = [n for n in ("embed", "final_norm") if n not in top]
   missing += [f"{s.name} of layer {l}" for l, lw in enumerate(layers) for s in layer_specs(arch)
@@ -155,59 +167,79 @@ def _pad_rows(a, rows: int, xp=np):
   return xp.concatenate([a, xp.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
 
 
-def place(host: dict, sharding) -> ResidentWeights:
-  """Put the weights on the devices once, replicated: each engine holds one full copy."""
-  put = lambda a: None if a is None else jax.device_put(a, sharding)
-  layers = tuple(LayerWeights(**{k: put(v) for k, v in lw.items() if v is not None})
+def layer_specs_tree(lw: LayerWeights, split, whole) -> LayerWeights:
+  """A LayerWeights of `split` for the projections and `whole` for the rest (None stays None):
+  shardings or PartitionSpecs, by field."""
+  return LayerWeights(**{f.name: None if getattr(lw, f.name) is None else
+                         (split if f.name in SPLIT else whole) for f in dataclasses.fields(lw)})
+
+
+def weight_shardings(weights: ResidentWeights, split, whole) -> ResidentWeights:
+  """`weights`' tree with `split` / `whole` (shardings or specs) in place of each array."""
+  return ResidentWeights(embed=whole, unembed=None if weights.unembed is None else whole,
+                         final_norm=whole,
+                         layers=tuple(layer_specs_tree(lw, split, whole) for lw in weights.layers))
+
+
+def place(host: dict, specs) -> ResidentWeights:
+  """Put the weights on the devices once: each engine holds one copy, its projections cut over
+  its devices (`specs`: the `MeshSpecs` of any width)."""
+  def put(a, split):
+    return None if a is None else jax.device_put(a, specs.sharded() if split else
+                                                 specs.replicated())
+  layers = tuple(LayerWeights(**{k: put(v, k in SPLIT) for k, v in lw.items() if v is not None})
                  for lw in host["layers"])
-  return ResidentWeights(embed=put(host["embed"]), unembed=put(host["unembed"]),
-                         final_norm=put(host["final_norm"]), layers=layers)
+  return ResidentWeights(embed=put(host["embed"], False), unembed=put(host["unembed"], False),
+                         final_norm=put(host["final_norm"], False), layers=layers)
 
 
-def abstract(arch: Architecture, dtype, sharding, rows: tuple[int, int] | None = None
-             ) -> ResidentWeights:
-  """ShapeDtypeStructs of the resident weights: AOT lowering and orbax restore targets."""
-  s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  a = arch
-  q_rows, kv_rows = rows or (a.n_heads, a.n_kv_heads)
-  q, kv = q_rows * a.head_dim, kv_rows * a.head_dim
+def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
+  """ShapeDtypeStructs of the resident weights on `specs`' mesh: AOT lowering and orbax restore
+  targets. `rows`: as in `resident_tensor`."""
   from flying_jax.model.tables import layer_specs
 
+  a, b = arch, _blocks(rows or (arch.n_heads, arch.n_kv_heads))
+  whole = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=specs.replicated())
+  split = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=specs.sharded())
+  q, kv = b.base * b.q_size * a.head_dim, b.base * b.kv_size * a.head_dim
   resident = {"norm": (a.dim,), "head_norm": (a.head_dim,), "q": (q, a.dim), "kv": (kv, a.dim),
               "o": (q, a.dim), "ffn_in": (a.ffn_dim, a.dim), "ffn_out": (a.ffn_dim, a.dim)}
-  fields = {sp.name: s(*resident[sp.role]) for sp in layer_specs(a)}
-  const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=sharding)
+  fields = {sp.name: (split if sp.name in SPLIT else whole)(*resident[sp.role])
+            for sp in layer_specs(a)}
+  const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=specs.replicated())
   layers = tuple(LayerWeights(**fields, **{k: const(c) for k, c in layer_constants(a, l).items()})
                  for l in range(a.n_layers))
-  return ResidentWeights(embed=s(a.vocab_size, a.dim),
-                         unembed=None if a.tied_embeddings else s(a.vocab_size, a.dim),
-                         final_norm=s(a.dim), layers=layers)
+  return ResidentWeights(embed=whole(a.vocab_size, a.dim),
+                         unembed=None if a.tied_embeddings else whole(a.vocab_size, a.dim),
+                         final_norm=whole(a.dim), layers=layers)
 
 
-def rows_of(weights: ResidentWeights, head_dim: int) -> tuple[int, int]:
-  """(query heads, KV heads) the resident weights (or their abstract structs) are laid out for."""
+def rows_of(weights: ResidentWeights, head_dim: int, base: int = 1) -> tuple[int, int]:
+  """(query heads, KV heads) rows one device's shard of the resident weights (or their abstract
+  structs) holds."""
   lw = weights.layers[0]
-  return lw.wq.shape[0] // head_dim, lw.wk.shape[0] // head_dim
+  return lw.wq.shape[0] // head_dim // base, lw.wk.shape[0] // head_dim // base
 
 
-def _rows(w, start, size: int, index):
-  """Rows `start[index] : + size` of `w`; one device (width 1) reads every row, padding included
-  (a prefix slice would be a copy on some backends; the caller drops the padded heads from the
-  activations, which costs less than copying the weight)."""
-  if len(start) == 1:
+def _rows(w, start, size: int, index, whole: bool):
+  """Rows `start[index] : + size` of this device's shard `w`; `whole`: all of them (its real
+  rows come first; the caller drops the zero rows from the activations, which costs less than
+  copying the weight, as a prefix slice would on some backends)."""
+  if whole:
     return w
   return jax.lax.dynamic_slice_in_dim(w, jnp.asarray(start, jnp.int32)[index], size, axis=0)
 
 
 def shard_layer(lw: LayerWeights, plan: HeadPlan, coll: Collectives, arch: Architecture):
-  """This device's runs of rows of a resident layer: contiguous slices along axis 0, taken inside
-  the program (nothing persistent, no gather). Returns (wq, wk, wv, wo, w_gate, w_up, w_down);
-  at width 1 the whole arrays, whose rows past `plan.q_per_device` / `kv_per_device` are zeros."""
+  """This device's runs of rows of its shard of a resident layer: contiguous slices along axis
+  0, taken inside the program (nothing persistent, no gather). Returns (wq, wk, wv, wo, w_gate,
+  w_up, w_down); at an engine's own width, its whole shard (rows past `plan.q_per_device` /
+  `kv_per_device` are zeros)."""
+  r = plan.reads
   d = coll.index() if plan.width > 1 else 0
   nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
-  q = lambda w: _rows(w, plan.q_start * hd, nq * hd, d)
-  kv = lambda w: _rows(w, plan.kv_start * hd, nkv * hd, d)
-  f = arch.ffn_dim // plan.width
-  ffn = lambda w: _rows(w, np.arange(plan.width) * f, f, d)
+  q = lambda w: _rows(w, np.asarray(r.q) * hd, nq * hd, d, r.whole)
+  kv = lambda w: _rows(w, np.asarray(r.kv) * hd, nkv * hd, d, r.whole)
+  ffn = lambda w: _rows(w, r.ffn, r.ffn_size, d, r.whole)
   return (q(lw.wq), kv(lw.wk), kv(lw.wv), q(lw.wo), ffn(lw.w_gate), ffn(lw.w_up),
           ffn(lw.w_down))

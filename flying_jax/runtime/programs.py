@@ -25,7 +25,7 @@ from flying_jax.model.families import family_of
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
-from flying_jax.model.weights import ResidentWeights
+from flying_jax.model.weights import ResidentWeights, layer_specs_tree
 from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
 from flying_jax.sampling import sample
@@ -44,6 +44,7 @@ class WidthSetup:
   shapes: tuple[StepShape, ...]
   capacity: int                   # the longest sequence (prompt + generated) one group holds
   span: Span                      # the devices its programs cover
+  base: int = 1                   # devices per engine (each holds 1/base of the weights)
 
   @property
   def width(self) -> int:
@@ -76,7 +77,7 @@ def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
   return per_device(f, s, (s.replicated_spec, s.per_group_spec), s.per_group_spec)
 
 
-def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
+def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, lw_struct):
   coll, model = Collectives(ws.width), family_of(arch.family).forward
 
   def f(lw, k_pool, v_pool, x_1xTxD, meta_1xL):
@@ -86,8 +87,8 @@ def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
     return x[None], k_pool, v_pool
   s = ws.specs
   return per_device(
-      f, s, (s.replicated_spec, s.per_device_spec, s.per_device_spec, s.per_group_spec,
-             s.per_group_spec),
+      f, s, (layer_specs_tree(lw_struct, s.sharded_spec, s.replicated_spec), s.per_device_spec,
+             s.per_device_spec, s.per_group_spec, s.per_group_spec),
       (s.per_group_spec, s.per_device_spec, s.per_device_spec))
 
 
@@ -162,7 +163,7 @@ class ProgramRegistry:
   def _compile(self, kind: str, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
     s, g = ws.specs, ws.specs.groups
     rep = s.replicated()
-    retarget = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    retarget = lambda x, sh=rep: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
     if kind == "sample":
       jitted = jax.jit(_sample_fn(ws, self.hist, self.banned))
       args = self.sample_structs(ws)
@@ -176,8 +177,9 @@ class ProgramRegistry:
       jitted = jax.jit(_embed_fn(ws, shape, self.arch))
       args = (retarget(wa.embed), meta)
     elif kind == "layer":
-      jitted = jax.jit(_layer_fn(ws, shape, self.arch), donate_argnums=(1, 2, 3))
-      lw = jax.tree.map(retarget, wa.layers[0])
+      shardings = layer_specs_tree(wa.layers[0], s.sharded(), rep)
+      lw = jax.tree.map(retarget, wa.layers[0], shardings)
+      jitted = jax.jit(_layer_fn(ws, shape, self.arch, lw), donate_argnums=(1, 2, 3))
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
       jitted = jax.jit(_head_fn(ws, shape, self.arch, self.rows))

@@ -1,6 +1,7 @@
 """The resident weights and KV pools, and the views through which each span's programs read them.
 
-Weights are placed once, replicated on every device; KV pools once, one block per device. A
+Weights are placed once, each engine one copy (replicated, or split over an engine's devices);
+KV pools once, one block per device. A
 program of a uniform partition covers every device and reads those arrays as they are. A program
 of one span of a mixed partition covers only the span's devices, so it reads *views*: arrays over
 the span's mesh assembled from the very same per-device buffers
@@ -15,6 +16,7 @@ from __future__ import annotations
 import jax
 
 from flying_jax.kv import DevicePools
+from flying_jax.model.weights import weight_shardings
 from flying_jax.parallel import Span
 from flying_jax.runtime.programs import WidthSetup
 
@@ -46,9 +48,10 @@ def _buffers(array: jax.Array, first: int, n: int) -> list:
   return [array.addressable_data(first + i) for i in range(n)]
 
 
-def _replica_view(array: jax.Array, sharding) -> jax.Array:
-  """A replicated array's buffers on `sharding`'s devices (start-up only: reading
-  `addressable_shards` costs ~0.1 ms the first time)."""
+def _view(array: jax.Array, sharding) -> jax.Array:
+  """A weight's buffers on `sharding`'s devices, each device its own (its copy of a replicated
+  weight, its shard of a split one: a span covers whole engines, so the global shape stays);
+  start-up only: reading `addressable_shards` costs ~0.1 ms the first time."""
   by_device = {s.device: s.data for s in array.addressable_shards}
   return _assemble(array.shape, sharding, [by_device[d] for d in sharding.mesh.devices.flat])
 
@@ -64,8 +67,8 @@ class Resident:
       if span.devices == devices:
         self._weights[span] = weights
       else:
-        rep = ws.specs.replicated()
-        self._weights[span] = jax.tree.map(lambda a: _replica_view(a, rep), weights)
+        shardings = weight_shardings(weights, ws.specs.sharded(), ws.specs.replicated())
+        self._weights[span] = jax.tree.map(_view, weights, shardings)
     self._setups = setups
     self._split: dict[Span, DevicePools] | None = None
 
