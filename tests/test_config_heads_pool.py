@@ -38,8 +38,8 @@ def test_every_model_card_loads(name):
 @pytest.mark.parametrize("name", available("meshes"))
 def test_every_mesh_preset_loads(name):
   p = load_mesh_preset(name)
-  assert p.name == name and p.devices >= 1 and p.base_width == 1
-  assert all(p.devices % w == 0 for w in p.widths)
+  assert p.name == name and p.devices >= 1 and p.devices % p.base_width == 0
+  assert all(p.devices % w == 0 and w % p.base_width == 0 for w in p.widths)
   assert p.decode_buckets and p.prefill_chunks and p.page_tokens > 0 and p.pages_per_device >= 2
 
 
@@ -76,8 +76,11 @@ def test_preset_rejects_bad_widths_and_empty_buckets():
       dataclasses.replace(p, widths=widths)
   with pytest.raises(ConfigError, match="decode_buckets"):
     dataclasses.replace(p, decode_buckets=())
-  with pytest.raises(ConfigError, match="base_width"):
+  with pytest.raises(ConfigError, match="base width 2"):   # width 1 is narrower than an engine
     dataclasses.replace(p, base_width=2)
+  with pytest.raises(ConfigError, match="base_width 3"):
+    dataclasses.replace(p, base_width=3, widths=(3,))
+  assert dataclasses.replace(p, base_width=2, widths=(2, 8), partitions=()).base_width == 2
   assert isinstance(p, MeshPreset)
 
 

@@ -179,3 +179,42 @@ def test_grpc_stream_equals_the_offline_api(llm):
   assert [t for r in resps for t in r.token_ids] == offline.outputs[0].token_ids
   assert resps[-1].finish_reason == "stop" and resps[-1].stop_reason == "2"
   assert engine.no_leaks()
+
+
+@pytest.fixture(scope="module")
+def llm_tp2(tmp_path_factory):
+  """Base width 2: four engines of two devices, each device half of every projection."""
+  preset = dataclasses.replace(load_mesh_preset("cpu-8-tp2"), name="cpu-8-tp2-small",
+                               decode_buckets=(8,), prefill_chunks=(32,), token_budget=40)
+  path = tmp_path_factory.mktemp("mesh") / "cpu-8-tp2-small.toml"
+  write_preset(path, preset)
+  return LLM(model="smollm2-135m", mesh=str(path), widths=(2, 4, 8), pages_per_device=64,
+             progress=False)
+
+
+def test_golden_on_base_width_2(llm_tp2, golden):
+  """Widths 2, 4, 8 and the mixed 4+2x2 on engines of two devices: golden ids, logits within
+  1e-2; each device holds its engine's replicated tensors and half of the projections."""
+  engine = llm_tp2.engine
+  rep = engine.report
+  split = sum(getattr(lw, n).nbytes for lw in engine.weights.layers
+              for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  assert rep.device_weight_bytes == rep.weight_bytes - split // 2
+  for w in (2, 4, 8, "4+2x2"):
+    engine.set_width(w)
+    with captured_logits(engine) as got:
+      for i, (name, c) in enumerate(golden.items()):
+        engine.add_request(f"tp2-{w}-{name}", c["prompt_ids"],
+                           SamplingParams(temperature=0.0, max_tokens=len(c["greedy_ids"])),
+                           priority=i % 2)
+      while engine.has_unfinished():
+        engine.step()
+    for name, c in golden.items():
+      (seq,) = engine.request(f"tp2-{w}-{name}")
+      engine.release(f"tp2-{w}-{name}")
+      assert seq.output_ids == c["greedy_ids"], f"{name} at width {w}"
+      logits = np.stack(got[seq.seq_id])
+      for i, step in enumerate(c["steps"]):
+        np.testing.assert_allclose(logits[i, step["top_ids"]], step["top_logits"], rtol=0,
+                                   atol=1e-2, err_msg=f"{name} step {i} at width {w}")
+  assert engine.no_leaks()

@@ -18,16 +18,32 @@ from flying_jax.runtime.weight_reads import copies, weight_reads
 PROJECTIONS = {"lw.wq", "lw.wk", "lw.wv", "lw.wo", "lw.w_gate", "lw.w_up", "lw.w_down"}
 
 
-@pytest.fixture(scope="module")
-def engine():
+def small_engine(mesh: str, widths, partitions):
   """SmolLM2's heads (9 query / 3 KV: padding and uneven splits) on one small layer."""
   card = load_model_card("smollm2-135m")
   arch = dataclasses.replace(card.arch, n_layers=1, vocab_size=512)
   card = dataclasses.replace(card, arch=arch,
                              weights=dataclasses.replace(card.weights, format="random"))
-  preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
-                               prefill_chunks=(32,), token_budget=40, partitions=("4+1x4",))
-  return Engine(card, preset, EngineConfig(widths=(1, 2, 4, 8), cache_dir=""))
+  preset = dataclasses.replace(load_mesh_preset(mesh), decode_buckets=(8,),
+                               prefill_chunks=(32,), token_budget=40, partitions=partitions)
+  return Engine(card, preset, EngineConfig(widths=widths, cache_dir=""))
+
+
+@pytest.fixture(scope="module")
+def engine_b1():
+  """Base width 1: widths 1-8 and 4+1x4."""
+  return small_engine("cpu-8", (1, 2, 4, 8), ("4+1x4",))
+
+
+@pytest.fixture(scope="module")
+def engine_b2():
+  """Base width 2: widths 2-8 and 4+2x2."""
+  return small_engine("cpu-8-tp2", (2, 4, 8), ("4+2x2",))
+
+
+@pytest.fixture(params=["engine_b1", "engine_b2"])
+def engine(request):
+  return request.getfixturevalue(request.param)
 
 
 def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
@@ -43,10 +59,11 @@ def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
     if kind == "layer":
       seen = {r.weight: r.kind for r in reads if r.weight in PROJECTIONS}
       assert set(seen) == PROJECTIONS, (span, seen)
-      want = "whole" if span.width == 1 else "rows"       # width 1 reads every row as it is
+      base = engine.preset.base_width       # an engine's own width reads its shard as it is
+      want = "whole" if span.width == base else "rows"
       assert set(seen.values()) == {want}, (span, seen)
     checked += 1
-  assert checked >= 2 * 5                   # widths 1, 2, 4, 8 and the mixed partition's spans
+  assert checked >= 2 * 5                   # every width and the mixed partition's spans
 
 
 def test_the_check_sees_gathers_transposes_and_strided_slices():
@@ -70,7 +87,8 @@ def test_the_check_sees_gathers_transposes_and_strided_slices():
   assert {r.kind for r in weight_reads(fine, lambda n: n == "w_q")} == {"rows"}
 
 
-def test_padding_rows_are_zero_and_every_run_fits(engine):
+def test_padding_rows_are_zero_and_every_run_fits(engine_b1):
+  engine = engine_b1
   arch = engine.card.arch
   q_rows, kv_rows = weight_rows(arch, (1, 2, 4, 8))
   assert (q_rows, kv_rows) == (13, 4)         # 9 / 3 heads padded for the uneven splits
@@ -94,3 +112,37 @@ def test_slice_check_runs_and_reports_the_run_reads():
   assert [r["reads"] for r in out] == [["dot:whole"], ["dynamic-slice:rows"]]
   assert out[0]["temp_bytes"] == 0 and out[1]["rows"] == 64
   assert all(r["sliced_ms"] > 0 and r["given_ms"] > 0 for r in out)
+
+
+def test_each_device_holds_its_shard(engine_b2):
+  """Base width 2: device j of every engine holds rows q_lo[j]:+q_size (KV likewise) and FFN
+  half j of the one-device layout, and nothing else: half of every projection per device."""
+  engine = engine_b2
+  from flying_jax.model.heads import row_blocks
+  from flying_jax.model.weights import resident_tensor
+  from flying_jax.checkpoints import iter_random
+
+  arch, t = engine.card.arch, engine.preset.base_width
+  blocks = row_blocks(arch, (2, 4, 8), t)
+  single = {x.name: resident_tensor(x.name, np.asarray(x.array), arch, np.float32,
+                                    weight_rows(arch, (2, 4, 8)))
+            for x in iter_random(arch, engine.card.weights.seed) if x.layer == 0}
+  hd, lw = arch.head_dim, engine.weights.layers[0]
+  for name, lo, size in [("wq", blocks.q_lo, blocks.q_size), ("wo", blocks.q_lo, blocks.q_size),
+                         ("wk", blocks.kv_lo, blocks.kv_size), ("wv", blocks.kv_lo, blocks.kv_size),
+                         ("w_gate", None, None), ("w_up", None, None), ("w_down", None, None)]:
+    shards = {s.device.id: np.asarray(s.data) for s in getattr(lw, name).addressable_shards}
+    assert len(shards) == 8
+    for dev, local in shards.items():
+      j = dev % t
+      if lo is None:
+        f = arch.ffn_dim // t
+        want = single[name][j * f:(j + 1) * f]
+      else:
+        want = single[name][lo[j] * hd:(lo[j] + size) * hd]
+        want = np.pad(want, ((0, size * hd - len(want)), (0, 0)))
+      np.testing.assert_array_equal(local, want, err_msg=f"{name} on device {dev}")
+  split = sum(getattr(lw, n).nbytes for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  per_device = sum(getattr(lw, n).addressable_shards[0].data.nbytes
+                   for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  assert per_device * t == split

@@ -54,6 +54,7 @@ class StartupReport:
   warmup_s: float = 0.0
   programs: int = 0
   weight_bytes: int = 0
+  device_weight_bytes: int = 0                                # what one device holds
   kv_bytes: int = 0
   padding: list = dataclasses.field(default_factory=list)
   layout: str = ""                                            # the weight rows' padding
@@ -66,8 +67,9 @@ class StartupReport:
   def lines(self) -> list[str]:
     out = [f"start-up {self.total_s:.1f}s: load {self.load_s:.1f}s, place {self.place_s:.1f}s, "
            f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
-           f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each), "
-           f"KV pools {self.kv_bytes / 2**20:.0f} MiB"]
+           f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each; "
+           f"{self.device_weight_bytes / 2**20:.0f} MiB per device), KV pools "
+           f"{self.kv_bytes / 2**20:.0f} MiB"]
     if self.layout:
       out.append(self.layout)
     out.extend(self.compiled)
@@ -278,6 +280,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                                    for p in partitions.values()])
   rep.programs = len(registry) + (len(migrator) if migrator else 0)
   rep.weight_bytes = weights.nbytes()
+  rep.device_weight_bytes = weights.device_nbytes()
   rep.kv_bytes = device_pools.nbytes()
   rep.padding = report_padding(card, widths, laid_out)
   rep.layout = layout_line(card, rows, dtype)

@@ -78,7 +78,12 @@ class ResidentWeights:
     return self.embed if self.unembed is None else self.unembed
 
   def nbytes(self) -> int:
+    """One copy (an engine's)."""
     return sum(x.nbytes for x in jax.tree.leaves(self))
+
+  def device_nbytes(self) -> int:
+    """What the first device holds: the replicated weights and its shard of the split ones."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(self))
 
   def buffer_pointers(self) -> list[int]:
     """Device buffer addresses of every shard: unchanged as long as no weight byte moves."""
