@@ -122,8 +122,15 @@ class _Work:
 def test_plan_sizes_the_model_on_the_hardware():
   p = H.plan(model_card("llama-3-70b"), H.load_hardware("h200-8"))
   assert p.widths == (2, 4, 8) and p.dp_width == 2          # 141 GB of weights: TP2 replicas
+  assert p.base_width == 2 and p.preset.base_width == 2     # ... each chip holds half of them
+  split = 80 * (2 * 64 + 2 * 8) * 128 * 8192 * 2 + 80 * 3 * 28672 * 8192 * 2
+  assert p.device_weight_bytes == p.weight_bytes - split // 2
+  assert 70e9 < p.device_weight_bytes < 76e9               # embeddings on both chips
   assert p.pool_tokens(8) == 4 * p.pool_tokens(2)
   assert "2+2+4" in p.preset.partitions and "4+1x4" not in p.preset.partitions
+  assert H.plan(model_card("llama-3-70b"), H.load_hardware("h200-8"), "gpu-8-tp2") == \
+      dataclasses.replace(p, preset=dataclasses.replace(
+          p.preset, name="gpu-8-tp2", partitions=("4+2x2", "2x2+4")))
   with pytest.raises(H.SimError, match="does not fit"):
     H.plan(model_card("llama-3-70b"), H.load_hardware("tpu-v5e-8"))
   small = H.plan(model_card("llama-3-8b"), H100)
@@ -185,3 +192,27 @@ def test_the_preset_calibrate_writes_loads_back(tmp_path):
   assert H.plan(model_card("tiny"), hw).widths == (1, 2, 4, 8)
   shipped = H.load_hardware("cpu")                      # the preset in the repository
   assert len(shipped.fitted) == len(FEATURES) and "on cpu-8" in shipped.calibrated
+
+
+def test_the_plan_allocates_what_the_engine_allocates():
+  """A card sized by the simulator on a machine where one chip cannot hold the weights and KV,
+  then built for real on that plan (base width 2 on the CPU mesh): the same weight bytes per
+  engine and per device, the same KV bytes per device."""
+  card = load_model_card("smollm2-135m")
+  card = dataclasses.replace(card, arch=dataclasses.replace(card.arch, n_layers=2, vocab_size=512),
+                             weights=dataclasses.replace(card.weights, format="random"))
+  preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,), prefill_chunks=(32,),
+                               token_budget=40, partitions=())
+  one_chip = H.weights_on(card, preset)[1]
+  two_chips = H.weights_on(card, dataclasses.replace(preset, base_width=2, widths=(2, 4, 8)))[1]
+  page = H.plan(card, H.Hardware("x", "cpu-8", 8, peak_tflops=1, hbm_gbps=1), preset).page_bytes
+  assert one_chip - two_chips > 16 * page               # base width 1 leaves no room for 16 pages
+  hw = H.Hardware("x", "cpu-8", 8, peak_tflops=1, hbm_gbps=1, memory_utilization=1.0,
+                  hbm_gb=(two_chips + 16.5 * page) / 1e9)
+  plan = H.plan(card, hw, preset)
+  assert (plan.base_width, plan.widths, plan.pages) == (2, (2, 4, 8), 16)
+  engine = Engine(card, plan.preset, EngineConfig(widths=plan.widths, cache_dir=""))
+  rep = engine.report
+  assert (rep.weight_bytes, rep.device_weight_bytes) == (plan.weight_bytes,
+                                                         plan.device_weight_bytes)
+  assert rep.kv_bytes == plan.preset.devices * plan.pages * plan.page_bytes

@@ -148,3 +148,32 @@ def spec_of(arch: Architecture, name: str) -> TensorSpec:
     if s.name == name:
       return s
   raise KeyError(f"{arch.family} has no tensor {name!r}")
+
+
+SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out")   # cut over an engine's devices
+
+
+def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]:
+  """(bytes of one engine's copy, bytes one device holds) of the resident weights laid out in
+  `blocks` (`heads.RowBlocks`) at `itemsize` bytes per element, exactly as the engine allocates
+  them: projections cut over the engine's devices, head rows padded to the blocks; embeddings,
+  norms and per-layer constants (float32 RoPE frequencies, an int32 window) on every device."""
+  a, t = arch, blocks.base
+  rows = {"q": t * blocks.q_size * a.head_dim, "o": t * blocks.q_size * a.head_dim,
+          "kv": t * blocks.kv_size * a.head_dim, "ffn_in": a.ffn_dim, "ffn_out": a.ffn_dim}
+  split = whole = 0
+  for s in table(a):
+    n = 1
+    if s.role in SPLIT_ROLES:
+      n = rows[s.role] * a.dim
+    else:
+      for d in s.canonical_shape(a):
+        n *= d
+    n *= a.n_layers if s.per_layer else 1
+    if s.role in SPLIT_ROLES:
+      split += n * itemsize
+    else:
+      whole += n * itemsize
+  if a.sliding_window:                       # weights.layer_constants
+    whole += a.n_layers * (a.head_dim // 2 * 4 + 4)
+  return whole + split, whole + split // t

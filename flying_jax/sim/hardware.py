@@ -5,9 +5,10 @@ uses, and gives per-chip figures: peak FLOP/s, HBM bandwidth and size, interconn
 collective latency, the achievable shares of peak, and the host's cost per step. The local CPU
 preset (`cpu`) is measured instead: its `fitted` coefficients come from `flying-jax sim calibrate`.
 
-`plan` sizes a model on a preset the way a deployment would: the narrowest width whose weight
-shard leaves room for KV is the data-parallel width, and the KV pages per device are what HBM
-holds after the weights.
+`plan` sizes a model on a preset the way the engine allocates it: the narrowest base width (chips
+holding one copy of the weights, each its shard) that leaves room for KV is the data-parallel
+width, and the KV pages per device are what HBM holds after the weights (`weights_on` counts the
+bytes the engine's layout places on each chip).
 """
 
 from __future__ import annotations
@@ -67,15 +68,20 @@ def load_hardware(name: str) -> Hardware:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """A model sized on a machine: the mesh preset to simulate and what it holds."""
-  preset: MeshPreset                 # widths from the data-parallel width up, pages from HBM
+  preset: MeshPreset                 # base width and widths from HBM, pages from what is left
   widths: tuple[int, ...]
-  weight_bytes: int                  # one replica
+  weight_bytes: int                  # one engine's copy
+  device_weight_bytes: int           # what one device holds of it
   page_bytes: int                    # one page, all layers, K and V
   pages: int                         # per device
 
   @property
   def dp_width(self) -> int:
     return self.widths[0]
+
+  @property
+  def base_width(self) -> int:
+    return self.preset.base_width
 
   def pool_tokens(self, width: int) -> int:
     """Tokens of KV one group of `width` holds (whatever the model's context limit)."""
@@ -86,29 +92,43 @@ def dtype_bytes(preset: MeshPreset) -> int:
   return {"float32": 4, "bfloat16": 2, "float16": 2}[preset.dtype]
 
 
+def weights_on(card: ModelCard, preset: MeshPreset) -> tuple[int, int]:
+  """(one engine's weight bytes, one device's) as the engine lays them out on `preset`."""
+  from flying_jax.model.heads import row_blocks
+  from flying_jax.model.tables import resident_bytes
+
+  blocks = row_blocks(card.arch, preset.widths, preset.base_width)
+  return resident_bytes(card.arch, blocks, dtype_bytes(preset))
+
+
 def plan(card: ModelCard, hw: Hardware, mesh: str | MeshPreset | None = None) -> Plan:
-  """`card` sized on `hw` with `mesh` (default: the hardware's mesh preset)."""
+  """`card` sized on `hw` with `mesh` (default: the hardware's mesh preset) as the engine would
+  allocate it: the narrowest base width (devices per copy of the weights, from the preset's own
+  up) whose shard leaves room for KV; widths from it up; the KV pages per device are what HBM
+  holds after the weights."""
   preset = mesh if isinstance(mesh, MeshPreset) else load_mesh_preset(mesh or hw.mesh)
   if preset.devices != hw.devices:
     raise SimError(f"hardware {hw.name} has {hw.devices} chips, mesh {preset.name} "
                    f"{preset.devices}")
   a, b = card.arch, dtype_bytes(preset)
-  weight_bytes = a.param_count() * b
   page_bytes = preset.page_tokens * a.n_kv_heads * a.head_dim * 2 * a.n_layers * b
   if hw.hbm_gb <= 0:                  # measured hardware: the preset's pool, every width
-    return Plan(preset, preset.widths, weight_bytes, page_bytes, preset.pages_per_device)
+    return Plan(preset, preset.widths, *weights_on(card, preset), page_bytes,
+                preset.pages_per_device)
   usable = hw.hbm_gb * 1e9 * hw.memory_utilization
-  for w in preset.widths:
-    room = usable - weight_bytes / w
+  for t in (w for w in preset.widths if w >= preset.base_width):
+    widths = tuple(x for x in preset.widths if x >= t)
+    parts = tuple(p for p in preset.partitions
+                  if set(Partition.parse(p, preset.devices).widths) <= set(widths))
+    sized = dataclasses.replace(preset, base_width=t, widths=widths, partitions=parts)
+    engine_bytes, device_bytes = weights_on(card, sized)
+    room = usable - device_bytes
     if room >= 0.05 * usable:
       break
   else:
-    raise SimError(f"{card.name} ({weight_bytes / 1e9:.0f} GB of weights) does not fit "
-                   f"{hw.name}: even a width-{max(preset.widths)} shard leaves no room for KV "
+    raise SimError(f"{card.name} ({engine_bytes / 1e9:.0f} GB of weights) does not fit "
+                   f"{hw.name}: even engines of {max(preset.widths)} chips leave no room for KV "
                    f"({hw.devices} x {hw.hbm_gb:.0f} GB)")
-  widths = tuple(x for x in preset.widths if x >= w)
   pages = int(math.floor(room / page_bytes))
-  parts = tuple(p for p in preset.partitions
-                if set(Partition.parse(p, preset.devices).widths) <= set(widths))
-  preset = dataclasses.replace(preset, widths=widths, partitions=parts, pages_per_device=pages)
-  return Plan(preset, widths, weight_bytes, page_bytes, pages)
+  sized = dataclasses.replace(sized, pages_per_device=pages)
+  return Plan(sized, widths, engine_bytes, device_bytes, page_bytes, pages)
