@@ -36,6 +36,8 @@ class Architecture:
   sliding_pattern: int = 0         # layer l is global iff l % p == p - 1 (0: every layer slides)
   rope_local_theta: float = 0.0    # RoPE base of the sliding layers (0: rope_theta)
   query_pre_attn_scalar: float = 0.0  # scores scale by its -1/2 power (0: head_dim)
+  n_experts: int = 0               # a mixture of experts in place of the FFN (0: dense)
+  experts_per_token: int = 0       # experts each token is routed to (top-k)
 
   def __post_init__(self):
     from flying_jax.model.families import names   # no JAX: a table of names
@@ -44,6 +46,8 @@ class Architecture:
                         f"{', '.join(names())}")
     if self.sliding_window < 0 or self.sliding_pattern < 0:
       raise ConfigError("sliding_window and sliding_pattern must not be negative")
+    if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
+      raise ConfigError(f"experts_per_token={self.experts_per_token} must be in 1..n_experts")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -67,7 +71,7 @@ class Architecture:
   def param_count(self) -> int:
     a = self
     attn = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
-    ffn = 3 * a.dim * a.ffn_dim
+    ffn = 3 * a.dim * a.ffn_dim * max(1, a.n_experts) + a.dim * a.n_experts
     emb = a.vocab_size * a.dim * (1 if a.tied_embeddings else 2)
     return a.n_layers * (attn + ffn + 2 * a.dim) + emb + a.dim
 

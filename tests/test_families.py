@@ -1,7 +1,7 @@
 """Model families against Hugging Face transformers: tiny randomly initialised Llama, Mistral
 (a sliding window of 8 that binds), Qwen3 (q/k norms) and Gemma 3 (sandwich norms stored minus
 one, a sliding and a global layer with their own RoPE bases, a query scale other than head_dim)
-saved with `save_pretrained`, made into cards with `card --from-hf`, served at every width; the
+and Mixtral (4 experts, top 2, each split by FFN columns) saved with `save_pretrained`, made into cards with `card --from-hf`, served at every width; the
 logits of every greedy step match transformers' forward on the same ids. Norm weights are
 perturbed away from their initial ones so that a norm read wrongly shows."""
 
@@ -34,6 +34,9 @@ def hf_model(family: str, path):
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, sliding_window=8))
   elif family == "qwen3":
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE))
+  elif family == "mixtral":
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **SHAPE, num_local_experts=4, num_experts_per_tok=2))
   else:
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
@@ -52,7 +55,8 @@ def hf_model(family: str, path):
 
 
 @pytest.mark.parametrize("family,widths", [("llama", WIDTHS), ("mistral", (1, 8)),
-                                           ("qwen3", WIDTHS), ("gemma3", WIDTHS)])
+                                           ("qwen3", WIDTHS), ("gemma3", WIDTHS),
+                                           ("mixtral", WIDTHS)])
 def test_every_width_matches_transformers(family, widths, tmp_path):
   model = hf_model(family, tmp_path / family)
   card_file = tmp_path / f"{family}.toml"
@@ -63,6 +67,7 @@ def test_every_width_matches_transformers(family, widths, tmp_path):
   windows = {"mistral": (8, 0, 0.0), "gemma3": (8, 2, 1e4)}.get(family, (0, 0, 0.0))
   assert (a.sliding_window, a.sliding_pattern, a.rope_local_theta) == windows
   assert a.attn_scale == (24 if family == "gemma3" else 16) ** -0.5
+  assert (a.n_experts, a.experts_per_token) == ((4, 2) if family == "mixtral" else (0, 0))
   preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
                                prefill_chunks=(32,), token_budget=40, partitions=())
   engine = Engine(card, preset, EngineConfig(widths=widths, cache_dir=""))

@@ -285,7 +285,12 @@ def _tensor(gf: GGUFFile, spec, layer: int | None, arch: Architecture, permuted:
   name = spec.gguf.format(i=layer)
   if name not in gf.tensors:
     raise ValueError(f"GGUF file {gf.path} lacks tensor {name!r}")
-  w = expect_shape(name, dequantize(gf.tensors[name]), spec.stored_shape(arch), str(gf.path))
+  from flying_jax.model.tables import EXPERTS
+
+  stored = spec.stored_shape(arch)
+  if spec.role in EXPERTS:                 # llama.cpp stacks the experts: ffn_gate_exps
+    stored = (arch.n_experts,) + stored
+  w = expect_shape(name, dequantize(gf.tensors[name]), stored, str(gf.path))
   if permuted and spec.name in ("wq", "wk"):
     w = unpermute_rope_rows(w, arch.n_heads if spec.name == "wq" else arch.n_kv_heads)
   return Tensor(spec.name, layer, spec.to_canonical(w, arch))

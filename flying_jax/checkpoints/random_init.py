@@ -30,7 +30,7 @@ def fan_in(name: str, arch: Architecture) -> int:
   role = spec_of(arch, name).role
   if role == "o":
     return arch.n_heads * arch.head_dim
-  if role == "ffn_out":
+  if role in ("ffn_out", "exp_out"):
     return arch.ffn_dim
   return arch.dim
 

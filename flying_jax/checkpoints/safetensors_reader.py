@@ -88,6 +88,9 @@ def architecture_from_hf_config(config: dict) -> Architecture:
     extra = _windows(config, n_layers, context)
     if family == "gemma3":
       extra["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or 0.0)
+    if family == "mixtral":
+      extra["n_experts"] = int(config["num_local_experts"])
+      extra["experts_per_token"] = int(config["num_experts_per_tok"])
     return Architecture(
         dim=dim, n_layers=n_layers, n_heads=heads,
         n_kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -159,7 +162,7 @@ def check_hf_config(path: Path, arch: Architecture) -> None:
 def iter_safetensors_dir(path: str | Path, arch: Architecture) -> Iterator[Tensor]:
   """A Hugging Face safetensors directory's tensors one at a time (the family's weight table,
   `model.tables`), in their stored dtype, in canonical orientation (see `loader`)."""
-  from flying_jax.model.tables import layer_specs, top_specs
+  from flying_jax.model.tables import EXPERTS, layer_specs, top_specs
 
   path = Path(path).expanduser()
   if not path.is_dir():
@@ -168,7 +171,13 @@ def iter_safetensors_dir(path: str | Path, arch: Architecture) -> Iterator[Tenso
   tensors = _Tensors(path)
 
   def read(spec, layer):
-    w = tensors.get(spec.hf.format(i=layer), spec.stored_shape(arch))
+    if spec.per_expert:                                 # one tensor per expert, stacked
+      w = np.stack([tensors.get(spec.hf.format(i=layer, k=k), spec.stored_shape(arch))
+                    for k in range(arch.n_experts)])
+    elif spec.role in EXPERTS:
+      w = tensors.get(spec.hf.format(i=layer), (arch.n_experts,) + spec.stored_shape(arch))
+    else:
+      w = tensors.get(spec.hf.format(i=layer), spec.stored_shape(arch))
     if spec.hf_offset:
       w = w.astype(np.float32) + np.float32(spec.hf_offset)
     return Tensor(spec.name, layer, spec.to_canonical(w, arch))

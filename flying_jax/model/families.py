@@ -9,6 +9,8 @@ module directly.
 - llama: grouped-query attention, SwiGLU, RMSNorm, rotate-half RoPE.
 - mistral: Llama's forward; a sliding window (every layer) is masked exactly when it binds.
 - qwen3: Llama with per-head RMSNorms on q and k before RoPE.
+- mixtral: Llama's attention; a top-k mixture of SwiGLU experts, each split by FFN columns over
+  the group like the dense FFN (`model.moe`).
 - gemma3: q/k norms, a norm after attention and after the FFN, GeGLU (tanh), embeddings scaled
   by sqrt(dim), sliding-window layers with their own RoPE base, and global ones.
 
@@ -48,6 +50,8 @@ def _families() -> dict[str, Family]:
                         tables.llama),
       "qwen3": Family("qwen3", "flying_jax.model.llama", ("qwen3",), ("qwen3",), tables.qwen3,
                       gguf_rope_permuted=False),
+      "mixtral": Family("mixtral", "flying_jax.model.llama", ("mixtral",), ("llama",),
+                        tables.mixtral),
       "gemma3": Family("gemma3", "flying_jax.model.gemma3", ("gemma3_text", "gemma3"),
                        ("gemma3",), tables.gemma3, gguf_rope_permuted=False),
   }

@@ -1,6 +1,7 @@
 """The Llama forward as pure per-device functions: embed, one decoder layer, final norm + logits.
 
-Also Mistral (a sliding window through the layer's constants) and Qwen3 (per-head q/k norms);
+Also Mistral (a sliding window through the layer's constants), Qwen3 (per-head q/k norms) and
+Mixtral (a mixture of experts in place of the FFN, `moe.py`);
 Gemma 3 (`gemma3.py`) reuses the attention block and the logits.
 
 Each function sees one device's blocks (it runs under `per_device`); the width is static and only
@@ -16,6 +17,7 @@ from flying_jax.config import Architecture
 from flying_jax.model.attention import KVGeometry, paged_attention, write_k, write_kv
 from flying_jax.model.batch import StepMeta, StepShape
 from flying_jax.model.heads import HeadPlan
+from flying_jax.model.moe import moe_ffn
 from flying_jax.model.weights import LayerWeights, shard_layer
 from flying_jax.parallel import Collectives
 
@@ -102,6 +104,9 @@ def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Arch
     x_TxD = x_TxD + coll.sum(o)
   with jax.named_scope("ffn"):
     h = rms_norm(x_TxD, lw.ffn_norm, arch.norm_eps)
+    if lw.w_router is not None:                        # Mixtral: a mixture of experts
+      return x_TxD + moe_ffn(h, lw.w_router, w_gate, w_up, w_down, top_k=arch.experts_per_token,
+                             coll=coll), k_pool, v_pool
     g = (h @ w_gate.T).astype(jnp.float32)
     u = (h @ w_up.T).astype(jnp.float32)
     a = (jax.nn.silu(g) * u).astype(x_TxD.dtype)

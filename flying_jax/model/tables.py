@@ -16,6 +16,12 @@ Roles, with the canonical (`x @ W`) shape and the stored `[out, in]` shape both 
   o          [Hq, hd, D]                  [D, Hq*hd]    (split by query heads, input side)
   ffn_in     [D, F]                       [F, D]        (split by FFN columns)
   ffn_out    [F, D]                       [D, F]        (split by FFN columns, input side)
+  router     [D, E]                       [E, D]        (a mixture of experts' gate, replicated)
+  exp_in     [E, D, F]                    [F, D] each   (every expert split by FFN columns)
+  exp_out    [E, F, D]                    [D, F] each
+
+Expert tensors are stored one per expert (`{k}` in the name: Hugging Face Mixtral) or stacked on
+a leading expert axis (GGUF's `ffn_gate_exps`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import dataclasses
 
 from flying_jax.config import Architecture
 
-ROLES = ("embed", "norm", "head_norm", "q", "kv", "o", "ffn_in", "ffn_out")
+ROLES = ("embed", "norm", "head_norm", "q", "kv", "o", "ffn_in", "ffn_out", "router", "exp_in",
+         "exp_out")
+EXPERTS = ("exp_in", "exp_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,37 +46,47 @@ class TensorSpec:
 
   def canonical_shape(self, arch: Architecture) -> tuple[int, ...]:
     a = arch
-    return {"embed": (a.vocab_size, a.dim), "norm": (a.dim,), "head_norm": (a.head_dim,),
-            "q": (a.dim, a.n_heads, a.head_dim), "kv": (a.dim, a.n_kv_heads, a.head_dim),
-            "o": (a.n_heads, a.head_dim, a.dim), "ffn_in": (a.dim, a.ffn_dim),
-            "ffn_out": (a.ffn_dim, a.dim)}[self.role]
+    one = {"embed": (a.vocab_size, a.dim), "norm": (a.dim,), "head_norm": (a.head_dim,),
+           "q": (a.dim, a.n_heads, a.head_dim), "kv": (a.dim, a.n_kv_heads, a.head_dim),
+           "o": (a.n_heads, a.head_dim, a.dim), "ffn_in": (a.dim, a.ffn_dim),
+           "ffn_out": (a.ffn_dim, a.dim), "router": (a.dim, a.n_experts),
+           "exp_in": (a.dim, a.ffn_dim), "exp_out": (a.ffn_dim, a.dim)}[self.role]
+    return (a.n_experts,) + one if self.role in EXPERTS else one
 
   def stored_shape(self, arch: Architecture) -> tuple[int, ...]:
-    """The `[out, in]` shape GGUF (as numpy) and safetensors store."""
-    c = self.canonical_shape(arch)
+    """The `[out, in]` shape GGUF (as numpy) and safetensors store (of one expert)."""
+    c = self.canonical_shape(arch)[1:] if self.role in EXPERTS else self.canonical_shape(arch)
     if self.role in ("q", "kv"):
       return (c[1] * c[2], c[0])
     if self.role == "o":
       return (c[2], c[0] * c[1])
-    if self.role in ("ffn_in", "ffn_out"):
+    if self.role in ("ffn_in", "ffn_out", "router", "exp_in", "exp_out"):
       return (c[1], c[0])
     return c
 
+  @property
+  def per_expert(self) -> bool:
+    """Stored one tensor per expert (`{k}` in the Hugging Face name)."""
+    return "{k}" in self.hf
+
   def to_canonical(self, stored, arch: Architecture):
-    """A stored `[out, in]` array (numpy) in canonical orientation."""
+    """A stored `[out, in]` array (numpy; experts stacked on a leading axis) in canonical
+    orientation."""
     c = self.canonical_shape(arch)
-    if self.role in ("q", "kv", "ffn_in", "ffn_out"):
-      return stored.T.reshape(c)
-    if self.role == "o":
+    if self.role in EXPERTS:
+      return stored.transpose(0, 2, 1)
+    if self.role in ("q", "kv", "ffn_in", "ffn_out", "o", "router"):
       return stored.T.reshape(c)
     return stored
 
   def to_stored(self, canonical, arch: Architecture):
     """The inverse of `to_canonical` (writing checkpoints)."""
+    if self.role in EXPERTS:
+      raise ValueError("writing expert tensors is not supported")
     s = self.stored_shape(arch)
     if self.role in ("q", "kv", "o"):
       return canonical.reshape(-1, s[0]).T
-    if self.role in ("ffn_in", "ffn_out"):
+    if self.role in ("ffn_in", "ffn_out", "router"):
       return canonical.T
     return canonical
 
@@ -115,6 +133,17 @@ def _gemma3() -> tuple[TensorSpec, ...]:
   return tuple(specs)
 
 
+def _mixtral() -> tuple[TensorSpec, ...]:
+  """Mixtral: Llama's attention, a top-k mixture of SwiGLU experts in place of the FFN."""
+  L = "model.layers.{i}.block_sparse_moe."
+  moe = {"w_gate": ("exp_in", "blk.{i}.ffn_gate_exps.weight", L + "experts.{k}.w1.weight"),
+         "w_up": ("exp_in", "blk.{i}.ffn_up_exps.weight", L + "experts.{k}.w3.weight"),
+         "w_down": ("exp_out", "blk.{i}.ffn_down_exps.weight", L + "experts.{k}.w2.weight")}
+  specs = [TensorSpec(s.name, *moe[s.name]) if s.name in moe else s for s in _llama()]
+  return tuple(specs) + (TensorSpec("w_router", "router", "blk.{i}.ffn_gate_inp.weight",
+                                    L + "gate.weight"),)
+
+
 def llama() -> tuple[TensorSpec, ...]:
   return _llama()
 
@@ -124,6 +153,7 @@ def qwen3() -> tuple[TensorSpec, ...]:
 
 
 gemma3 = _gemma3
+mixtral = _mixtral
 
 
 def table(arch: Architecture) -> tuple[TensorSpec, ...]:
@@ -150,7 +180,7 @@ def spec_of(arch: Architecture, name: str) -> TensorSpec:
   raise KeyError(f"{arch.family} has no tensor {name!r}")
 
 
-SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out")   # cut over an engine's devices
+SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out", "exp_in", "exp_out")   # cut over an engine
 
 
 def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]:
@@ -160,7 +190,8 @@ def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]
   norms and per-layer constants (float32 RoPE frequencies, an int32 window) on every device."""
   a, t = arch, blocks.base
   rows = {"q": t * blocks.q_size * a.head_dim, "o": t * blocks.q_size * a.head_dim,
-          "kv": t * blocks.kv_size * a.head_dim, "ffn_in": a.ffn_dim, "ffn_out": a.ffn_dim}
+          "kv": t * blocks.kv_size * a.head_dim, "ffn_in": a.ffn_dim, "ffn_out": a.ffn_dim,
+          "exp_in": a.ffn_dim * a.n_experts, "exp_out": a.ffn_dim * a.n_experts}
   split = whole = 0
   for s in table(a):
     n = 1

@@ -45,6 +45,8 @@ class LayerWeights:
   k_norm: jax.Array | None = None           # [hd]
   post_attn_norm: jax.Array | None = None   # [D] Gemma 3's norm of the attention output
   post_ffn_norm: jax.Array | None = None    # [D] and of the FFN output
+  w_router: jax.Array | None = None         # [D, E] a mixture of experts' gate (Mixtral), whose
+  # ^ w_gate / w_up / w_down are then [F, E, D]: every expert's FFN columns, column-major
   # per-layer constants of models whose layers differ (`layer_constants`), not from checkpoints:
   rope_inv: jax.Array | None = None         # [hd/2] float32 RoPE inverse frequencies
   window: jax.Array | None = None           # [1] int32 keys visible to a query (sliding window)
@@ -122,6 +124,10 @@ def resident_tensor(name: str, array, arch: Architecture, dtype, rows=None):
     return np.ascontiguousarray(a) if xp is np else a
   if role == "ffn_in":                                  # [D, F] -> [F, D]
     a = a.T
+  elif role == "exp_in":                                # [E, D, F] -> [F, E, D]
+    a = a.transpose(2, 0, 1)
+  elif role == "exp_out":                               # [E, F, D] -> [F, E, D]
+    a = a.transpose(1, 0, 2)
   return np.ascontiguousarray(a) if xp is np else a      # row-major: the layout programs expect
 
 
@@ -208,7 +214,9 @@ def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
   split = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=specs.sharded())
   q, kv = b.base * b.q_size * a.head_dim, b.base * b.kv_size * a.head_dim
   resident = {"norm": (a.dim,), "head_norm": (a.head_dim,), "q": (q, a.dim), "kv": (kv, a.dim),
-              "o": (q, a.dim), "ffn_in": (a.ffn_dim, a.dim), "ffn_out": (a.ffn_dim, a.dim)}
+              "o": (q, a.dim), "ffn_in": (a.ffn_dim, a.dim), "ffn_out": (a.ffn_dim, a.dim),
+              "router": (a.dim, a.n_experts), "exp_in": (a.ffn_dim, a.n_experts, a.dim),
+              "exp_out": (a.ffn_dim, a.n_experts, a.dim)}
   fields = {sp.name: (split if sp.name in SPLIT else whole)(*resident[sp.role])
             for sp in layer_specs(a)}
   const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=specs.replicated())
