@@ -91,7 +91,8 @@ class WeightsSource:
 @dataclasses.dataclass(frozen=True)
 class TokenizerSpec:
   kind: str                        # gguf | sentencepiece | tokenizer.json | bytes
-  path: str | None = None          # for sentencepiece / tokenizer.json
+  path: str | None = None          # the .model / tokenizer.json / GGUF file (a GGUF: default the
+  # ^ weights' file; set it when the weights are an orbax checkpoint)
   chat_template: str | None = None  # chatml | None
   stop_ids: tuple[int, ...] = ()
 

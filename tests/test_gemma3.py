@@ -18,6 +18,7 @@ from flying_jax import LLM
 from flying_jax.checkpoints import iter_tensors
 from flying_jax.config import load_mesh_preset
 from flying_jax.sampling import SamplingParams
+from flying_jax.tokenizers import render_chat
 from helpers import captured_logits
 from test_smollm2 import write_preset
 
@@ -48,7 +49,10 @@ def test_tokenizer_matches_transformers(llm, golden):
     ids = tok.encode(s["text"])
     assert ids == s["transformers_gguf_tokenizer_ids"], s["text"]
     assert tok.decode(ids, skip_special=False) == s["text"]
+  chat = tok.encode_prompt(render_chat("gemma", [{"role": "user", "content": "Hi"}]))
+  assert chat == [2, 105, 2364, 107, 10979, 106, 107, 105, 4368, 107]   # one BOS, control ids
   for case in golden["cases"]:
+    assert tok.encode_prompt(case["prompt"]) == case["prompt_ids"]     # BOS added once
     assert tok.encode(case["prompt"], add_bos=True) == case["prompt_ids"]
     assert tok.decode(case["greedy_ids"]) == case["greedy_text"]
 

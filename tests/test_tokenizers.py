@@ -258,6 +258,19 @@ def test_chatml_render():
   assert render_chat("chatml", msgs) == want + "<|im_start|>assistant\n"
 
 
+def test_gemma_render():
+  """Gemma's turns (HF's template for Gemma 3 IT): assistant as `model`, the system message
+  folded into the first user turn."""
+  msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+          {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+  want = ("<bos><start_of_turn>user\nS\n\nU<end_of_turn>\n<start_of_turn>model\nA<end_of_turn>\n"
+          "<start_of_turn>user\nV<end_of_turn>\n")
+  assert render_chat("gemma", msgs, add_generation_prompt=False) == want
+  assert render_chat("gemma", msgs) == want + "<start_of_turn>model\n"
+  with pytest.raises(ValueError, match="system message may only come first"):
+    render_chat("gemma", [{"role": "user", "content": "U"}, {"role": "system", "content": "S"}])
+
+
 @pytest.mark.parametrize("messages, match", [
     ([], "empty"),
     ("hello", "list"),

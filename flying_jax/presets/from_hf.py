@@ -60,6 +60,8 @@ def card_from_hf(directory: str | Path, name: str | None = None) -> str:
   template = _read(d / "tokenizer_config.json").get("chat_template") or ""
   if "<|im_start|>" in str(template):
     tokenizer["chat_template"] = "chatml"
+  elif "<start_of_turn>" in str(template):
+    tokenizer["chat_template"] = "gemma"
   tokenizer["stop_ids"] = _stop_ids(_read(d / "generation_config.json"), config)
   lines = [f"# Made by `flying-jax card --from-hf {d}`.", f"name = {toml_value(name)}",
            f"description = {toml_value(config.get('_name_or_path') or d.name)}", "", "[architecture]"]

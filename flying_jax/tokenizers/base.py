@@ -135,7 +135,7 @@ def load_tokenizer(card: ModelCard, gguf_path: str | Path | None = None) -> Toke
   common = dict(stop_ids=spec.stop_ids, chat_template=spec.chat_template)
   if spec.kind == "gguf":
     from flying_jax.tokenizers import bpe_gguf
-    return bpe_gguf.load(resolve_gguf_path(card, gguf_path), **common)
+    return bpe_gguf.load(resolve_gguf_path(card, gguf_path or spec.path), **common)
   if spec.kind == "sentencepiece":
     from flying_jax.tokenizers import spm
     return spm.SentencePieceTokenizer.from_file(_existing(spec.path, "SentencePiece"), **common)

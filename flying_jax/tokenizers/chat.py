@@ -1,6 +1,6 @@
 """Chat templates: a list of `{"role", "content"}` messages rendered as the model's prompt text.
 
-Two formats, picked by the model card's `[tokenizer] chat_template`:
+Three formats, picked by the model card's `[tokenizer] chat_template`:
 
 - `"chatml"` (SmolLM2, Qwen): `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then
   `<|im_start|>assistant\\n` when a generation prompt is asked for.
@@ -70,11 +70,33 @@ def llama2(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = 
   return text
 
 
+def gemma(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+          bos: str = "<bos>") -> str:
+  """Gemma chat text of `messages`."""
+  pairs = validate(messages)
+  system = None
+  if pairs[0][0] == "system":
+    system, pairs = pairs[0][1], pairs[1:]
+  text = bos
+  for i, (role, content) in enumerate(pairs):
+    if role == "system":
+      raise ValueError(f"gemma chat: message {i + (system is not None)}: a system message may "
+                       "only come first")
+    if i == 0 and system is not None:
+      content = f"{system}\n\n{content}"
+    who = "model" if role == "assistant" else "user"
+    text += f"<start_of_turn>{who}\n{content.strip()}<end_of_turn>\n"
+  return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+
+
 def render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
-           bos: str = "<s>", eos: str = "</s>") -> str:
-  """Render `messages` with the named template (`"chatml"` or `"llama2"`)."""
+           bos: str | None = None, eos: str | None = None) -> str:
+  """Render `messages` with the named template (`"chatml"`, `"llama2"` or `"gemma"`); `bos` /
+  `eos`: the tokenizer's own strings (default: the template's usual ones)."""
   if template == "chatml":
     return chatml(messages, add_generation_prompt)
   if template == "llama2":
     return llama2(messages, add_generation_prompt, bos=bos or "<s>", eos=eos or "</s>")
-  raise ValueError(f"unknown chat template {template!r}; known: chatml, llama2")
+  if template == "gemma":
+    return gemma(messages, add_generation_prompt, bos=bos or "<bos>")
+  raise ValueError(f"unknown chat template {template!r}; known: chatml, llama2, gemma")
