@@ -194,11 +194,12 @@ def llm_tp2(tmp_path_factory):
 
 def test_golden_on_base_width_2(llm_tp2, golden):
   """Widths 2, 4, 8 and the mixed 4+2x2 on engines of two devices: golden ids, logits within
-  1e-2; each device holds its engine's replicated tensors and half of the projections."""
+  1e-2; each device holds its engine's norms and half of the projections and embeddings."""
   engine = llm_tp2.engine
   rep = engine.report
   split = sum(getattr(lw, n).nbytes for lw in engine.weights.layers
               for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  split += engine.weights.embed.nbytes                  # tied: the one table, split by vocabulary
   assert rep.device_weight_bytes == rep.weight_bytes - split // 2
   for w in (2, 4, 8, "4+2x2"):
     engine.set_width(w)

@@ -244,7 +244,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
     rep.load_s = time.perf_counter() - t0
   elif host_weights is not None:
     rep.load_s = time.perf_counter() - t0
-    weights = W.place(host_weights, specs)
+    weights = W.place(host_weights, specs, rows.vocab)
   else:                                 # one tensor at a time: read, convert, place, next
     from flying_jax.checkpoints import iter_tensors
     put = lambda a, split: jax.device_put(a, specs.sharded() if split else replicated)

@@ -23,17 +23,17 @@ from flying_jax.config import Architecture
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepMeta, StepShape
 from flying_jax.model.heads import HeadPlan
-from flying_jax.model.llama import attention_block, logits, rms_norm
+from flying_jax.model.llama import attention_block, logits, lookup, rms_norm
 from flying_jax.model.weights import LayerWeights, shard_layer
 from flying_jax.parallel import Collectives
 
 __all__ = ["embed", "layer", "logits"]
 
 
-def embed(embed_VxD, meta: StepMeta):
+def embed(embed_VxD, meta: StepMeta, *, coll: Collectives, arch: Architecture):
   with jax.named_scope("embed"):
-    x = jnp.take(embed_VxD, meta.tokens, axis=0)
-    return (x.astype(jnp.float32) * math.sqrt(embed_VxD.shape[1])).astype(x.dtype)
+    x = lookup(embed_VxD, meta.tokens, coll, arch.vocab_size)
+    return (x.astype(jnp.float32) * math.sqrt(arch.dim)).astype(x.dtype)
 
 
 def layer(lw: LayerWeights, k_pool, v_pool, x_TxD, meta: StepMeta, *, arch: Architecture,

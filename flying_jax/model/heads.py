@@ -115,6 +115,7 @@ class RowBlocks:
   q_size: int
   kv_lo: tuple[int, ...]
   kv_size: int
+  vocab: bool = False             # embeddings split over the engine's devices by vocabulary rows
 
   @property
   def rows(self) -> tuple[int, int]:
@@ -128,7 +129,8 @@ class RowBlocks:
 
 
 def row_blocks(arch: Architecture, widths, base: int = 1) -> RowBlocks:
-  """The smallest shards that hold every compiled width's runs (`widths` multiples of `base`)."""
+  """The smallest shards that hold every compiled width's runs (`widths` multiples of `base`);
+  the embeddings are split by vocabulary rows when every width divides the vocabulary."""
   if base == 1:
     return RowBlocks.single(weight_rows(arch, widths))
   q_runs, kv_runs = [[] for _ in range(base)], [[] for _ in range(base)]
@@ -141,7 +143,8 @@ def row_blocks(arch: Architecture, widths, base: int = 1) -> RowBlocks:
       kv_runs[r // m].append((int(plan.kv_start[r]), int(plan.kv_start[r]) + plan.kv_per_device))
   lo = lambda runs: tuple(min(a for a, _ in rs) for rs in runs)
   size = lambda runs: max(max(b for _, b in rs) - min(a for a, _ in rs) for rs in runs)
-  return RowBlocks(base, lo(q_runs), size(q_runs), lo(kv_runs), size(kv_runs))
+  vocab = all(arch.vocab_size % w == 0 for w in widths)
+  return RowBlocks(base, lo(q_runs), size(q_runs), lo(kv_runs), size(kv_runs), vocab)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +157,7 @@ class ShardReads:
   ffn: tuple[int, ...]
   ffn_size: int
   whole: bool
+  vocab: bool = False             # the embeddings are split (`RowBlocks.vocab`)
 
 
 def shard_reads(plan: HeadPlan, blocks: RowBlocks, ffn_dim: int) -> HeadPlan:
@@ -169,7 +173,7 @@ def shard_reads(plan: HeadPlan, blocks: RowBlocks, ffn_dim: int) -> HeadPlan:
             and kv[r] + plan.kv_per_device <= blocks.kv_size):
       raise AssertionError(f"rank {r} of width {w} reads outside its shard")
   whole = m == 1 and not any(q) and not any(kv)
-  return dataclasses.replace(plan, reads=ShardReads(q, kv, ffn, f, whole))
+  return dataclasses.replace(plan, reads=ShardReads(q, kv, ffn, f, whole, blocks.vocab))
 
 
 def weight_rows(arch: Architecture, widths) -> tuple[int, int]:

@@ -40,9 +40,21 @@ def rope(x_TxNxH, pos_T, theta: float, inv_H=None):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_TxNxH.dtype)
 
 
-def embed(embed_VxD, meta: StepMeta):
+def lookup(embed_VxD, tokens_T, coll: Collectives, vocab: int):
+  """Embedding rows of `tokens`; a table split by vocabulary rows over an engine's devices
+  (this device holds rows j*V/t ...) looks up what it holds and sums over the engine."""
+  n = embed_VxD.shape[0]
+  if n == vocab:
+    return jnp.take(embed_VxD, tokens_T, axis=0)
+  local = tokens_T - coll.shard_index() * n
+  mine = (local >= 0) & (local < n)
+  rows = jnp.take(embed_VxD, jnp.clip(local, 0, n - 1), axis=0)
+  return coll.shard_sum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)))
+
+
+def embed(embed_VxD, meta: StepMeta, *, coll: Collectives, arch: Architecture):
   with jax.named_scope("embed"):
-    return jnp.take(embed_VxD, meta.tokens, axis=0)
+    return lookup(embed_VxD, meta.tokens, coll, arch.vocab_size)
 
 
 def _attention(q_TxQxH, k_pool, v_pool, meta: StepMeta, shape: StepShape, plan: HeadPlan,
@@ -119,9 +131,10 @@ def logits(unembed_VxD, final_norm_D, x_TxD, meta: StepMeta, *, arch: Architectu
   """Float32 logits of the sampled rows; each device computes a vocabulary slice, then gathers."""
   with jax.named_scope("logits"):
     h = rms_norm(jnp.take(x_TxD, meta.rows, axis=0), final_norm_D, arch.norm_eps)
-    v = arch.vocab_size
+    v, held = arch.vocab_size, unembed_VxD.shape[0]  # held < v: split over the engine (V/t)
     if coll.width > 1 and v % coll.width == 0:
-      part = v // coll.width
-      w = jax.lax.dynamic_slice_in_dim(unembed_VxD, coll.index() * part, part, axis=0)
+      part, merged = v // coll.width, coll.width * held // v   # engines merged into the group
+      start = (coll.index() % merged) * part                  # rank j*m+e: sub-block e of j
+      w = jax.lax.dynamic_slice_in_dim(unembed_VxD, start, part, axis=0)
       return coll.gather(jnp.einsum("rd,vd->rv", h, w, preferred_element_type=jnp.float32), 1)
     return jnp.einsum("rd,vd->rv", h, unembed_VxD, preferred_element_type=jnp.float32)

@@ -186,8 +186,9 @@ SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out", "exp_in", "exp_out")   # cut
 def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]:
   """(bytes of one engine's copy, bytes one device holds) of the resident weights laid out in
   `blocks` (`heads.RowBlocks`) at `itemsize` bytes per element, exactly as the engine allocates
-  them: projections cut over the engine's devices, head rows padded to the blocks; embeddings,
-  norms and per-layer constants (float32 RoPE frequencies, an int32 window) on every device."""
+  them: projections (and the embeddings when `blocks.vocab`) cut over the engine's devices, head
+  rows padded to the blocks; norms and per-layer constants (float32 RoPE frequencies, an int32
+  window) on every device."""
   a, t = arch, blocks.base
   rows = {"q": t * blocks.q_size * a.head_dim, "o": t * blocks.q_size * a.head_dim,
           "kv": t * blocks.kv_size * a.head_dim, "ffn_in": a.ffn_dim, "ffn_out": a.ffn_dim,
@@ -201,7 +202,7 @@ def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]
       for d in s.canonical_shape(a):
         n *= d
     n *= a.n_layers if s.per_layer else 1
-    if s.role in SPLIT_ROLES:
+    if s.role in SPLIT_ROLES or (s.role == "embed" and blocks.vocab):
       split += n * itemsize
     else:
       whole += n * itemsize

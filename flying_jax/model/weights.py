@@ -152,11 +152,13 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   a time."""
   from flying_jax.model.tables import layer_specs
 
+  vocab = _blocks(rows or (arch.n_heads, arch.n_kv_heads)).vocab
   top: dict = {}
   layers: list[dict] = [{k: put(v, False) for k, v in layer_constants(arch, l).items()}
                         for l in range(arch.n_layers)]
   for t in tensors:
-    placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), t.name in SPLIT)
+    split = t.name in SPLIT or (vocab and t.name in ("embed", "lm_head"))
+    placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), split)
     (top if t.layer is None else layers[t.layer])[t.name] = placed
   missing = [n for n in ("embed", "final_norm") if n not in top]
   missing += [f"{s.name} of layer {l}" for l, lw in enumerate(layers) for s in layer_specs(arch)
@@ -185,22 +187,25 @@ def layer_specs_tree(lw: LayerWeights, split, whole) -> LayerWeights:
                          (split if f.name in SPLIT else whole) for f in dataclasses.fields(lw)})
 
 
-def weight_shardings(weights: ResidentWeights, split, whole) -> ResidentWeights:
-  """`weights`' tree with `split` / `whole` (shardings or specs) in place of each array."""
-  return ResidentWeights(embed=whole, unembed=None if weights.unembed is None else whole,
+def weight_shardings(weights: ResidentWeights, split, whole, vocab: bool = False
+                     ) -> ResidentWeights:
+  """`weights`' tree with `split` / `whole` (shardings or specs) in place of each array
+  (`vocab`: the embeddings are split too)."""
+  emb = split if vocab else whole
+  return ResidentWeights(embed=emb, unembed=None if weights.unembed is None else emb,
                          final_norm=whole,
                          layers=tuple(layer_specs_tree(lw, split, whole) for lw in weights.layers))
 
 
-def place(host: dict, specs) -> ResidentWeights:
-  """Put the weights on the devices once: each engine holds one copy, its projections cut over
-  its devices (`specs`: the `MeshSpecs` of any width)."""
+def place(host: dict, specs, vocab: bool = False) -> ResidentWeights:
+  """Put the weights on the devices once: each engine holds one copy, its projections (and its
+  embeddings when `vocab`) cut over its devices (`specs`: the `MeshSpecs` of any width)."""
   def put(a, split):
     return None if a is None else jax.device_put(a, specs.sharded() if split else
                                                  specs.replicated())
   layers = tuple(LayerWeights(**{k: put(v, k in SPLIT) for k, v in lw.items() if v is not None})
                  for lw in host["layers"])
-  return ResidentWeights(embed=put(host["embed"], False), unembed=put(host["unembed"], False),
+  return ResidentWeights(embed=put(host["embed"], vocab), unembed=put(host["unembed"], vocab),
                          final_norm=put(host["final_norm"], False), layers=layers)
 
 
@@ -222,8 +227,9 @@ def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
   const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=specs.replicated())
   layers = tuple(LayerWeights(**fields, **{k: const(c) for k, c in layer_constants(a, l).items()})
                  for l in range(a.n_layers))
-  return ResidentWeights(embed=whole(a.vocab_size, a.dim),
-                         unembed=None if a.tied_embeddings else whole(a.vocab_size, a.dim),
+  emb = split if b.vocab else whole
+  return ResidentWeights(embed=emb(a.vocab_size, a.dim),
+                         unembed=None if a.tied_embeddings else emb(a.vocab_size, a.dim),
                          final_norm=whole(a.dim), layers=layers)
 
 

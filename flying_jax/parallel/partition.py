@@ -96,6 +96,15 @@ class MeshSpecs:
 class Collectives:
   """What model code may do across the devices of its group, without naming mesh axes."""
   width: int
+  base: int = 1                   # devices per engine
+
+  def shard_index(self):
+    """Which shard of its engine's weights this device holds."""
+    return jax.lax.axis_index(_SHARD) if self.base > 1 else 0
+
+  def shard_sum(self, x):
+    """Sum over the devices of this device's engine (the holders of one copy of the weights)."""
+    return jax.lax.psum(x, _SHARD) if self.base > 1 else x
 
   def index(self):
     """This device's rank in its group (shard-major: see the module doc)."""

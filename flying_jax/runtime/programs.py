@@ -67,18 +67,23 @@ class ProgramStats:
   alias_bytes: int
 
 
+def _vocab_spec(ws: WidthSetup):
+  """How a program sees the embeddings: split by vocabulary rows, or whole."""
+  return ws.specs.sharded_spec if ws.plan.reads.vocab else ws.specs.replicated_spec
+
+
 def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
-  model = family_of(arch.family).forward
+  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
 
   def f(embed_VxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
-    return model.embed(embed_VxD, meta)[None]
+    return model.embed(embed_VxD, meta, coll=coll, arch=arch)[None]
   s = ws.specs
-  return per_device(f, s, (s.replicated_spec, s.per_group_spec), s.per_group_spec)
+  return per_device(f, s, (_vocab_spec(ws), s.per_group_spec), s.per_group_spec)
 
 
 def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, lw_struct):
-  coll, model = Collectives(ws.width), family_of(arch.family).forward
+  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
 
   def f(lw, k_pool, v_pool, x_1xTxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
@@ -93,7 +98,7 @@ def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, lw_struct):
 
 
 def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, rows: int):
-  coll, model = Collectives(ws.width), family_of(arch.family).forward
+  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
 
   def f(unembed, final_norm, x_1xTxD, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
@@ -101,7 +106,7 @@ def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, rows: int):
     return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None]
   s = ws.specs
   g = s.per_group_spec
-  return per_device(f, s, (s.replicated_spec, s.replicated_spec, g, g), g)
+  return per_device(f, s, (_vocab_spec(ws), s.replicated_spec, g, g), g)
 
 
 def _sample_fn(ws: WidthSetup, hist: int, banned: int):
@@ -173,9 +178,10 @@ class ProgramRegistry:
       pages, slots, hd = self.pool_struct.shape          # one device's pool of one layer
       pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
                                   sharding=s.per_device())
+    vocab = s.sharded() if ws.plan.reads.vocab else rep
     if kind == "embed":
       jitted = jax.jit(_embed_fn(ws, shape, self.arch))
-      args = (retarget(wa.embed), meta)
+      args = (retarget(wa.embed, vocab), meta)
     elif kind == "layer":
       shardings = layer_specs_tree(wa.layers[0], s.sharded(), rep)
       lw = jax.tree.map(retarget, wa.layers[0], shardings)
@@ -183,7 +189,7 @@ class ProgramRegistry:
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
       jitted = jax.jit(_head_fn(ws, shape, self.arch, self.rows))
-      args = (retarget(wa.logits_weight), retarget(wa.final_norm), x, meta)
+      args = (retarget(wa.logits_weight, vocab), retarget(wa.final_norm), x, meta)
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     dt = time.perf_counter() - t0

@@ -67,7 +67,8 @@ class Resident:
       if span.devices == devices:
         self._weights[span] = weights
       else:
-        shardings = weight_shardings(weights, ws.specs.sharded(), ws.specs.replicated())
+        shardings = weight_shardings(weights, ws.specs.sharded(), ws.specs.replicated(),
+                                     ws.plan.reads.vocab)
         self._weights[span] = jax.tree.map(_view, weights, shardings)
     self._setups = setups
     self._split: dict[Span, DevicePools] | None = None
