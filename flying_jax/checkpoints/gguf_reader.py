@@ -26,6 +26,7 @@ import numpy as np
 
 from flying_jax.checkpoints.loader import Tensor, expect_shape, prefetch, stack
 from flying_jax.config import Architecture, WeightsSource
+from flying_jax.model.tables import EXPERTS
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -158,12 +159,21 @@ def assemble_parts(weights: WeightsSource) -> Path:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-  """Raise ValueError if the sha256 of the file at `path` is not `expected`."""
+  """Raise ValueError if the sha256 of the file at `path` is not `expected` (hashed once per
+  process while the file keeps its size and modification time: the tokenizer and the weights of
+  one card read the same file)."""
+  st = Path(path).stat()
+  _verify_once(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, expected.lower())
+
+
+@functools.lru_cache(maxsize=64)
+def _verify_once(path: str, size: int, mtime_ns: int, expected: str) -> None:
+  """Only successes are cached (a raise is not)."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 24), b""):
       digest.update(chunk)
-  if digest.hexdigest() != expected.lower():
+  if digest.hexdigest() != expected:
     raise ValueError(
         f"sha256 mismatch for {path}: file has {digest.hexdigest()}, card expects {expected}")
 
@@ -285,8 +295,6 @@ def _tensor(gf: GGUFFile, spec, layer: int | None, arch: Architecture, permuted:
   name = spec.gguf.format(i=layer)
   if name not in gf.tensors:
     raise ValueError(f"GGUF file {gf.path} lacks tensor {name!r}")
-  from flying_jax.model.tables import EXPERTS
-
   stored = spec.stored_shape(arch)
   if spec.role in EXPERTS:                 # llama.cpp stacks the experts: ffn_gate_exps
     stored = (arch.n_experts,) + stored

@@ -27,6 +27,7 @@ a leading expert axis (GGUF's `ffn_gate_exps`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flying_jax.config import Architecture
 
@@ -90,10 +91,6 @@ class TensorSpec:
       return canonical.T
     return canonical
 
-  def key(self, layer: int | None) -> str:
-    return self.name if layer is None else f"{self.name}.{layer}"
-
-
 def _llama(q_k_norms: bool = False) -> tuple[TensorSpec, ...]:
   L = "model.layers.{i}."
   specs = [
@@ -119,7 +116,7 @@ def _llama(q_k_norms: bool = False) -> tuple[TensorSpec, ...]:
   return tuple(specs)
 
 
-def _gemma3() -> tuple[TensorSpec, ...]:
+def gemma3() -> tuple[TensorSpec, ...]:
   """Gemma 3: q/k norms, a norm after attention and one around the FFN (HF: stored minus one)."""
   L = "model.layers.{i}."
   rename = {"ffn_norm": L + "pre_feedforward_layernorm.weight"}
@@ -133,7 +130,7 @@ def _gemma3() -> tuple[TensorSpec, ...]:
   return tuple(specs)
 
 
-def _mixtral() -> tuple[TensorSpec, ...]:
+def mixtral() -> tuple[TensorSpec, ...]:
   """Mixtral: Llama's attention, a top-k mixture of SwiGLU experts in place of the FFN."""
   L = "model.layers.{i}.block_sparse_moe."
   moe = {"w_gate": ("exp_in", "blk.{i}.ffn_gate_exps.weight", L + "experts.{k}.w1.weight"),
@@ -152,10 +149,9 @@ def qwen3() -> tuple[TensorSpec, ...]:
   return _llama(q_k_norms=True)
 
 
-gemma3 = _gemma3
-mixtral = _mixtral
 
 
+@functools.cache
 def table(arch: Architecture) -> tuple[TensorSpec, ...]:
   """The tensors of `arch`'s family (`families.Family.table`), `lm_head` left out when embeddings
   are tied: top-level tensors first, then the per-layer ones in the order readers yield them."""
@@ -173,39 +169,52 @@ def top_specs(arch: Architecture) -> tuple[TensorSpec, ...]:
   return tuple(s for s in table(arch) if not s.per_layer)
 
 
+@functools.cache
+def _by_name(arch: Architecture) -> dict[str, TensorSpec]:
+  return {s.name: s for s in table(arch)}
+
+
 def spec_of(arch: Architecture, name: str) -> TensorSpec:
-  for s in table(arch):
-    if s.name == name:
-      return s
-  raise KeyError(f"{arch.family} has no tensor {name!r}")
+  try:
+    return _by_name(arch)[name]
+  except KeyError:
+    raise KeyError(f"{arch.family} has no tensor {name!r}") from None
 
 
 SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out", "exp_in", "exp_out")   # cut over an engine
 
 
+def is_split(spec: TensorSpec, blocks) -> bool:
+  """Whether an engine's devices each hold a 1/base shard of `spec`'s leading axis (projections;
+  the embeddings when `blocks.vocab`), else every device holds it whole."""
+  return spec.role in SPLIT_ROLES or (spec.role == "embed" and blocks.vocab)
+
+
+def resident_shape(spec: TensorSpec, arch: Architecture, blocks) -> tuple[int, ...]:
+  """The shape of one engine's copy of `spec` (one layer's) in the resident layout: projections
+  lead with the split dimension, head rows padded to `blocks` (`heads.RowBlocks`), shard after
+  shard."""
+  a, t = arch, blocks.base
+  return {"q": (t * blocks.q_size * a.head_dim, a.dim), "o": (t * blocks.q_size * a.head_dim, a.dim),
+          "kv": (t * blocks.kv_size * a.head_dim, a.dim), "ffn_in": (a.ffn_dim, a.dim),
+          "ffn_out": (a.ffn_dim, a.dim), "exp_in": (a.ffn_dim, a.n_experts, a.dim),
+          "exp_out": (a.ffn_dim, a.n_experts, a.dim)}.get(spec.role, spec.canonical_shape(a))
+
+
 def resident_bytes(arch: Architecture, blocks, itemsize: int) -> tuple[int, int]:
   """(bytes of one engine's copy, bytes one device holds) of the resident weights laid out in
   `blocks` (`heads.RowBlocks`) at `itemsize` bytes per element, exactly as the engine allocates
-  them: projections (and the embeddings when `blocks.vocab`) cut over the engine's devices, head
-  rows padded to the blocks; norms and per-layer constants (float32 RoPE frequencies, an int32
-  window) on every device."""
-  a, t = arch, blocks.base
-  rows = {"q": t * blocks.q_size * a.head_dim, "o": t * blocks.q_size * a.head_dim,
-          "kv": t * blocks.kv_size * a.head_dim, "ffn_in": a.ffn_dim, "ffn_out": a.ffn_dim,
-          "exp_in": a.ffn_dim * a.n_experts, "exp_out": a.ffn_dim * a.n_experts}
+  them (`resident_shape`, `is_split`); norms and per-layer constants (float32 RoPE frequencies,
+  an int32 window) on every device."""
   split = whole = 0
-  for s in table(a):
-    n = 1
-    if s.role in SPLIT_ROLES:
-      n = rows[s.role] * a.dim
+  for s in table(arch):
+    n = itemsize * (arch.n_layers if s.per_layer else 1)
+    for d in resident_shape(s, arch, blocks):
+      n *= d
+    if is_split(s, blocks):
+      split += n
     else:
-      for d in s.canonical_shape(a):
-        n *= d
-    n *= a.n_layers if s.per_layer else 1
-    if s.role in SPLIT_ROLES or (s.role == "embed" and blocks.vocab):
-      split += n * itemsize
-    else:
-      whole += n * itemsize
-  if a.sliding_window:                       # weights.layer_constants
-    whole += a.n_layers * (a.head_dim // 2 * 4 + 4)
-  return whole + split, whole + split // t
+      whole += n
+  if arch.sliding_window:                    # weights.layer_constants
+    whole += arch.n_layers * (arch.head_dim // 2 * 4 + 4)
+  return whole + split, whole + split // blocks.base

@@ -52,7 +52,6 @@ class LayerWeights:
   window: jax.Array | None = None           # [1] int32 keys visible to a query (sliding window)
 
 
-LAYER_NAMES = tuple(f.name for f in dataclasses.fields(LayerWeights))
 CONSTANTS = ("rope_inv", "window")
 
 
@@ -92,7 +91,7 @@ class ResidentWeights:
     return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(self) for s in x.addressable_shards]
 
 
-SPLIT = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # split over an engine's devices
+SPLIT = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # the fields `tables.is_split`
 
 
 def _blocks(rows) -> "RowBlocks":
@@ -150,14 +149,14 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   converted and handed to `put(array, split)` (which places it on the devices, cut over an
   engine's devices when `split`) before the next is read, so the host holds about one tensor at
   a time."""
-  from flying_jax.model.tables import layer_specs
+  from flying_jax.model.tables import is_split, layer_specs, spec_of
 
-  vocab = _blocks(rows or (arch.n_heads, arch.n_kv_heads)).vocab
+  blocks = _blocks(rows or (arch.n_heads, arch.n_kv_heads))
   top: dict = {}
   layers: list[dict] = [{k: put(v, False) for k, v in layer_constants(arch, l).items()}
                         for l in range(arch.n_layers)]
   for t in tensors:
-    split = t.name in SPLIT or (vocab and t.name in ("embed", "lm_head"))
+    split = is_split(spec_of(arch, t.name), blocks)
     placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), split)
     (top if t.layer is None else layers[t.layer])[t.name] = placed
   missing = [n for n in ("embed", "final_norm") if n not in top]
@@ -212,25 +211,19 @@ def place(host: dict, specs, vocab: bool = False) -> ResidentWeights:
 def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
   """ShapeDtypeStructs of the resident weights on `specs`' mesh: AOT lowering and orbax restore
   targets. `rows`: as in `resident_tensor`."""
-  from flying_jax.model.tables import layer_specs
+  from flying_jax.model.tables import is_split, resident_shape, table
 
   a, b = arch, _blocks(rows or (arch.n_heads, arch.n_kv_heads))
-  whole = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=specs.replicated())
-  split = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=specs.sharded())
-  q, kv = b.base * b.q_size * a.head_dim, b.base * b.kv_size * a.head_dim
-  resident = {"norm": (a.dim,), "head_norm": (a.head_dim,), "q": (q, a.dim), "kv": (kv, a.dim),
-              "o": (q, a.dim), "ffn_in": (a.ffn_dim, a.dim), "ffn_out": (a.ffn_dim, a.dim),
-              "router": (a.dim, a.n_experts), "exp_in": (a.ffn_dim, a.n_experts, a.dim),
-              "exp_out": (a.ffn_dim, a.n_experts, a.dim)}
-  fields = {sp.name: (split if sp.name in SPLIT else whole)(*resident[sp.role])
-            for sp in layer_specs(a)}
+  struct = lambda spec: jax.ShapeDtypeStruct(
+      resident_shape(spec, a, b), dtype,
+      sharding=specs.sharded() if is_split(spec, b) else specs.replicated())
+  fields = {sp.name: struct(sp) for sp in table(a)}
   const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=specs.replicated())
-  layers = tuple(LayerWeights(**fields, **{k: const(c) for k, c in layer_constants(a, l).items()})
+  per_layer = {sp.name: fields[sp.name] for sp in table(a) if sp.per_layer}
+  layers = tuple(LayerWeights(**per_layer, **{k: const(c) for k, c in layer_constants(a, l).items()})
                  for l in range(a.n_layers))
-  emb = split if b.vocab else whole
-  return ResidentWeights(embed=emb(a.vocab_size, a.dim),
-                         unembed=None if a.tied_embeddings else emb(a.vocab_size, a.dim),
-                         final_norm=whole(a.dim), layers=layers)
+  return ResidentWeights(embed=fields["embed"], unembed=fields.get("lm_head"),
+                         final_norm=fields["final_norm"], layers=layers)
 
 
 def rows_of(weights: ResidentWeights, head_dim: int, base: int = 1) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from flying_jax.model.families import family_of
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
-from flying_jax.model.weights import ResidentWeights, layer_specs_tree
+from flying_jax.model.weights import ResidentWeights, layer_specs_tree, weight_shardings
 from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
 from flying_jax.sampling import sample
@@ -168,7 +168,7 @@ class ProgramRegistry:
   def _compile(self, kind: str, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
     s, g = ws.specs, ws.specs.groups
     rep = s.replicated()
-    retarget = lambda x, sh=rep: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    retarget = lambda x, to=rep: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=to)
     if kind == "sample":
       jitted = jax.jit(_sample_fn(ws, self.hist, self.banned))
       args = self.sample_structs(ws)
@@ -178,18 +178,17 @@ class ProgramRegistry:
       pages, slots, hd = self.pool_struct.shape          # one device's pool of one layer
       pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
                                   sharding=s.per_device())
-    vocab = s.sharded() if ws.plan.reads.vocab else rep
+    sh = weight_shardings(wa, s.sharded(), rep, ws.plan.reads.vocab)   # on this span's mesh
     if kind == "embed":
       jitted = jax.jit(_embed_fn(ws, shape, self.arch))
-      args = (retarget(wa.embed, vocab), meta)
+      args = (retarget(wa.embed, sh.embed), meta)
     elif kind == "layer":
-      shardings = layer_specs_tree(wa.layers[0], s.sharded(), rep)
-      lw = jax.tree.map(retarget, wa.layers[0], shardings)
+      lw = jax.tree.map(retarget, wa.layers[0], sh.layers[0])
       jitted = jax.jit(_layer_fn(ws, shape, self.arch, lw), donate_argnums=(1, 2, 3))
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
       jitted = jax.jit(_head_fn(ws, shape, self.arch, self.rows))
-      args = (retarget(wa.logits_weight, vocab), retarget(wa.final_norm), x, meta)
+      args = (retarget(wa.logits_weight, sh.logits_weight), retarget(wa.final_norm), x, meta)
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     dt = time.perf_counter() - t0
