@@ -56,6 +56,12 @@ class Architecture:
     p = self.sliding_pattern
     return self.sliding_window > 0 and (p == 0 or layer % p != p - 1)
 
+  @property
+  def all_sliding(self) -> bool:
+    """Whether every layer slides: then KV pages wholly before a sequence's window are never read
+    again and can be freed while it runs (Gemma 3's global layers keep every token)."""
+    return self.sliding_window > 0 and all(self.sliding(l) for l in range(self.n_layers))
+
   def layer_rope_theta(self, layer: int) -> float:
     return self.rope_local_theta if self.sliding(layer) and self.rope_local_theta else self.rope_theta
 

@@ -127,7 +127,9 @@ class Engine:
     limits = SchedulerLimits(max(self.preset.decode_buckets), modes, self.preset.token_budget)
     self.partition = part
     self.width = part.uniform_width          # None in a mixed partition
-    self.scheduler = Scheduler(self.pool, groups, limits)
+    arch = self.card.arch
+    window = arch.sliding_window if arch.all_sliding and self.config.free_window_pages else 0
+    self.scheduler = Scheduler(self.pool, groups, limits, window)
     self.capacity = self.scheduler.capacity  # the longest sequence its widest group holds
 
   # switching -----------------------------------------------------------------------------------
@@ -222,8 +224,10 @@ class Engine:
   def _migrate_one(self, seq: Sequence) -> int | None:
     """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
     slots = self.preset.page_tokens * self.card.arch.n_kv_heads
-    return migrate_sequence(seq, self.scheduler, self.pool, lambda src, dst, n: self.migrator.move(
-        self.device_pools, self.card.arch, src, dst, n, self.pages, slots))
+    return migrate_sequence(seq, self.scheduler, self.pool,
+                            lambda src, dst, start, stop: self.migrator.move(
+                                self.device_pools, self.card.arch, src, dst, stop, self.pages,
+                                slots, start=start))
 
   def recompute_paused(self, older_than: float = 0.0) -> int:
     """Give up on paused sequences that waited `older_than` seconds or more: they go to the front
@@ -326,8 +330,7 @@ class Engine:
       return False
     for s in seqs:
       if s.status is Status.PAUSED and self.paused.remove(s):
-        self.pool.release(s.first_device, s.layout.width, s.pages)
-        s.pages = []
+        self.pool.release(s.first_device, s.layout.width, s.take_pages())
       elif not s.finished:
         self.scheduler.remove(s)
       if not s.finished:

@@ -11,6 +11,13 @@ requests no narrow group can hold; those may pass ordinary requests that wait fo
 never each other. A decoding sequence that
 needs a page when none is free preempts the most recently admitted sequence of its group, which
 frees its pages and later recomputes (prompt + generated tokens) from the front of the queue.
+
+Under a model whose every layer slides (`window`), a page wholly before a sequence's window is
+never read again: at the start of each step it leaves the sequence's page table (the entry points
+at the null page). A decoding sequence gives it back to the pool at once, so it holds at most
+`(window - 1) // tokens_per_page + 2` pages; a prefilling one keeps it as a spare page for its
+chunks ahead. A sequence is admitted (or migrated) with the pages the rest of its run reads at
+once (`pages_needed`), not with pages for its whole length.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import collections
 import dataclasses
 
 from flying_jax.engine.sequence import Sequence, Status
-from flying_jax.kv import PageLayout, PagePool, PoolExhausted
+from flying_jax.kv import NULL_PAGE, PageLayout, PagePool, PoolExhausted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +78,13 @@ class SchedulerLimits:
 class Scheduler:
   """Owns the waiting queue and the running sequences of each group of one partition."""
 
-  def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits):
+  def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits,
+               window: int = 0):
+    """`window`: the sliding window of a model whose every layer slides, whose passed pages are
+    freed while sequences run (0: keep every page)."""
     self.pool, self.groups, self.limits = pool, groups, limits
+    self.window = window
+    self._longest_row = max((c for _, c in limits.prefill_modes), default=1)
     self.capacity = max(g.capacity for g in groups)   # longer sequences wait for another partition
     self._narrow = min(g.width for g in groups)
     self._narrow_capacity = max(g.capacity for g in groups if g.width == self._narrow)
@@ -110,13 +122,66 @@ class Scheduler:
     self.preempted_total += previous.preempted_total
 
   def release_pages(self, seq: Sequence):
-    if seq.pages:
-      self.pool.release(seq.first_device, seq.layout.width, seq.pages)
-    seq.pages = []
+    held = seq.take_pages()
+    if held:
+      self.pool.release(seq.first_device, seq.layout.width, held)
     seq.group = None
+
+  # pages under a sliding window ----------------------------------------------------------------
+  def first_live(self, computed: int, layout: PageLayout) -> int:
+    """The first page-table entry a query at position `computed` or later still reads."""
+    if not self.window:
+      return 0
+    return max(0, computed - self.window + 1) // layout.tokens_per_page
+
+  def peak_pages(self, layout: PageLayout) -> int:
+    """Under a window, the most pages one step reads for a sequence: its longest prefill row and
+    the window before it (a decode step reads `(window - 1) // tokens_per_page + 2` at most)."""
+    return (self.window + self._longest_row - 2) // layout.tokens_per_page + 2
+
+  def pages_needed(self, seq: Sequence, layout: PageLayout, computed: int | None = None) -> int:
+    """Pages `seq` holds when placed under `layout` with `computed` tokens of KV (default its
+    own): its whole length, or under a window what the rest of its run reads at once."""
+    n = layout.pages_for(seq.length)
+    if not self.window:
+      return n
+    computed = seq.computed if computed is None else computed
+    return min(n - self.first_live(computed, layout), self.peak_pages(layout))
+
+  def _drop_passed(self, seq: Sequence):
+    """Move the pages wholly before `seq`'s window from its table to its spare pages."""
+    first = min(self.first_live(seq.computed, seq.layout), len(seq.pages))
+    if first > seq.dropped:
+      seq.spare += seq.pages[seq.dropped:first]
+      seq.pages[seq.dropped:first] = [NULL_PAGE] * (first - seq.dropped)
+      seq.dropped = first
+
+  def _map(self, seq: Sequence, tokens: int, pool: bool = True):
+    """Table entries for `seq`'s first `tokens` tokens: its spare pages first, then (if `pool`)
+    the pool's (PoolExhausted: the table is left as far as the spare pages reached)."""
+    need = seq.layout.pages_for(tokens) - len(seq.pages)
+    while need > 0 and seq.spare:
+      seq.pages.append(seq.spare.pop())
+      need -= 1
+    if need > 0 and pool:
+      seq.pages += self.pool.allocate(seq.first_device, seq.layout.width, need)
+
+  def _free_passed(self):
+    """Drop every running sequence's passed pages; decoding ones give them back to the pool
+    (after taking one for the token they write, when they cross into a new page)."""
+    for group in self.running:
+      for seq in group:
+        self._drop_passed(seq)
+        if seq.is_decoding and seq.spare:
+          self._map(seq, seq.computed + 1, pool=False)
+          if seq.spare:
+            self.pool.release(seq.first_device, seq.layout.width, seq.spare)
+            seq.spare = []
 
   # one step ------------------------------------------------------------------------------------
   def schedule(self) -> list[GroupWork]:
+    if self.window:
+      self._free_passed()
     self._admit()
     work, waiting = [], []
     for g in range(len(self.groups)):
@@ -130,9 +195,21 @@ class Scheduler:
         n = min(seq.remaining, chunk, budget)
         if n <= 0:
           break
+        n = self._pages_for_chunk(seq, n)
+        if n <= 0:
+          continue
         w.prefills.append(PrefillRow(seq, seq.computed, n))
         budget -= n
     return work
+
+  def _pages_for_chunk(self, seq: Sequence, n: int) -> int:
+    """Table entries for a chunk of `n` tokens from `seq.computed` (under a window they come
+    from its spare pages); returns the tokens its table covers, at most `n`."""
+    try:
+      self._map(seq, seq.computed + n)
+    except PoolExhausted:                # not under admission's accounting: a shorter chunk
+      pass
+    return min(n, len(seq.pages) * seq.layout.tokens_per_page - seq.computed)
 
   def _wide_class(self, seq: Sequence) -> bool:
     """Whether `seq` belongs to the wide groups of a mixed partition."""
@@ -152,7 +229,9 @@ class Scheduler:
           break
         continue
       grp = self.groups[g]
-      seq.pages = self.pool.allocate(grp.first_device, grp.width, grp.layout.pages_for(seq.length))
+      seq.pages = self.pool.allocate(grp.first_device, grp.width,
+                                     self.pages_needed(seq, grp.layout, 0))
+      seq.spare, seq.dropped = [], 0
       seq.group, seq.first_device, seq.layout = g, grp.first_device, grp.layout
       seq.status, seq.computed = Status.RUNNING, 0
       seq.admitted_at = self._admissions
@@ -181,7 +260,7 @@ class Scheduler:
       if len(self.running[g]) >= self.limits.max_decode:
         continue
       free = self.pool.free_count(grp.first_device, grp.width)
-      if free < grp.layout.pages_for(seq.length):
+      if free < self.pages_needed(seq, grp.layout):
         continue
       key = (grp.width if wide else 0, free)
       if best_key is None or key > best_key:
@@ -215,7 +294,7 @@ class Scheduler:
     preempted = False
     while seq.status is Status.RUNNING and grp.layout.pages_for(seq.computed + 1) > len(seq.pages):
       try:
-        seq.pages += self.pool.allocate(grp.first_device, grp.width, 1)
+        self._map(seq, seq.computed + 1)
       except PoolExhausted:
         self._preempt(max(self.running[g], key=lambda s: s.admitted_at))
         preempted = True

@@ -1,8 +1,10 @@
 """A sequence being generated: its tokens, its pages and where it stands.
 
-The KV of tokens `[0, computed)` is in the sequence's pages. When exactly one token is not computed
-the sequence decodes (one token per step); otherwise it prefills a chunk of what is missing, which
-also covers a preempted sequence that recomputes its prompt and the tokens it already generated.
+The KV of tokens `[0, computed)` is in the sequence's pages (under a model whose every layer
+slides, the part a later query can still see: the pages before its window are given back). When
+exactly one token is not computed the sequence decodes (one token per step); otherwise it prefills
+a chunk of what is missing, which also covers a preempted sequence that recomputes its prompt and
+the tokens it already generated.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class Sequence:
   first_device: int = 0
   layout: PageLayout | None = None
   pages: list[int] = dataclasses.field(default_factory=list)
+  # ^ page table: entry i holds tokens [i*T, (i+1)*T) of the layout; entries [0, dropped) were
+  #   given back (wholly before the sliding window) and hold the null page
+  dropped: int = 0
+  spare: list[int] = dataclasses.field(default_factory=list)
+  # ^ pages held but not in the table yet (a windowed prefill keeps the pages it drops for the
+  #   chunks ahead, so that it never waits for the pool)
   computed: int = 0
   admitted_at: int = -1                       # admission order, for preemption choice
   preemptions: int = 0
@@ -91,6 +99,16 @@ class Sequence:
   @property
   def finished(self) -> bool:
     return self.status is Status.FINISHED
+
+  def held_pages(self) -> list[int]:
+    """The pool pages this sequence holds (its table's live entries and its spare pages)."""
+    return self.pages[self.dropped:] + self.spare
+
+  def take_pages(self) -> list[int]:
+    """Forget every page (the caller gives them back to the pool); returns them."""
+    held = self.held_pages()
+    self.pages, self.spare, self.dropped = [], [], 0
+    return held
 
   def max_length(self) -> int:
     return self.prompt_len + self.params.max_tokens

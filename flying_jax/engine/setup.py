@@ -44,6 +44,8 @@ class EngineConfig:
   progress: bool = False                  # a progress bar while compiling
   max_pause_s: float = 10.0               # a paused sequence waits at most this long, under any
   # ^ policy or pin; then it prefills again in the partition in force
+  free_window_pages: bool = True          # a model whose every layer slides gives back the pages
+  # ^ wholly before each sequence's window while it runs (False: keep them, the reference)
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ import enum
 import time
 
 from flying_jax.engine.scheduler import Scheduler
+from flying_jax.kv import NULL_PAGE
 from flying_jax.kv.migrate import Placement
 from flying_jax.parallel import Partition
 from flying_jax.engine.sequence import Sequence, Status
@@ -189,16 +190,23 @@ def _requeue(scheduler: Scheduler, seq: Sequence):
 def migrate_sequence(seq: Sequence, new: Scheduler, pool, move) -> int | None:
   """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room).
 
-  `move(src, dst, n_tokens) -> elements` moves the KV (`MigrationPrograms.move`)."""
+  `move(src, dst, start, stop) -> elements` moves the KV of tokens [start, stop)
+  (`MigrationPrograms.move`). Under a sliding window on every layer only the tokens a later query
+  still sees move, into pages for the part of the table from the first one still read (the
+  entries before it point at the null page)."""
   g = new.pick_group(seq)
   if g is None:
     return None
   grp = new.groups[g]
-  pages = pool.allocate(grp.first_device, grp.width, grp.layout.pages_for(seq.length))
+  first = new.first_live(seq.computed, grp.layout)
+  pages = [NULL_PAGE] * first + pool.allocate(grp.first_device, grp.width,
+                                              new.pages_needed(seq, grp.layout))
   src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
   dst = Placement(grp.first_device, grp.layout, tuple(pages))
-  moved = move(src, dst, seq.computed)
-  pool.release(seq.first_device, seq.layout.width, seq.pages)
-  seq.pages, seq.first_device, seq.layout, seq.group = pages, grp.first_device, grp.layout, g
+  start = max(first * grp.layout.tokens_per_page, seq.dropped * seq.layout.tokens_per_page)
+  moved = move(src, dst, min(start, seq.computed), seq.computed)
+  pool.release(seq.first_device, seq.layout.width, seq.take_pages())
+  seq.pages, seq.dropped = pages, first
+  seq.first_device, seq.layout, seq.group = grp.first_device, grp.layout, g
   new.running[g].append(seq)
   return moved

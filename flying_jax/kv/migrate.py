@@ -57,10 +57,11 @@ def _addresses(p: Placement, dev_offset: int, slot: int, tokens: np.ndarray, pag
 
 
 def migration_indices(arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
-                      pages_per_device: int, slots: int):
-  """(src_v, dst_v, src_k, dst_k) flat int arrays of equal length: copy pool[src] to pool[dst]."""
+                      pages_per_device: int, slots: int, start: int = 0):
+  """(src_v, dst_v, src_k, dst_k) flat int arrays of equal length: copy pool[src] to pool[dst]
+  for tokens [start, n_tokens) (those before `start` may have left both page tables)."""
   hd = arch.head_dim
-  tokens = np.arange(n_tokens, dtype=np.int64)
+  tokens = np.arange(start, n_tokens, dtype=np.int64)
   homes_src = _head_homes(arch, src.layout.width, src.layout.base)
   homes_dst = _head_homes(arch, dst.layout.width, dst.layout.base)
   parts = ([], [], [], [])
@@ -109,10 +110,10 @@ class MigrationPrograms:
     return len(self._programs)
 
   def move(self, device_pools, arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
-           pages_per_device: int, slots: int) -> int:
-    """Re-lay the first `n_tokens` of a sequence from `src` to `dst` in every layer's pools;
+           pages_per_device: int, slots: int, start: int = 0) -> int:
+    """Re-lay tokens [start, n_tokens) of a sequence from `src` to `dst` in every layer's pools;
     returns the elements moved per layer (K and V each)."""
-    idx = migration_indices(arch, src, dst, n_tokens, pages_per_device, slots)
+    idx = migration_indices(arch, src, dst, n_tokens, pages_per_device, slots, start)
     return self.run(device_pools.k, device_pools.v, idx)
 
   def run(self, k_pools: list, v_pools: list, indices) -> int:

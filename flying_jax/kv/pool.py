@@ -3,8 +3,13 @@
 Each device holds, per layer, K and V arrays of `[pages, slots, hd]` with `slots = page_tokens *
 n_kv_heads`. A request prefilled in a width-w group owns the same page ids on each of the group's
 devices and reads them under its `PageLayout`: `kv_per_device` heads, `slots // kv_per_device`
-tokens per page. Page 0 of every device is the null page: padding tokens write there, nothing
-reads it.
+tokens per page. Page 0 of every device is the null page: padding tokens write there, and no
+real token's attention reads it unmasked.
+
+A sequence's page table is indexed by token position (entry i holds tokens [i*T, (i+1)*T)). Under
+a model whose every layer slides, the entries wholly before the sequence's window go back to the
+pool while it runs and point at the null page; every key there is outside the window of every
+query still to come, so attention masks it whatever the null page holds.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+NULL_PAGE = 0          # padding writes here; a freed entry of a page table points here
 
 
 class PoolExhausted(RuntimeError):

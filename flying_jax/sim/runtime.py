@@ -84,7 +84,9 @@ class SimMigrator:
   link: float                        # bytes/s per chip
   latency: float
 
-  def move(self, device_pools, arch, src, dst, n_tokens, pages_per_device, slots) -> int:
+  def move(self, device_pools, arch, src, dst, n_tokens, pages_per_device, slots,
+           start: int = 0) -> int:
+    n_tokens -= start
     nbytes = n_tokens * self.costs.kv_bytes_per_token(self.costs.n_kv_heads)
     self.clock.advance(self.latency + nbytes / (self.link * min(src.layout.width,
                                                                 dst.layout.width)))
