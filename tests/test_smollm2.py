@@ -14,6 +14,8 @@ import pytest
 
 from flying_jax import LLM
 from flying_jax.config import MeshPreset, load_mesh_preset
+from flying_jax.model.tables import spec_of
+from flying_jax.model.weights import at
 from flying_jax.sampling import SamplingParams
 from flying_jax.presets.from_hf import toml_value
 from helpers import captured_logits
@@ -197,9 +199,9 @@ def test_golden_on_base_width_2(llm_tp2, golden):
   1e-2; each device holds its engine's norms and half of the projections and embeddings."""
   engine = llm_tp2.engine
   rep = engine.report
-  split = sum(getattr(lw, n).nbytes for lw in engine.weights.layers
+  split = sum(at(lw, spec_of(engine.card.arch, n).path).nbytes for lw in engine.weights.layers
               for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
-  split += engine.weights.embed.nbytes                  # tied: the one table, split by vocabulary
+  split += engine.weights.embed["table"].nbytes                  # tied: the one table, split by vocabulary
   assert rep.device_weight_bytes == rep.weight_bytes - split // 2
   for w in (2, 4, 8, "4+2x2"):
     engine.set_width(w)

@@ -3,6 +3,7 @@ of leading rows, never through a gather, a transpose or a strided slice (read in
 HLO of every compiled layer and head program), and the padding rows stay zeros."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,21 @@ from flying_jax.config import load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.model.heads import plan_heads, weight_rows
+from flying_jax.model.tables import spec_of
+from flying_jax.model.weights import at
 from flying_jax.runtime.weight_reads import copies, weight_reads
 
-PROJECTIONS = {"lw.wq", "lw.wk", "lw.wv", "lw.wo", "lw.w_gate", "lw.w_up", "lw.w_down"}
+PROJECTIONS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+
+
+def leaf(op_name: str) -> str:
+  """The parameter a program argument's name ends with: layer_state['attn']['wq'] -> wq."""
+  return re.findall(r"\w+", op_name)[-1]
+
+
+def param(engine, lw, name):
+  """Tensor `name` of a layer's state, at the module path the weight table gives it."""
+  return at(lw, spec_of(engine.card.arch, name).path)
 
 
 def small_engine(mesh: str, widths, partitions):
@@ -52,12 +65,12 @@ def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
     if kind not in ("layer", "head"):
       continue
     hlo = engine.registry[(span, kind, shape)].as_text()
-    weight = (lambda n: n.startswith("lw.")) if kind == "layer" else (
-        lambda n: n.startswith(("unembed", "final_norm")))
+    weight = (lambda n: n.startswith("layer_state")) if kind == "layer" else (
+        lambda n: n.startswith(("table_state", "norm_state")))
     assert copies(hlo, weight) == [], (span, kind, shape)
     reads = weight_reads(hlo, weight)
     if kind == "layer":
-      seen = {r.weight: r.kind for r in reads if r.weight in PROJECTIONS}
+      seen = {leaf(r.weight): r.kind for r in reads if leaf(r.weight) in PROJECTIONS}
       assert set(seen) == PROJECTIONS, (span, seen)
       base = engine.preset.base_width       # an engine's own width reads its shard as it is
       want = "whole" if span.width == base else "rows"
@@ -94,11 +107,12 @@ def test_padding_rows_are_zero_and_every_run_fits(engine_b1):
   assert (q_rows, kv_rows) == (13, 4)         # 9 / 3 heads padded for the uneven splits
   hd = arch.head_dim
   lw = engine.weights.layers[0]
-  assert lw.wq.shape == (q_rows * hd, arch.dim) and lw.wk.shape == (kv_rows * hd, arch.dim)
+  w = lambda name: param(engine, lw, name)
+  assert w("wq").shape == (q_rows * hd, arch.dim) and w("wk").shape == (kv_rows * hd, arch.dim)
   for name in ("wq", "wo"):
-    assert not np.asarray(getattr(lw, name))[arch.n_heads * hd:].any()
+    assert not np.asarray(w(name))[arch.n_heads * hd:].any()
   for name in ("wk", "wv"):
-    assert not np.asarray(getattr(lw, name))[arch.n_kv_heads * hd:].any()
+    assert not np.asarray(w(name))[arch.n_kv_heads * hd:].any()
   for w in (1, 2, 4, 8):
     plan = plan_heads(arch, w)
     assert plan.q_rows_needed <= q_rows and plan.kv_rows_needed <= kv_rows
@@ -131,7 +145,7 @@ def test_each_device_holds_its_shard(engine_b2):
   for name, lo, size in [("wq", blocks.q_lo, blocks.q_size), ("wo", blocks.q_lo, blocks.q_size),
                          ("wk", blocks.kv_lo, blocks.kv_size), ("wv", blocks.kv_lo, blocks.kv_size),
                          ("w_gate", None, None), ("w_up", None, None), ("w_down", None, None)]:
-    shards = {s.device.id: np.asarray(s.data) for s in getattr(lw, name).addressable_shards}
+    shards = {s.device.id: np.asarray(s.data) for s in param(engine, lw, name).addressable_shards}
     assert len(shards) == 8
     for dev, local in shards.items():
       j = dev % t
@@ -142,7 +156,6 @@ def test_each_device_holds_its_shard(engine_b2):
         want = single[name][lo[j] * hd:(lo[j] + size) * hd]
         want = np.pad(want, ((0, size * hd - len(want)), (0, 0)))
       np.testing.assert_array_equal(local, want, err_msg=f"{name} on device {dev}")
-  split = sum(getattr(lw, n).nbytes for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
-  per_device = sum(getattr(lw, n).addressable_shards[0].data.nbytes
-                   for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  split = sum(param(engine, lw, n).nbytes for n in PROJECTIONS)
+  per_device = sum(param(engine, lw, n).addressable_shards[0].data.nbytes for n in PROJECTIONS)
   assert per_device * t == split

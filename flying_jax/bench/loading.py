@@ -93,7 +93,8 @@ def measure_here(path: str, way: str, dtype: str) -> dict:
     weights = W.load_resident(iter_safetensors_dir(path, arch), arch, dtype, None,
                               lambda a, _: jax.device_put(a, replicated).block_until_ready())
   else:
-    weights = W.place(W.resident_layout(load_safetensors_dir(path, arch), arch, dtype), specs)
+    weights = W.place(W.resident_layout(load_safetensors_dir(path, arch), arch, dtype), arch,
+                      specs)
   jax.block_until_ready(weights)
   peak, after = sampler.stop(), _anon()
   leaves = jax.tree.leaves(weights)

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the resident weight layout: convert once, restore straight onto devices.
 
-`save_resident` writes the fused per-layer arrays that programs read; `restore_resident` restores
-them with a target tree of `ShapeDtypeStruct`s that carry the replicated sharding, so orbax places
-every array directly where the engine keeps it (no host copy of the whole model first).
+`save_resident` writes the per-layer arrays that programs read, in resident layout, by canonical
+tensor name (the weight table's); `restore_resident` restores them with a target tree of
+`ShapeDtypeStruct`s that carry the engine's shardings, so orbax places every array directly where
+the engine keeps it (no host copy of the whole model first), then puts them at their module paths.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flying_jax.config import Architecture, ConfigError, load_model_card
+from flying_jax.model import tables
 from flying_jax.model import weights as W
 
 _META = "flying_jax.json"
@@ -27,8 +29,8 @@ def _tree(host: dict) -> dict:
   keep = lambda lw: {k: v for k, v in lw.items() if v is not None and k not in W.CONSTANTS}
   tree = {"embed": host["embed"], "final_norm": host["final_norm"],
           "layers": {str(i): keep(lw) for i, lw in enumerate(host["layers"])}}
-  if host.get("unembed") is not None:
-    tree["unembed"] = host["unembed"]
+  if host.get("lm_head") is not None:
+    tree["unembed"] = host["lm_head"]
   return tree
 
 
@@ -90,20 +92,20 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, specs, rows=No
                         f"needs {rows}); serve it at base width 1, or read the model's GGUF or "
                         f"safetensors")
   abstract = W.abstract(arch, meta["dtype"], specs, rows)
-  target = _tree(dict(embed=abstract.embed, unembed=abstract.unembed,
-                      final_norm=abstract.final_norm,
-                      layers=[vars(lw) for lw in abstract.layers]))
+  parts = {"embed": abstract.embed, "final_norm": abstract.final_norm,
+           "lm_head": abstract.lm_head}
+  top = {s.name: W.at(parts, s.path) for s in tables.top_specs(arch)}
+  layers = [{s.name: W.at(lw, s.path) for s in tables.layer_specs(arch)} for lw in abstract.layers]
+  target = _tree({**top, "layers": layers})
   restored = ocp.StandardCheckpointer().restore(path / "weights", target)
   cast = (lambda a: a) if jnp.dtype(meta["dtype"]) == jnp.dtype(dtype) else (
       lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=a.sharding)(a))
   constants = [{k: jax.device_put(v, specs.replicated())
                 for k, v in W.layer_constants(arch, i).items()} for i in range(arch.n_layers)]
-  layers = tuple(W.LayerWeights(**{k: cast(v) for k, v in restored["layers"][str(i)].items()},
-                                **constants[i]) for i in range(arch.n_layers))
-  unembed = restored.get("unembed")
-  return W.ResidentWeights(embed=cast(restored["embed"]),
-                           unembed=None if unembed is None else cast(unembed),
-                           final_norm=cast(restored["final_norm"]), layers=layers)
+  top = {"embed": cast(restored["embed"]), "final_norm": cast(restored["final_norm"]),
+         "lm_head": None if "unembed" not in restored else cast(restored["unembed"])}
+  return W.from_named(top, [{**{k: cast(v) for k, v in restored["layers"][str(i)].items()},
+                             **constants[i]} for i in range(arch.n_layers)], arch)
 
 
 def run_convert(args) -> int:

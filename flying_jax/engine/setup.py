@@ -246,7 +246,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
     rep.load_s = time.perf_counter() - t0
   elif host_weights is not None:
     rep.load_s = time.perf_counter() - t0
-    weights = W.place(host_weights, specs, rows.vocab)
+    weights = W.place(host_weights, card.arch, specs, rows.vocab)
   else:                                 # one tensor at a time: read, convert, place, next
     from flying_jax.checkpoints import iter_tensors
     put = lambda a, split: jax.device_put(a, specs.sharded() if split else replicated)
@@ -270,10 +270,10 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                              cfg.hist_len, cfg.max_banned,
                              max(s.rows for ws in setups.values() for s in ws.shapes))
   bar = _progress(cfg.progress, registry.count())
-  rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), bar)
+  rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), rows, bar)
   if bar is not None:
     bar.close()
-  resident = Resident(weights, device_pools, span_setups, n)
+  resident = Resident(weights, device_pools, span_setups, n, card.arch)
   executor = Executor(registry, resident, cfg.hist_len, cfg.max_banned)
   t0 = time.perf_counter()
   migrator = build_migrator(card, setups, device_pools) if len(widths) > 1 else None

@@ -1,7 +1,7 @@
 """Model families, found by the name a model card gives (`[architecture] family = "llama"`).
 
-A family is the per-device forward (`embed`, `layer`, `logits`, run under `per_device` by the
-program registry), its weight table (`model.tables`: every tensor, its role and its checkpoint
+A family is a flax nnx module defining its decoder `Layer` from the shared layers
+(`model.layers`; `model.decoder` assembles the whole model), its weight table (`model.tables`: every tensor, its role and its checkpoint
 names) and the names checkpoints give the family: Hugging Face `model_type`s and GGUF
 `general.architecture` values. Programs look a family up here; nothing else imports a model
 module directly.
@@ -14,8 +14,8 @@ module directly.
 - gemma3: q/k norms, a norm after attention and after the FFN, GeGLU (tanh), embeddings scaled
   by sqrt(dim), sliding-window layers with their own RoPE base, and global ones.
 
-Adding a family: a weight table in `model.tables`, a forward module (or an existing one), and an
-entry below.
+Adding a family: a weight table in `model.tables` (with each parameter's module path), a module
+defining `Layer` and `EMBED_SCALE` (or an existing one), and an entry below.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from flying_jax.model import tables
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
-  module: str                      # defines embed(embed_VxD, meta), layer(...), logits(...)
+  module: str                      # defines `Layer` (an nnx module) and `EMBED_SCALE`
   hf_model_types: tuple[str, ...]  # config.json "model_type" values it reads
   gguf_architectures: tuple[str, ...]
   table: Callable[[], tuple]       # its weight table (`model.tables`)
@@ -39,7 +39,8 @@ class Family:
 
   @property
   def forward(self) -> ModuleType:
-    """The per-device forward functions (imported on first use: cards parse without JAX)."""
+    """The family's module: `Layer` and `EMBED_SCALE` (imported on first use: cards parse
+    without JAX)."""
     return importlib.import_module(self.module)
 
 

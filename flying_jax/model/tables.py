@@ -1,10 +1,12 @@
 """Weight tables: each family declares its tensors once, and every reader and the layout use it.
 
-A `TensorSpec` names one canonical tensor (a field of `ResidentWeights` or `LayerWeights`), its
-role (which fixes its shapes, how it is transposed, and how tensor parallelism splits it), and the
-names GGUF files and Hugging Face safetensors give it (`{i}` stands for the layer). The GGUF and
-safetensors readers, random initialisation, the resident layout and the orbax store all walk
-`table(arch)`; no other module spells a checkpoint name.
+A `TensorSpec` names one canonical tensor, the path of its parameter in the family's flax nnx
+module (`model.layers`; relative to a decoder layer for per-layer tensors), its role (which fixes
+its shapes, its logical axes, how it is transposed, and how tensor parallelism splits it), and the
+names GGUF files and Hugging Face safetensors give it (`{i}` stands for the layer). The modules
+create their parameters from it, and the GGUF and safetensors readers, random initialisation, the
+resident layout, the loader and the orbax store all walk `table(arch)`; no other module spells a
+checkpoint name.
 
 Roles, with the canonical (`x @ W`) shape and the stored `[out, in]` shape both formats use:
 
@@ -20,6 +22,10 @@ Roles, with the canonical (`x @ W`) shape and the stored `[out, in]` shape both 
   exp_in     [E, D, F]                    [F, D] each   (every expert split by FFN columns)
   exp_out    [E, F, D]                    [D, F] each
 
+Logical axes of the resident layout (`AXES`): the split dimension leads. An engine of several
+devices cuts `SPLIT_AXES` (and `vocab` when every width divides the vocabulary) over its devices;
+the partition code maps that to its mesh axis.
+
 Expert tensors are stored one per expert (`{k}` in the name: Hugging Face Mixtral) or stacked on
 a leading expert axis (GGUF's `ffn_gate_exps`).
 """
@@ -34,16 +40,27 @@ from flying_jax.config import Architecture
 ROLES = ("embed", "norm", "head_norm", "q", "kv", "o", "ffn_in", "ffn_out", "router", "exp_in",
          "exp_out")
 EXPERTS = ("exp_in", "exp_out")
+AXES = {"embed": ("vocab", "embed"), "norm": ("embed",), "head_norm": ("head_dim",),
+        "q": ("q_rows", "embed"), "kv": ("kv_rows", "embed"), "o": ("q_rows", "embed"),
+        "ffn_in": ("ffn", "embed"), "ffn_out": ("ffn", "embed"), "router": ("embed", "experts"),
+        "exp_in": ("ffn", "experts", "embed"), "exp_out": ("ffn", "experts", "embed")}
+SPLIT_AXES = ("q_rows", "kv_rows", "ffn")   # cut over an engine's devices (and `vocab` may be)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  name: str                 # canonical name (a ResidentWeights / LayerWeights field)
+  name: str                 # canonical name
   role: str                 # one of ROLES
+  path: str                 # the parameter in the nnx module ("attn.wq": `layer.attn.wq`)
   gguf: str                 # GGUF tensor name; "{i}" is the layer
   hf: str                   # Hugging Face safetensors name; "{i}" is the layer
   per_layer: bool = True
   hf_offset: float = 0.0    # HF stores weight - offset (Gemma's RMSNorm computes x * (1 + w))
+
+  @property
+  def axes(self) -> tuple[str, ...]:
+    """Logical axes of the resident array."""
+    return AXES[self.role]
 
   def canonical_shape(self, arch: Architecture) -> tuple[int, ...]:
     a = arch
@@ -92,27 +109,29 @@ class TensorSpec:
     return canonical
 
 def _llama(q_k_norms: bool = False) -> tuple[TensorSpec, ...]:
-  L = "model.layers.{i}."
+  L, T = "model.layers.{i}.", TensorSpec
   specs = [
-      TensorSpec("embed", "embed", "token_embd.weight", "model.embed_tokens.weight", False),
-      TensorSpec("final_norm", "norm", "output_norm.weight", "model.norm.weight", False),
-      TensorSpec("lm_head", "embed", "output.weight", "lm_head.weight", False),
-      TensorSpec("attn_norm", "norm", "blk.{i}.attn_norm.weight", L + "input_layernorm.weight"),
-      TensorSpec("wq", "q", "blk.{i}.attn_q.weight", L + "self_attn.q_proj.weight"),
-      TensorSpec("wk", "kv", "blk.{i}.attn_k.weight", L + "self_attn.k_proj.weight"),
-      TensorSpec("wv", "kv", "blk.{i}.attn_v.weight", L + "self_attn.v_proj.weight"),
-      TensorSpec("wo", "o", "blk.{i}.attn_output.weight", L + "self_attn.o_proj.weight"),
-      TensorSpec("ffn_norm", "norm", "blk.{i}.ffn_norm.weight",
-                 L + "post_attention_layernorm.weight"),
-      TensorSpec("w_gate", "ffn_in", "blk.{i}.ffn_gate.weight", L + "mlp.gate_proj.weight"),
-      TensorSpec("w_up", "ffn_in", "blk.{i}.ffn_up.weight", L + "mlp.up_proj.weight"),
-      TensorSpec("w_down", "ffn_out", "blk.{i}.ffn_down.weight", L + "mlp.down_proj.weight"),
+      T("embed", "embed", "embed.table", "token_embd.weight", "model.embed_tokens.weight", False),
+      T("final_norm", "norm", "final_norm.scale", "output_norm.weight", "model.norm.weight",
+        False),
+      T("lm_head", "embed", "lm_head.table", "output.weight", "lm_head.weight", False),
+      T("attn_norm", "norm", "attn_norm.scale", "blk.{i}.attn_norm.weight",
+        L + "input_layernorm.weight"),
+      T("wq", "q", "attn.wq", "blk.{i}.attn_q.weight", L + "self_attn.q_proj.weight"),
+      T("wk", "kv", "attn.wk", "blk.{i}.attn_k.weight", L + "self_attn.k_proj.weight"),
+      T("wv", "kv", "attn.wv", "blk.{i}.attn_v.weight", L + "self_attn.v_proj.weight"),
+      T("wo", "o", "attn.wo", "blk.{i}.attn_output.weight", L + "self_attn.o_proj.weight"),
+      T("ffn_norm", "norm", "ffn_norm.scale", "blk.{i}.ffn_norm.weight",
+        L + "post_attention_layernorm.weight"),
+      T("w_gate", "ffn_in", "mlp.w_gate", "blk.{i}.ffn_gate.weight", L + "mlp.gate_proj.weight"),
+      T("w_up", "ffn_in", "mlp.w_up", "blk.{i}.ffn_up.weight", L + "mlp.up_proj.weight"),
+      T("w_down", "ffn_out", "mlp.w_down", "blk.{i}.ffn_down.weight", L + "mlp.down_proj.weight"),
   ]
   if q_k_norms:
-    specs += [TensorSpec("q_norm", "head_norm", "blk.{i}.attn_q_norm.weight",
-                         L + "self_attn.q_norm.weight"),
-              TensorSpec("k_norm", "head_norm", "blk.{i}.attn_k_norm.weight",
-                         L + "self_attn.k_norm.weight")]
+    specs += [T("q_norm", "head_norm", "attn.q_norm.scale", "blk.{i}.attn_q_norm.weight",
+                L + "self_attn.q_norm.weight"),
+              T("k_norm", "head_norm", "attn.k_norm.scale", "blk.{i}.attn_k_norm.weight",
+                L + "self_attn.k_norm.weight")]
   return tuple(specs)
 
 
@@ -123,10 +142,12 @@ def gemma3() -> tuple[TensorSpec, ...]:
   specs = [dataclasses.replace(s, hf=rename.get(s.name, s.hf),
                                hf_offset=1.0 if s.role in ("norm", "head_norm") else 0.0)
            for s in _llama(q_k_norms=True)]
-  specs += [TensorSpec("post_attn_norm", "norm", "blk.{i}.post_attention_norm.weight",
-                       L + "post_attention_layernorm.weight", hf_offset=1.0),
-            TensorSpec("post_ffn_norm", "norm", "blk.{i}.post_ffw_norm.weight",
-                       L + "post_feedforward_layernorm.weight", hf_offset=1.0)]
+  specs += [TensorSpec("post_attn_norm", "norm", "post_attn_norm.scale",
+                       "blk.{i}.post_attention_norm.weight", L + "post_attention_layernorm.weight",
+                       hf_offset=1.0),
+            TensorSpec("post_ffn_norm", "norm", "post_ffn_norm.scale",
+                       "blk.{i}.post_ffw_norm.weight", L + "post_feedforward_layernorm.weight",
+                       hf_offset=1.0)]
   return tuple(specs)
 
 
@@ -136,9 +157,10 @@ def mixtral() -> tuple[TensorSpec, ...]:
   moe = {"w_gate": ("exp_in", "blk.{i}.ffn_gate_exps.weight", L + "experts.{k}.w1.weight"),
          "w_up": ("exp_in", "blk.{i}.ffn_up_exps.weight", L + "experts.{k}.w3.weight"),
          "w_down": ("exp_out", "blk.{i}.ffn_down_exps.weight", L + "experts.{k}.w2.weight")}
-  specs = [TensorSpec(s.name, *moe[s.name]) if s.name in moe else s for s in _llama()]
-  return tuple(specs) + (TensorSpec("w_router", "router", "blk.{i}.ffn_gate_inp.weight",
-                                    L + "gate.weight"),)
+  specs = [dataclasses.replace(s, role=moe[s.name][0], gguf=moe[s.name][1], hf=moe[s.name][2])
+           if s.name in moe else s for s in _llama()]
+  return tuple(specs) + (TensorSpec("w_router", "router", "mlp.router",
+                                    "blk.{i}.ffn_gate_inp.weight", L + "gate.weight"),)
 
 
 def llama() -> tuple[TensorSpec, ...]:
@@ -181,13 +203,22 @@ def spec_of(arch: Architecture, name: str) -> TensorSpec:
     raise KeyError(f"{arch.family} has no tensor {name!r}") from None
 
 
-SPLIT_ROLES = ("q", "kv", "o", "ffn_in", "ffn_out", "exp_in", "exp_out")   # cut over an engine
+def split_axes(blocks) -> tuple[str, ...]:
+  """The logical axes an engine cuts over its devices in the layout `blocks`
+  (`heads.RowBlocks`): the projections', and the vocabulary when every width divides it."""
+  return SPLIT_AXES + (("vocab",) if blocks.vocab else ())
 
 
 def is_split(spec: TensorSpec, blocks) -> bool:
-  """Whether an engine's devices each hold a 1/base shard of `spec`'s leading axis (projections;
-  the embeddings when `blocks.vocab`), else every device holds it whole."""
-  return spec.role in SPLIT_ROLES or (spec.role == "embed" and blocks.vocab)
+  """Whether an engine's devices each hold a 1/base shard of `spec`'s leading axis, else every
+  device holds it whole."""
+  return spec.axes[0] in split_axes(blocks)
+
+
+@functools.cache
+def by_path(arch: Architecture) -> dict[str, TensorSpec]:
+  """The table by module path."""
+  return {s.path: s for s in table(arch)}
 
 
 def resident_shape(spec: TensorSpec, arch: Architecture, blocks) -> tuple[int, ...]:

@@ -13,6 +13,9 @@ axis 0 (no gather, no strided slice; on GPU, XLA can feed such a slice to the GE
 Each device's rows are a plain GEMM operand: contracting over the minor dimension (x @ W^T) or
 over the leading ones (x @ W). Width 1 reads the real rows as a static prefix. Layers are
 separate arrays so no program slices a layer out of a stack.
+
+The arrays are the state of the family's flax nnx module (`model.decoder`), by module path; the
+weight table (`model.tables`) says where each checkpoint tensor goes and which are split.
 """
 
 from __future__ import annotations
@@ -28,31 +31,7 @@ from flying_jax.model.heads import HeadPlan
 from flying_jax.parallel import Collectives
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerWeights:
-  attn_norm: jax.Array   # [D]
-  wq: jax.Array          # [Rq*hd, D]
-  wk: jax.Array          # [Rkv*hd, D]
-  wv: jax.Array          # [Rkv*hd, D]
-  wo: jax.Array          # [Rq*hd, D]
-  ffn_norm: jax.Array    # [D]
-  w_gate: jax.Array      # [F, D]
-  w_up: jax.Array        # [F, D]
-  w_down: jax.Array      # [F, D]
-  # the family's other tensors (`model.tables`), None where it has none:
-  q_norm: jax.Array | None = None           # [hd] per-head RMSNorm of q (Qwen3, Gemma 3)
-  k_norm: jax.Array | None = None           # [hd]
-  post_attn_norm: jax.Array | None = None   # [D] Gemma 3's norm of the attention output
-  post_ffn_norm: jax.Array | None = None    # [D] and of the FFN output
-  w_router: jax.Array | None = None         # [D, E] a mixture of experts' gate (Mixtral), whose
-  # ^ w_gate / w_up / w_down are then [F, E, D]: every expert's FFN columns, column-major
-  # per-layer constants of models whose layers differ (`layer_constants`), not from checkpoints:
-  rope_inv: jax.Array | None = None         # [hd/2] float32 RoPE inverse frequencies
-  window: jax.Array | None = None           # [1] int32 keys visible to a query (sliding window)
-
-
-CONSTANTS = ("rope_inv", "window")
+CONSTANTS = {"rope_inv": "attn.rope_inv", "window": "attn.window"}  # name -> module path
 
 
 def layer_constants(arch: Architecture, layer: int) -> dict[str, np.ndarray]:
@@ -69,14 +48,18 @@ def layer_constants(arch: Architecture, layer: int) -> dict[str, np.ndarray]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ResidentWeights:
-  embed: jax.Array                  # [V, D]
-  unembed: jax.Array | None         # [V, D]; None when tied to `embed`
-  final_norm: jax.Array             # [D]
-  layers: tuple[LayerWeights, ...]
+  """The model's nnx state (`model.decoder`), as plain nested dicts of arrays by module path
+  (cheap to flatten at every dispatch): the embeddings, the final norm, the output table (None
+  when tied to the embeddings) and each decoder layer's state."""
+  embed: dict                       # {"table": [V, D]}
+  lm_head: dict | None              # {"table": [V, D]}; None when tied to `embed`
+  final_norm: dict                  # {"scale": [D]}
+  layers: tuple[dict, ...]          # e.g. {"attn": {"wq": ..}, "attn_norm": {"scale": ..}, ..}
 
   @property
-  def logits_weight(self) -> jax.Array:
-    return self.embed if self.unembed is None else self.unembed
+  def head_table(self) -> dict:
+    """The state of the table logits read."""
+    return self.embed if self.lm_head is None else self.lm_head
 
   def nbytes(self) -> int:
     """One copy (an engine's)."""
@@ -91,7 +74,37 @@ class ResidentWeights:
     return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(self) for s in x.addressable_shards]
 
 
-SPLIT = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # the fields `tables.is_split`
+def _nest(flat: dict[str, object]) -> dict:
+  """{"attn.wq": a, ...} -> {"attn": {"wq": a}, ...}."""
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split(".")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def at(tree: dict, path: str):
+  """The leaf of nested dicts `tree` at a module path ("attn.wq")."""
+  for key in path.split("."):
+    tree = tree[key]
+  return tree
+
+
+def from_named(top: dict, layers: list[dict], arch: Architecture) -> ResidentWeights:
+  """Resident weights from arrays by canonical name (top-level and per layer; per-layer
+  constants by their `CONSTANTS` name), put at their module paths (the table's `path`)."""
+  from flying_jax.model.tables import spec_of
+
+  path = lambda n: CONSTANTS.get(n) or spec_of(arch, n).path
+  tree = lambda named: _nest({path(n): a for n, a in named.items() if a is not None})
+  head = top.get("lm_head")
+  return ResidentWeights(embed=tree({"embed": top["embed"]})["embed"],
+                         lm_head=None if head is None else tree({"lm_head": head})["lm_head"],
+                         final_norm=tree({"final_norm": top["final_norm"]})["final_norm"],
+                         layers=tuple(tree(lw) for lw in layers))
 
 
 def _blocks(rows) -> "RowBlocks":
@@ -140,7 +153,7 @@ def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
   layers = [{**{s.name: conv(s.name, canonical[s.name][l]) for s in layer_specs(arch)},
              **layer_constants(arch, l)} for l in range(arch.n_layers)]
   return dict(embed=conv("embed", canonical["embed"]),
-              unembed=None if arch.tied_embeddings else conv("lm_head", canonical["lm_head"]),
+              lm_head=None if arch.tied_embeddings else conv("lm_head", canonical["lm_head"]),
               final_norm=conv("final_norm", canonical["final_norm"]), layers=layers)
 
 
@@ -166,9 +179,7 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
     missing.append("lm_head")
   if missing:
     raise ValueError(f"weights lack tensor(s) {missing[:6]}")
-  return ResidentWeights(embed=top["embed"], unembed=top.get("lm_head"),
-                         final_norm=top["final_norm"],
-                         layers=tuple(LayerWeights(**lw) for lw in layers))
+  return from_named(top, layers, arch)
 
 
 def _pad_rows(a, rows: int, xp=np):
@@ -179,58 +190,58 @@ def _pad_rows(a, rows: int, xp=np):
   return xp.concatenate([a, xp.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
 
 
-def layer_specs_tree(lw: LayerWeights, split, whole) -> LayerWeights:
-  """A LayerWeights of `split` for the projections and `whole` for the rest (None stays None):
-  shardings or PartitionSpecs, by field."""
-  return LayerWeights(**{f.name: None if getattr(lw, f.name) is None else
-                         (split if f.name in SPLIT else whole) for f in dataclasses.fields(lw)})
+def _path(keypath) -> str:
+  """The module path of a leaf of `ResidentWeights` or of one layer's state ("attn.wq",
+  "embed.table")."""
+  keys = [getattr(k, "name", getattr(k, "key", getattr(k, "idx", None))) for k in keypath]
+  if keys and keys[0] == "layers" and len(keys) > 1 and isinstance(keys[1], int):
+    keys = keys[2:]
+  return ".".join(str(k) for k in keys)
 
 
-def weight_shardings(weights: ResidentWeights, split, whole, vocab: bool = False
-                     ) -> ResidentWeights:
-  """`weights`' tree with `split` / `whole` (shardings or specs) in place of each array
-  (`vocab`: the embeddings are split too)."""
-  emb = split if vocab else whole
-  return ResidentWeights(embed=emb, unembed=None if weights.unembed is None else emb,
-                         final_norm=whole,
-                         layers=tuple(layer_specs_tree(lw, split, whole) for lw in weights.layers))
+def weight_shardings(tree, arch: Architecture, split, whole, vocab: bool = False):
+  """`tree` (`ResidentWeights`, or one layer's state) with `split` (an engine's devices each
+  hold a shard of the leading axis) or `whole` (shardings or specs) in place of each array, by
+  the logical axes the weight table gives its path (`vocab`: the vocabulary is split too);
+  per-layer constants are whole."""
+  from flying_jax.model.tables import SPLIT_AXES, by_path
+
+  axes = SPLIT_AXES + (("vocab",) if vocab else ())
+  specs = by_path(arch)
+
+  def pick(keypath, _):
+    spec = specs.get(_path(keypath))
+    return split if spec is not None and spec.axes[0] in axes else whole
+  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def place(host: dict, specs, vocab: bool = False) -> ResidentWeights:
-  """Put the weights on the devices once: each engine holds one copy, its projections (and its
-  embeddings when `vocab`) cut over its devices (`specs`: the `MeshSpecs` of any width)."""
-  def put(a, split):
-    return None if a is None else jax.device_put(a, specs.sharded() if split else
-                                                 specs.replicated())
-  layers = tuple(LayerWeights(**{k: put(v, k in SPLIT) for k, v in lw.items() if v is not None})
-                 for lw in host["layers"])
-  return ResidentWeights(embed=put(host["embed"], vocab), unembed=put(host["unembed"], vocab),
-                         final_norm=put(host["final_norm"], False), layers=layers)
+def place(host: dict, arch: Architecture, specs, vocab: bool = False) -> ResidentWeights:
+  """Put host arrays in resident layout (`resident_layout`) on the devices once: each engine
+  holds one copy, its projections (and its embeddings when `vocab`) cut over its devices
+  (`specs`: the `MeshSpecs` of any width)."""
+  tree = from_named(host, host["layers"], arch)
+  return jax.tree.map(jax.device_put, tree,
+                      weight_shardings(tree, arch, specs.sharded(), specs.replicated(), vocab))
 
 
 def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
-  """ShapeDtypeStructs of the resident weights on `specs`' mesh: AOT lowering and orbax restore
-  targets. `rows`: as in `resident_tensor`."""
-  from flying_jax.model.tables import is_split, resident_shape, table
+  """ShapeDtypeStructs of the resident weights on `specs`' mesh, from the family's nnx module
+  made abstractly (`decoder.abstract_model`): AOT lowering and orbax restore targets. `rows`: as
+  in `resident_tensor`."""
+  from flying_jax.model.decoder import abstract_model, resident_state
 
-  a, b = arch, _blocks(rows or (arch.n_heads, arch.n_kv_heads))
-  struct = lambda spec: jax.ShapeDtypeStruct(
-      resident_shape(spec, a, b), dtype,
-      sharding=specs.sharded() if is_split(spec, b) else specs.replicated())
-  fields = {sp.name: struct(sp) for sp in table(a)}
-  const = lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=specs.replicated())
-  per_layer = {sp.name: fields[sp.name] for sp in table(a) if sp.per_layer}
-  layers = tuple(LayerWeights(**per_layer, **{k: const(c) for k, c in layer_constants(a, l).items()})
-                 for l in range(a.n_layers))
-  return ResidentWeights(embed=fields["embed"], unembed=fields.get("lm_head"),
-                         final_norm=fields["final_norm"], layers=layers)
+  blocks = _blocks(rows or (arch.n_heads, arch.n_kv_heads))
+  state = resident_state(abstract_model(arch, dtype, blocks))
+  shardings = weight_shardings(state, arch, specs.sharded(), specs.replicated(), blocks.vocab)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                      shardings)
 
 
 def rows_of(weights: ResidentWeights, head_dim: int, base: int = 1) -> tuple[int, int]:
   """(query heads, KV heads) rows one device's shard of the resident weights (or their abstract
   structs) holds."""
-  lw = weights.layers[0]
-  return lw.wq.shape[0] // head_dim // base, lw.wk.shape[0] // head_dim // base
+  attn = weights.layers[0]["attn"]
+  return attn["wq"].shape[0] // head_dim // base, attn["wk"].shape[0] // head_dim // base
 
 
 def _rows(w, start, size: int, index, whole: bool):
@@ -242,16 +253,15 @@ def _rows(w, start, size: int, index, whole: bool):
   return jax.lax.dynamic_slice_in_dim(w, jnp.asarray(start, jnp.int32)[index], size, axis=0)
 
 
-def shard_layer(lw: LayerWeights, plan: HeadPlan, coll: Collectives, arch: Architecture):
-  """This device's runs of rows of its shard of a resident layer: contiguous slices along axis
-  0, taken inside the program (nothing persistent, no gather). Returns (wq, wk, wv, wo, w_gate,
-  w_up, w_down); at an engine's own width, its whole shard (rows past `plan.q_per_device` /
-  `kv_per_device` are zeros)."""
+def shard_rows(w, kind: str, plan: HeadPlan, coll: Collectives, head_dim: int):
+  """This device's run of rows of its shard `w` of a resident projection (`kind`: "q" rows of
+  wq / wo, "kv" of wk / wv, "ffn" of the MLP's or the experts' columns): one contiguous slice
+  along axis 0, taken inside the program (nothing persistent, no gather); at an engine's own
+  width, its whole shard (rows past `plan.q_per_device` / `kv_per_device` are zeros)."""
   r = plan.reads
   d = coll.index() if plan.width > 1 else 0
-  nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
-  q = lambda w: _rows(w, np.asarray(r.q) * hd, nq * hd, d, r.whole)
-  kv = lambda w: _rows(w, np.asarray(r.kv) * hd, nkv * hd, d, r.whole)
-  ffn = lambda w: _rows(w, r.ffn, r.ffn_size, d, r.whole)
-  return (q(lw.wq), kv(lw.wk), kv(lw.wv), q(lw.wo), ffn(lw.w_gate), ffn(lw.w_up),
-          ffn(lw.w_down))
+  if kind == "q":
+    return _rows(w, np.asarray(r.q) * head_dim, plan.q_per_device * head_dim, d, r.whole)
+  if kind == "kv":
+    return _rows(w, np.asarray(r.kv) * head_dim, plan.kv_per_device * head_dim, d, r.whole)
+  return _rows(w, r.ffn, r.ffn_size, d, r.whole)

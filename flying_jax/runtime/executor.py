@@ -186,7 +186,7 @@ class Executor:
     layer = reg[(span, "layer", shape)]
     for l, lw in enumerate(w.layers[:layers]):
       x, pools.k[l], pools.v[l] = layer(lw, pools.k[l], pools.v[l], x, meta)
-    logits = reg[(span, "head", shape)](w.logits_weight, w.final_norm, x, meta)
+    logits = reg[(span, "head", shape)](w.head_table, w.final_norm, x, meta)
     return reg[(span, "sample", None)](logits, sf, si) + (logits,)
 
 

@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from flying_jax.config import Architecture
-from flying_jax.model.families import family_of
+from flying_jax.model import decoder
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape, meta_struct, unpack
 from flying_jax.model.heads import HeadPlan
-from flying_jax.model.weights import ResidentWeights, layer_specs_tree, weight_shardings
+from flying_jax.model.layers import Step
+from flying_jax.model.weights import ResidentWeights, weight_shardings
 from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
 from flying_jax.sampling import sample
@@ -72,37 +73,41 @@ def _vocab_spec(ws: WidthSetup):
   return ws.specs.sharded_spec if ws.plan.reads.vocab else ws.specs.replicated_spec
 
 
-def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture):
-  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
+def _step(ws: WidthSetup, shape: StepShape, arch: Architecture) -> Step:
+  return Step(arch, shape, ws.plan, ws.geom, Collectives(ws.width, ws.base))
 
-  def f(embed_VxD, meta_1xL):
-    meta = unpack(meta_1xL[0], shape)
-    return model.embed(embed_VxD, meta, coll=coll, arch=arch)[None]
+
+def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs):
+  step = _step(ws, shape, arch)
+
+  def f(embed_state, meta_1xL):
+    return decoder.embed(graphs, embed_state, unpack(meta_1xL[0], shape), step)[None]
   s = ws.specs
   return per_device(f, s, (_vocab_spec(ws), s.per_group_spec), s.per_group_spec)
 
 
-def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, lw_struct):
-  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
+def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
+              layer_struct):
+  step = _step(ws, shape, arch)
 
-  def f(lw, k_pool, v_pool, x_1xTxD, meta_1xL):
-    meta = unpack(meta_1xL[0], shape)
-    x, k_pool, v_pool = model.layer(lw, k_pool, v_pool, x_1xTxD[0], meta, arch=arch, shape=shape,
-                                    plan=ws.plan, geom=ws.geom, coll=coll)
+  def f(layer_state, k_pool, v_pool, x_1xTxD, meta_1xL):
+    x, k_pool, v_pool = decoder.layer(graphs, layer_state, k_pool, v_pool, x_1xTxD[0],
+                                      unpack(meta_1xL[0], shape), step)
     return x[None], k_pool, v_pool
   s = ws.specs
+  weights = weight_shardings(layer_struct, arch, s.sharded_spec, s.replicated_spec)
   return per_device(
-      f, s, (layer_specs_tree(lw_struct, s.sharded_spec, s.replicated_spec), s.per_device_spec,
-             s.per_device_spec, s.per_group_spec, s.per_group_spec),
+      f, s, (weights, s.per_device_spec, s.per_device_spec, s.per_group_spec, s.per_group_spec),
       (s.per_group_spec, s.per_device_spec, s.per_device_spec))
 
 
-def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, rows: int):
-  coll, model = Collectives(ws.width, ws.base), family_of(arch.family).forward
+def _head_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
+             rows: int):
+  step = _step(ws, shape, arch)
 
-  def f(unembed, final_norm, x_1xTxD, meta_1xL):
-    meta = unpack(meta_1xL[0], shape)
-    logits_RxV = model.logits(unembed, final_norm, x_1xTxD[0], meta, arch=arch, coll=coll)
+  def f(table_state, norm_state, x_1xTxD, meta_1xL):
+    logits_RxV = decoder.logits(graphs, table_state, norm_state, x_1xTxD[0],
+                                unpack(meta_1xL[0], shape), step)
     return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None]
   s = ws.specs
   g = s.per_group_spec
@@ -129,6 +134,7 @@ class ProgramRegistry:
     self.pool_struct, self.hist, self.banned = pool_struct, hist, banned
     self._programs: dict[tuple, Callable] = {}
     self.stats: list[ProgramStats] = []
+    self.graphs: decoder.Graphs | None = None     # set by `build`
 
   def __getitem__(self, key: tuple) -> Callable:
     try:
@@ -149,9 +155,12 @@ class ProgramRegistry:
         for kind in ("layer", "head", "embed"):
           yield (kind, ws, shape)
 
-  def build(self, weights_abstract: ResidentWeights, progress=None, threads: int = 2):
-    """Lower and compile every program (a few at a time: XLA compiles off the GIL)."""
+  def build(self, weights_abstract: ResidentWeights, blocks, progress=None, threads: int = 2):
+    """Lower and compile every program (a few at a time: XLA compiles off the GIL);
+    `weights_abstract` and `blocks` (`heads.RowBlocks`): the resident weights' structs and
+    row layout."""
     t0 = time.perf_counter()
+    self.graphs = decoder.Graphs.of(decoder.abstract_model(self.arch, self.dtype, blocks))
     jobs = list(self._jobs())
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       futures = [pool.submit(self._compile, kind, ws, shape, weights_abstract)
@@ -178,17 +187,18 @@ class ProgramRegistry:
       pages, slots, hd = self.pool_struct.shape          # one device's pool of one layer
       pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
                                   sharding=s.per_device())
-    sh = weight_shardings(wa, s.sharded(), rep, ws.plan.reads.vocab)   # on this span's mesh
+    sh = weight_shardings(wa, self.arch, s.sharded(), rep, ws.plan.reads.vocab)  # span's mesh
+    on = lambda tree, shardings: jax.tree.map(retarget, tree, shardings)
     if kind == "embed":
-      jitted = jax.jit(_embed_fn(ws, shape, self.arch))
-      args = (retarget(wa.embed, sh.embed), meta)
+      jitted = jax.jit(_embed_fn(ws, shape, self.arch, self.graphs))
+      args = (on(wa.embed, sh.embed), meta)
     elif kind == "layer":
-      lw = jax.tree.map(retarget, wa.layers[0], sh.layers[0])
-      jitted = jax.jit(_layer_fn(ws, shape, self.arch, lw), donate_argnums=(1, 2, 3))
+      lw = on(wa.layers[0], sh.layers[0])
+      jitted = jax.jit(_layer_fn(ws, shape, self.arch, self.graphs, lw), donate_argnums=(1, 2, 3))
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
-      jitted = jax.jit(_head_fn(ws, shape, self.arch, self.rows))
-      args = (retarget(wa.logits_weight, sh.logits_weight), retarget(wa.final_norm), x, meta)
+      jitted = jax.jit(_head_fn(ws, shape, self.arch, self.graphs, self.rows))
+      args = (on(wa.head_table, sh.head_table), on(wa.final_norm, sh.final_norm), x, meta)
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     dt = time.perf_counter() - t0

@@ -57,7 +57,8 @@ def _view(array: jax.Array, sharding) -> jax.Array:
 
 
 class Resident:
-  def __init__(self, weights, pools: DevicePools, setups: dict[Span, WidthSetup], devices: int):
+  def __init__(self, weights, pools: DevicePools, setups: dict[Span, WidthSetup], devices: int,
+               arch):
     self.pools = pools                    # whole-mesh pools (valid while not split)
     self.devices = devices
     self._shape = pools.k[0].shape        # [devices * pages, slots, head_dim], never changes
@@ -67,7 +68,7 @@ class Resident:
       if span.devices == devices:
         self._weights[span] = weights
       else:
-        shardings = weight_shardings(weights, ws.specs.sharded(), ws.specs.replicated(),
+        shardings = weight_shardings(weights, arch, ws.specs.sharded(), ws.specs.replicated(),
                                      ws.plan.reads.vocab)
         self._weights[span] = jax.tree.map(_view, weights, shardings)
     self._setups = setups

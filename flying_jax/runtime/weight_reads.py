@@ -89,7 +89,7 @@ def _classify(comps, instrs: list[_Instr], value: str, shape: tuple[int, ...], w
       out.append(Read(weight, user.op, "whole"))
 
 
-def weight_reads(hlo: str, is_weight=lambda name: name.startswith("lw.")) -> list[Read]:
+def weight_reads(hlo: str, is_weight=lambda name: name.startswith("layer_state")) -> list[Read]:
   """Every read of a weight parameter of the program's entry computation (parameters whose
   op_name metadata `is_weight`)."""
   comps, entry = _parse(hlo)
@@ -103,6 +103,6 @@ def weight_reads(hlo: str, is_weight=lambda name: name.startswith("lw.")) -> lis
   return out
 
 
-def copies(hlo: str, is_weight=lambda name: name.startswith("lw.")) -> list[Read]:
+def copies(hlo: str, is_weight=lambda name: name.startswith("layer_state")) -> list[Read]:
   """The reads of `weight_reads` that rearrange a weight (empty: none)."""
   return [r for r in weight_reads(hlo, is_weight) if r.kind == "copy"]
