@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "head rows are padded for every power-of-two width up to it)")
 
   bench = sub.add_parser("bench-offline", help="offline throughput and step-time benchmark",
-                         description="Output tokens/s, decode step time at batch 1/8/32, host "
-                                     "overhead and start-up time, for each width and for cpu-1.")
+                         description="Output tokens/s, decode step time at each --batches size, "
+                                     "the host's share of a step and the share blocked in "
+                                     "dispatch, and start-up time, for each width and for the "
+                                     "single-device preset (cpu-1 / gpu-1).")
   bench.add_argument("--model", default="smollm2-135m")
   bench.add_argument("--mesh", default=None)
   bench.add_argument("--single-mesh", default=None,
@@ -105,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--prompts", type=int, default=64)
   bench.add_argument("--output-tokens", type=int, default=128)
   bench.add_argument("--widths", default=None, help="comma-separated widths (default: all)")
+  bench.add_argument("--batches", default="1,8,32",
+                     help="comma-separated decode batch sizes to time (default: 1,8,32; e.g. "
+                          "1,16,64,256 on an accelerator)")
+  bench.add_argument("--no-startup", action="store_true",
+                     help="skip the cold and warm start-up measurements")
   bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
   load = sub.add_parser(
