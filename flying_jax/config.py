@@ -62,6 +62,14 @@ class Architecture:
     again and can be freed while it runs (Gemma 3's global layers keep every token)."""
     return self.sliding_window > 0 and all(self.sliding(l) for l in range(self.n_layers))
 
+  @property
+  def hybrid(self) -> bool:
+    """Whether some layers slide and some do not (Gemma 3): the sliding layers never read keys
+    more than a window back, so their KV can live in pools of their own that hold a window per
+    sequence (`kv.window`), while the global layers keep every token."""
+    return self.sliding_window > 0 and not self.all_sliding and any(
+        self.sliding(l) for l in range(self.n_layers))
+
   def layer_rope_theta(self, layer: int) -> float:
     return self.rope_local_theta if self.sliding(layer) and self.rope_local_theta else self.rope_theta
 

@@ -17,11 +17,11 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import introspect
 from flying_jax.engine import setup as S
+from flying_jax.engine.admission import RequestRejected, validate
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
@@ -32,10 +32,6 @@ from flying_jax.parallel import Partition, PartitionError
 from flying_jax.sampling import SamplingParams
 
 log = logging.getLogger("flying_jax")
-
-
-class RequestRejected(ValueError):
-  """A request that can never be served (bad input, or longer than the model or the pool)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,8 +77,8 @@ class Engine:
     first = self.compiled_partition(config.width if config.width is not None else widths[0])
     self.set_policy(policy)                                   # refused now, not at run time
     self.report = S.StartupReport()
-    # self.pages, span_setups, setups, weights, device_pools, pool, registry, resident, executor,
-    # migrator: see setup.Runtime
+    # self.pages, local_pages, page_spaces, span_setups, setups, weights, device_pools, pool,
+    # local_pool, registry, resident, executor, migrator: see setup.Runtime
     vars(self).update(vars(runtime(card, preset, config, devices, self.partitions, widths,
                                    host_weights, self.report)))
     self.outputs = OutputProcessor(tokenizer, clock)
@@ -129,7 +125,8 @@ class Engine:
     self.width = part.uniform_width          # None in a mixed partition
     arch = self.card.arch
     window = arch.sliding_window if arch.all_sliding and self.config.free_window_pages else 0
-    self.scheduler = Scheduler(self.pool, groups, limits, window)
+    self.scheduler = Scheduler(self.pool, groups, limits, window, self.local_pool,
+                               arch.sliding_window)
     self.capacity = self.scheduler.capacity  # the longest sequence its widest group holds
 
   # switching -----------------------------------------------------------------------------------
@@ -221,13 +218,16 @@ class Engine:
     except (RuntimeError, ValueError) as e:      # e.g. an in-flight request too long for it
       log.info("policy %s: switch to %s refused: %s", self.policy.name, decision.partition, e)
 
-  def _migrate_one(self, seq: Sequence) -> int | None:
-    """Re-lay a running sequence's KV into a group of the new partition (None: no room)."""
+  def _migrate_one(self, seq: Sequence) -> tuple[int, ...] | None:
+    """Re-lay a running sequence's KV into a group of the new partition (None: no room): the
+    layers of each page space with their pools' pages per device (`setup.Runtime.page_spaces`)."""
     slots = self.preset.page_tokens * self.card.arch.n_kv_heads
-    return migrate_sequence(seq, self.scheduler, self.pool,
-                            lambda src, dst, start, stop: self.migrator.move(
-                                self.device_pools, self.card.arch, src, dst, stop, self.pages,
-                                slots, start=start))
+
+    def move(space, src, dst, start, stop):
+      layers, pages = self.page_spaces[space]
+      return self.migrator.move(self.device_pools, self.card.arch, src, dst, stop, pages, slots,
+                                start=start, layers=layers)
+    return migrate_sequence(seq, self.scheduler, move)
 
   def recompute_paused(self, older_than: float = 0.0) -> int:
     """Give up on paused sequences that waited `older_than` seconds or more: they go to the front
@@ -282,7 +282,9 @@ class Engine:
     """Queue a request (n sequences); raises RequestRejected if it can never be served.
 
     `arrival_time` (on the engine's clock; default now) is when the request reached the server."""
-    self._validate(request_id, prompt_ids, params)
+    if request_id in self._requests:
+      raise RequestRejected(f"request id {request_id!r} is already in use")
+    validate(self, prompt_ids, params)
     stop = set(params.stop_token_ids)
     if not params.ignore_eos:
       stop |= set(self.card.tokenizer.stop_ids)
@@ -295,42 +297,13 @@ class Engine:
       self.scheduler.add(s)
     return seqs
 
-  def _validate(self, request_id, prompt_ids, params):
-    if request_id in self._requests:
-      raise RequestRejected(f"request id {request_id!r} is already in use")
-    if not isinstance(params, SamplingParams):
-      raise RequestRejected("params must be a SamplingParams")
-    if not prompt_ids:
-      raise RequestRejected("the prompt is empty")
-    v = self.card.arch.vocab_size
-    try:
-      ids = np.asarray(prompt_ids)
-    except ValueError:
-      ids = np.zeros(0)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-      raise RequestRejected("the prompt must be a list of integer token ids")
-    bad = ids[(ids < 0) | (ids >= v)]
-    if bad.size:
-      raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5].tolist()}")
-    total = len(prompt_ids) + params.max_tokens
-    width = max(self.partition.widths)
-    if self.policy.dynamic:                       # the policy may move to a wider partition
-      width = max(self.setups, key=lambda w: self.setups[w].capacity)
-    cap = self.setups[width].capacity
-    if total > cap:
-      raise RequestRejected(
-          f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-          f"the longest sequence this engine can hold ({cap} tokens: model context "
-          f"{self.card.arch.max_context}, KV pool of one width-{width} group, policy "
-          f"{self.policy.name})")
-
   def abort(self, request_id: str) -> bool:
     seqs = self._requests.pop(request_id, None)
     if seqs is None:
       return False
     for s in seqs:
       if s.status is Status.PAUSED and self.paused.remove(s):
-        self.pool.release(s.first_device, s.layout.width, s.take_pages())
+        self.scheduler.release_pages(s)
       elif not s.finished:
         self.scheduler.remove(s)
       if not s.finished:
@@ -419,7 +392,8 @@ class Engine:
     return self._pending is not None
 
   def kv_usage(self) -> float:
-    return self.pool.used_share()
+    """The share of KV pages in use (a hybrid model: of the fuller of its two page spaces)."""
+    return max(sp.pool.used_share() for sp in self.scheduler.spaces)
 
   def no_leaks(self) -> bool:
-    return self.pool.all_free() and not self.has_unfinished()
+    return all(sp.pool.all_free() for sp in self.scheduler.spaces) and not self.has_unfinished()

@@ -18,6 +18,11 @@ at the null page). A decoding sequence gives it back to the pool at once, so it 
 `(window - 1) // tokens_per_page + 2` pages; a prefilling one keeps it as a spare page for its
 chunks ahead. A sequence is admitted (or migrated) with the pages the rest of its run reads at
 once (`pages_needed`), not with pages for its whole length.
+
+A hybrid model (some layers slide, some do not: Gemma 3) has two page spaces (`engine.pages`):
+its global layers' pages, held for a sequence's whole length as above, and its sliding layers'
+own smaller pools, held for the window only. Admission and migration need room in both, a decoding
+sequence that lacks a page in either preempts, and every release gives back both.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from flying_jax.engine.pages import PageSpace
 from flying_jax.engine.sequence import Sequence, Status
-from flying_jax.kv import NULL_PAGE, PageLayout, PagePool, PoolExhausted
+from flying_jax.kv import PageLayout, PagePool, PoolExhausted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +85,17 @@ class Scheduler:
   """Owns the waiting queue and the running sequences of each group of one partition."""
 
   def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits,
-               window: int = 0):
+               window: int = 0, local: PagePool | None = None, local_window: int = 0):
     """`window`: the sliding window of a model whose every layer slides, whose passed pages are
-    freed while sequences run (0: keep every page)."""
+    freed while sequences run (0: keep every page). `local`: the pool of a hybrid model's
+    sliding-window layers, whose tables keep `local_window` tokens."""
     self.pool, self.groups, self.limits = pool, groups, limits
     self.window = window
-    self._longest_row = max((c for _, c in limits.prefill_modes), default=1)
+    longest = max((c for _, c in limits.prefill_modes), default=1)
+    self.spaces = [PageSpace(pool, window, longest)]
+    if local is not None:
+      self.spaces.append(PageSpace(local, local_window, longest, "local"))
+    self._windowed = [sp for sp in self.spaces if sp.window]
     self.capacity = max(g.capacity for g in groups)   # longer sequences wait for another partition
     self._narrow = min(g.width for g in groups)
     self._narrow_capacity = max(g.capacity for g in groups if g.width == self._narrow)
@@ -122,66 +133,27 @@ class Scheduler:
     self.preempted_total += previous.preempted_total
 
   def release_pages(self, seq: Sequence):
-    held = seq.take_pages()
-    if held:
-      self.pool.release(seq.first_device, seq.layout.width, held)
+    """Give back every page `seq` holds, in every page space."""
+    for space in self.spaces:
+      space.release(seq)
     seq.group = None
 
-  # pages under a sliding window ----------------------------------------------------------------
+  # pages of the main space (the one every layer of a non-hybrid model reads) -----------------
   def first_live(self, computed: int, layout: PageLayout) -> int:
-    """The first page-table entry a query at position `computed` or later still reads."""
-    if not self.window:
-      return 0
-    return max(0, computed - self.window + 1) // layout.tokens_per_page
+    return self.spaces[0].first_live(computed, layout)
 
   def peak_pages(self, layout: PageLayout) -> int:
-    """Under a window, the most pages one step reads for a sequence: its longest prefill row and
-    the window before it (a decode step reads `(window - 1) // tokens_per_page + 2` at most)."""
-    return (self.window + self._longest_row - 2) // layout.tokens_per_page + 2
+    return self.spaces[0].peak_pages(layout)
 
   def pages_needed(self, seq: Sequence, layout: PageLayout, computed: int | None = None) -> int:
-    """Pages `seq` holds when placed under `layout` with `computed` tokens of KV (default its
-    own): its whole length, or under a window what the rest of its run reads at once."""
-    n = layout.pages_for(seq.length)
-    if not self.window:
-      return n
-    computed = seq.computed if computed is None else computed
-    return min(n - self.first_live(computed, layout), self.peak_pages(layout))
-
-  def _drop_passed(self, seq: Sequence):
-    """Move the pages wholly before `seq`'s window from its table to its spare pages."""
-    first = min(self.first_live(seq.computed, seq.layout), len(seq.pages))
-    if first > seq.dropped:
-      seq.spare += seq.pages[seq.dropped:first]
-      seq.pages[seq.dropped:first] = [NULL_PAGE] * (first - seq.dropped)
-      seq.dropped = first
-
-  def _map(self, seq: Sequence, tokens: int, pool: bool = True):
-    """Table entries for `seq`'s first `tokens` tokens: its spare pages first, then (if `pool`)
-    the pool's (PoolExhausted: the table is left as far as the spare pages reached)."""
-    need = seq.layout.pages_for(tokens) - len(seq.pages)
-    while need > 0 and seq.spare:
-      seq.pages.append(seq.spare.pop())
-      need -= 1
-    if need > 0 and pool:
-      seq.pages += self.pool.allocate(seq.first_device, seq.layout.width, need)
-
-  def _free_passed(self):
-    """Drop every running sequence's passed pages; decoding ones give them back to the pool
-    (after taking one for the token they write, when they cross into a new page)."""
-    for group in self.running:
-      for seq in group:
-        self._drop_passed(seq)
-        if seq.is_decoding and seq.spare:
-          self._map(seq, seq.computed + 1, pool=False)
-          if seq.spare:
-            self.pool.release(seq.first_device, seq.layout.width, seq.spare)
-            seq.spare = []
+    return self.spaces[0].pages_needed(seq, layout, computed)
 
   # one step ------------------------------------------------------------------------------------
   def schedule(self) -> list[GroupWork]:
-    if self.window:
-      self._free_passed()
+    for space in self._windowed:
+      for group in self.running:
+        for seq in group:
+          space.free_passed(seq)
     self._admit()
     work, waiting = [], []
     for g in range(len(self.groups)):
@@ -203,13 +175,15 @@ class Scheduler:
     return work
 
   def _pages_for_chunk(self, seq: Sequence, n: int) -> int:
-    """Table entries for a chunk of `n` tokens from `seq.computed` (under a window they come
-    from its spare pages); returns the tokens its table covers, at most `n`."""
-    try:
-      self._map(seq, seq.computed + n)
-    except PoolExhausted:                # not under admission's accounting: a shorter chunk
-      pass
-    return min(n, len(seq.pages) * seq.layout.tokens_per_page - seq.computed)
+    """Table entries for a chunk of `n` tokens from `seq.computed` in every space (under a
+    window they come from its spare pages); returns the tokens all its tables cover, at most n."""
+    for space in self.spaces:
+      try:
+        space.map(seq, seq.computed + n)
+      except PoolExhausted:              # not under admission's accounting: a shorter chunk
+        pass
+      n = min(n, space.covered(seq) - seq.computed)
+    return n
 
   def _wide_class(self, seq: Sequence) -> bool:
     """Whether `seq` belongs to the wide groups of a mixed partition."""
@@ -229,10 +203,9 @@ class Scheduler:
           break
         continue
       grp = self.groups[g]
-      seq.pages = self.pool.allocate(grp.first_device, grp.width,
-                                     self.pages_needed(seq, grp.layout, 0))
-      seq.spare, seq.dropped = [], 0
       seq.group, seq.first_device, seq.layout = g, grp.first_device, grp.layout
+      for space in self.spaces:
+        space.admit(seq)
       seq.status, seq.computed = Status.RUNNING, 0
       seq.admitted_at = self._admissions
       self._admissions += 1
@@ -259,9 +232,9 @@ class Scheduler:
         continue
       if len(self.running[g]) >= self.limits.max_decode:
         continue
-      free = self.pool.free_count(grp.first_device, grp.width)
-      if free < self.pages_needed(seq, grp.layout):
+      if not all(space.fits(seq, grp.first_device, grp.layout) for space in self.spaces):
         continue
+      free = self.pool.free_count(grp.first_device, grp.width)
       key = (grp.width if wide else 0, free)
       if best_key is None or key > best_key:
         best, best_key = g, key
@@ -270,8 +243,7 @@ class Scheduler:
   def _split(self, g: int) -> tuple[list[Sequence], list[Sequence]]:
     """Group g's decoding sequences (up to the decode slots, each with a page for the token it
     writes) and its sequences still prefilling."""
-    grp = self.groups[g]
-    tpp, slots = grp.layout.tokens_per_page, self.limits.max_decode
+    slots = self.limits.max_decode
     decode, prefill = [], []
     for s in self.running[g]:
       if s.prompt_len + len(s.output_ids) - s.computed == 1:
@@ -281,20 +253,24 @@ class Scheduler:
         prefill.append(s)
     preempted = False
     for s in decode:
-      if s.computed // tpp >= len(s.pages):
-        preempted |= self._ensure_page(s, g, grp)
+      if any(space.needs_page(s) for space in self.spaces):
+        preempted |= self._ensure_page(s, g)
     if preempted:
       decode = [s for s in decode if s.status is Status.RUNNING and s.group == g]
       prefill = [s for s in prefill if s.status is Status.RUNNING and s.group == g]
     return decode, prefill
 
-  def _ensure_page(self, seq: Sequence, g: int, grp: Group) -> bool:
-    """Make room for the token this step writes; preempt younger sequences if needed (returns
-    whether it did)."""
+  def _ensure_page(self, seq: Sequence, g: int) -> bool:
+    """Make room for the token this step writes, in every space; preempt younger sequences if
+    needed (returns whether it did)."""
     preempted = False
-    while seq.status is Status.RUNNING and grp.layout.pages_for(seq.computed + 1) > len(seq.pages):
+    while seq.status is Status.RUNNING:
+      lacking = [space for space in self.spaces if space.needs_page(seq)]
+      if not lacking:
+        break
       try:
-        self._map(seq, seq.computed + 1)
+        for space in lacking:
+          space.map(seq, seq.computed + 1)
       except PoolExhausted:
         self._preempt(max(self.running[g], key=lambda s: s.admitted_at))
         preempted = True

@@ -1,7 +1,9 @@
 """A sequence being generated: its tokens, its pages and where it stands.
 
 The KV of tokens `[0, computed)` is in the sequence's pages (under a model whose every layer
-slides, the part a later query can still see: the pages before its window are given back). When
+slides, the part a later query can still see: the pages before its window are given back). A
+hybrid model's sliding-window layers keep theirs in a second page table, `local`, that holds only
+the window (`kv.window`). When
 exactly one token is not computed the sequence decodes (one token per step); otherwise it prefills
 a chunk of what is missing, which also covers a preempted sequence that recomputes its prompt and
 the tokens it already generated.
@@ -22,6 +24,27 @@ class Status(enum.Enum):
   RUNNING = "running"
   PAUSED = "paused"          # pages kept while its group is absent from the partition
   FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class PageTable:
+  """A sequence's page table in one page space: entry i holds tokens [i*T, (i+1)*T) of its
+  layout; entries [0, dropped) were given back (wholly before the sliding window) and hold the
+  null page; `spare` pages are held but not in the table yet (a windowed prefill keeps the pages
+  it drops for the chunks ahead, so that it never waits for the pool)."""
+  pages: list[int] = dataclasses.field(default_factory=list)
+  dropped: int = 0
+  spare: list[int] = dataclasses.field(default_factory=list)
+
+  def held(self) -> list[int]:
+    """The pool pages held: the table's live entries and the spare pages."""
+    return self.pages[self.dropped:] + self.spare
+
+  def take(self) -> list[int]:
+    """Forget every page (the caller gives them back to the pool); returns them."""
+    held = self.held()
+    self.pages, self.spare, self.dropped = [], [], 0
+    return held
 
 
 @dataclasses.dataclass
@@ -47,13 +70,10 @@ class Sequence:
   group: int | None = None                    # group index within the current partition
   first_device: int = 0
   layout: PageLayout | None = None
-  pages: list[int] = dataclasses.field(default_factory=list)
-  # ^ page table: entry i holds tokens [i*T, (i+1)*T) of the layout; entries [0, dropped) were
-  #   given back (wholly before the sliding window) and hold the null page
-  dropped: int = 0
-  spare: list[int] = dataclasses.field(default_factory=list)
-  # ^ pages held but not in the table yet (a windowed prefill keeps the pages it drops for the
-  #   chunks ahead, so that it never waits for the pool)
+  kv: PageTable = dataclasses.field(default_factory=PageTable)
+  # ^ the page table every layer reads (a hybrid model's global layers)
+  local: PageTable = dataclasses.field(default_factory=PageTable)
+  # ^ a hybrid model's sliding-window layers: pages of their own pools, the window only
   computed: int = 0
   admitted_at: int = -1                       # admission order, for preemption choice
   preemptions: int = 0
@@ -100,15 +120,22 @@ class Sequence:
   def finished(self) -> bool:
     return self.status is Status.FINISHED
 
-  def held_pages(self) -> list[int]:
-    """The pool pages this sequence holds (its table's live entries and its spare pages)."""
-    return self.pages[self.dropped:] + self.spare
+  @property
+  def pages(self) -> list[int]:
+    """The page table every layer reads (`kv.pages`)."""
+    return self.kv.pages
 
-  def take_pages(self) -> list[int]:
-    """Forget every page (the caller gives them back to the pool); returns them."""
-    held = self.held_pages()
-    self.pages, self.spare, self.dropped = [], [], 0
-    return held
+  @property
+  def dropped(self) -> int:
+    return self.kv.dropped
+
+  @property
+  def spare(self) -> list[int]:
+    return self.kv.spare
+
+  def held_pages(self) -> list[int]:
+    """The pool pages this sequence holds in `kv` (its table's live entries and spare pages)."""
+    return self.kv.held()
 
   def max_length(self) -> int:
     return self.prompt_len + self.params.max_tokens

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.kv import DevicePools, PageLayout, PagePool
+from flying_jax.kv import window as kw
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
@@ -45,7 +46,11 @@ class EngineConfig:
   max_pause_s: float = 10.0               # a paused sequence waits at most this long, under any
   # ^ policy or pin; then it prefills again in the partition in force
   free_window_pages: bool = True          # a model whose every layer slides gives back the pages
-  # ^ wholly before each sequence's window while it runs (False: keep them, the reference)
+  # ^ wholly before each sequence's window while it runs; a hybrid model (Gemma 3) keeps its
+  #   sliding layers' KV in pools of their own holding the window only, decided at start-up
+  #   (False: every layer keeps every page in pools of one size, the reference)
+  local_pages_per_device: int | None = None   # pages per device of a hybrid model's sliding-layer
+  # ^ pools (default: `kv.window.default_local_pages`)
 
 
 @dataclasses.dataclass
@@ -57,7 +62,9 @@ class StartupReport:
   programs: int = 0
   weight_bytes: int = 0
   device_weight_bytes: int = 0                                # what one device holds
-  kv_bytes: int = 0
+  kv_bytes: int = 0                                           # all devices
+  kv_pages: tuple = ()                        # (layers, pages per device) of each page space
+  devices: int = 1
   padding: list = dataclasses.field(default_factory=list)
   layout: str = ""                                            # the weight rows' padding
   compiled: list = dataclasses.field(default_factory=list)   # one line per width
@@ -71,7 +78,7 @@ class StartupReport:
            f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
            f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each; "
            f"{self.device_weight_bytes / 2**20:.0f} MiB per device), KV pools "
-           f"{self.kv_bytes / 2**20:.0f} MiB"]
+           f"{self.kv_bytes / 2**20:.0f} MiB{self._kv_words()}"]
     if self.layout:
       out.append(self.layout)
     out.extend(self.compiled)
@@ -80,6 +87,19 @@ class StartupReport:
                  f"heads per device, padding +{100 * p['attn_proj_flops_extra']:.0f}% attention "
                  f"projection FLOPs, +{100 * p['kv_bytes_per_token_extra']:.0f}% KV bytes per token")
     return out
+
+  @property
+  def device_kv_bytes(self) -> int:
+    """The KV pools one device holds (every device holds the same)."""
+    return self.kv_bytes // max(1, self.devices)
+
+  def _kv_words(self) -> str:
+    """A hybrid model's pools per device: its global layers' and its sliding layers'."""
+    if len(self.kv_pages) < 2:
+      return ""
+    (glob, pages), (local, local_pages) = self.kv_pages
+    return (f" ({self.device_kv_bytes / 2**20:.1f} MiB per device: {len(glob)} global layers x "
+            f"{pages} pages, {len(local)} sliding-window layers x {local_pages} pages)")
 
 
 def default_cache_dir() -> str:
@@ -96,11 +116,13 @@ def enable_compile_cache(cache_dir: str | None):
 
 
 def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
-                pages: int, specs=None, blocks: RowBlocks | None = None) -> WidthSetup:
+                pages: int, specs=None, blocks: RowBlocks | None = None,
+                local_tables: bool = False) -> WidthSetup:
   """The static set-up of one span (a bare width: the uniform partition's span over all devices).
 
   `specs` default: the span's mesh over `devices` (the simulator passes its own, without JAX).
-  `blocks`: the rows each device of an engine holds (default: those this width alone needs)."""
+  `blocks`: the rows each device of an engine holds (default: those this width alone needs).
+  `local_tables`: the steps carry a hybrid model's sliding-layer page tables too."""
   if isinstance(span, int):
     span = Span(0, len(devices), span)
   width = span.width
@@ -117,7 +139,8 @@ def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
                     max_pages=max_pages)
   prefill = [(0, 0)] + [(r, c // r) for c in preset.prefill_chunks for r in preset.prefill_rows
                         if c // r > 0]
-  shapes = tuple(StepShape(d, c, max_pages, r) for d in preset.decode_buckets for r, c in prefill)
+  shapes = tuple(StepShape(d, c, max_pages, r, local_tables) for d in preset.decode_buckets
+                 for r, c in prefill)
   if specs is None:
     specs = MeshSpecs(mesh_for_span(devices, span, base))
   return WidthSetup(specs, plan, geom, shapes, capacity, span, base)
@@ -133,6 +156,25 @@ def _round_up(a: int, b: int) -> int:
 
 def layout_of(ws: WidthSetup) -> PageLayout:
   return PageLayout(ws.width, ws.geom.kv_per_device, ws.geom.tokens_per_page, ws.base)
+
+
+def page_spaces(card: ModelCard, preset: MeshPreset, cfg: EngineConfig,
+                pages: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+  """(layers, pages per device) of each page space: every layer in one, or a hybrid model's
+  global layers and then its sliding layers in pools of their own (`kv.window`)."""
+  arch = card.arch
+  layers = tuple(range(arch.n_layers))
+  if not (arch.hybrid and cfg.free_window_pages):
+    return ((layers, pages),)
+  row = max(preset.prefill_chunks)             # the longest prefill row
+  fewest = min(pages, kw.min_local_pages(arch.sliding_window, preset.page_tokens, row))
+  local = cfg.local_pages_per_device or kw.default_local_pages(
+      pages, arch.sliding_window, preset.page_tokens, row)
+  if local < fewest:
+    raise ValueError(f"local_pages_per_device={local} cannot hold one sequence's window and a "
+                     f"prefill chunk of {row} tokens: it needs {fewest} pages or more")
+  sliding = tuple(l for l in layers if arch.sliding(l))
+  return (tuple(l for l in layers if l not in sliding), pages), (sliding, local)
 
 
 def mixed_partitions(preset: MeshPreset, widths, requested) -> dict[str, Partition]:
@@ -172,7 +214,8 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
     stats = [st for st in registry.stats if st.key[0] == span]
     shapes = ", ".join(f"{s.decode}+{s.pre_rows}x{s.chunk}" for s in ws.shapes)
     slow = max(stats, key=lambda st: st.compile_s)
-    lines.append(f"{_span_words(span)}: {len(stats)} programs (embed/layer/head for decode+prefill "
+    kinds = "embed/layer/layer_local/head" if ws.shapes[0].local_tables else "embed/layer/head"
+    lines.append(f"{_span_words(span)}: {len(stats)} programs ({kinds} for decode+prefill "
                  f"{shapes}; sample), {sum(st.compile_s for st in stats):.1f}s, slowest "
                  f"{slow.key[1]} {slow.compile_s:.1f}s")
   return lines
@@ -182,16 +225,21 @@ def _span_words(span: Span) -> str:
   return f"width {span.width} on devices {span.first}-{span.first + span.devices - 1}"
 
 
-def build_migrator(card: ModelCard, setups: dict, pools):
-  """Migration programs sized for the longest sequence any width holds."""
+def build_migrator(card: ModelCard, setups: dict, pools, spaces):
+  """Migration programs sized for the longest sequence any width holds; for a hybrid model's
+  sliding-layer pools (the second of `spaces`), for the window and a page."""
   from flying_jax.kv.migrate import MigrationPrograms
 
   arch = card.arch
   copies = max(ws.width * ws.plan.kv_per_device for ws in setups.values())
   longest = max(ws.capacity for ws in setups.values())
+  page = max(ws.geom.tokens_per_page for ws in setups.values())
+  window = min(longest, arch.sliding_window + page)
+  more = tuple((pools.struct(layers[0]), window * copies * arch.head_dim)
+               for layers, _ in spaces[1:])
   any_ws = next(iter(setups.values()))
-  return MigrationPrograms(pools.struct(), any_ws.specs.per_device(), any_ws.specs.replicated(),
-                           longest * copies * arch.head_dim)
+  return MigrationPrograms(pools.struct(spaces[0][0][0]), any_ws.specs.per_device(),
+                           any_ws.specs.replicated(), longest * copies * arch.head_dim, more)
 
 
 def layout_line(card: ModelCard, rows: RowBlocks, dtype) -> str:
@@ -222,6 +270,26 @@ class Runtime:
   resident: Resident
   executor: Executor
   migrator: object                       # MigrationPrograms, None with one width
+  page_spaces: tuple = ()                # (layers, pages per device) of each page space
+  local_pool: PagePool | None = None     # host page tables of a hybrid model's sliding layers
+  local_pages: int = 0                   # ... their pages per device (0: no such pools)
+
+
+def runtime_pools(spaces, n: int) -> tuple[PagePool, PagePool | None, int]:
+  """The host page tables of each page space (`page_spaces`) over `n` devices, and the pages
+  per device of the second (a hybrid model's sliding layers; 0: none)."""
+  pools = [PagePool(n, pages) for _, pages in spaces]
+  if len(pools) == 1:
+    return pools[0], None, 0
+  return pools[0], pools[1], spaces[1][1]
+
+
+def kv_pools(card: ModelCard, preset: MeshPreset, spaces, n: int, dtype, sharding) -> DevicePools:
+  """Zeroed KV pools over `n` devices, each layer with its page space's pages per device."""
+  slots = preset.page_tokens * card.arch.n_kv_heads
+  pages_of = {l: p for layers, p in spaces for l in layers}
+  return DevicePools.create([pages_of[l] for l in range(card.arch.n_layers)], n, slots,
+                            card.arch.head_dim, dtype, sharding)
 
 
 def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, devices,
@@ -232,9 +300,11 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   enable_compile_cache(cfg.cache_dir)
   n = len(devices)
   pages = cfg.pages_per_device or preset.pages_per_device
+  spaces = page_spaces(card, preset, cfg, pages)
   spans = sorted({sp for p in partitions.values() for sp in p.spans})
   rows = row_blocks(card.arch, sorted({sp.width for sp in spans}), preset.base_width)
-  span_setups = {sp: width_setup(card, preset, devices, sp, pages, blocks=rows) for sp in spans}
+  span_setups = {sp: width_setup(card, preset, devices, sp, pages, blocks=rows,
+                                 local_tables=len(spaces) > 1) for sp in spans}
   setups = {w: span_setups[Span(0, n, w)] for w in widths}
   specs = setups[widths[0]].specs
   replicated = specs.replicated()
@@ -261,14 +331,15 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   if rows.base == 1:
     rows = RowBlocks.single(laid_out)
   t0 = time.perf_counter()
-  slots = preset.page_tokens * card.arch.n_kv_heads
-  device_pools = DevicePools.create(card.arch.n_layers, n, pages, slots, card.arch.head_dim, dtype,
-                                    setups[widths[0]].specs.per_device())
+  device_pools = kv_pools(card, preset, spaces, n, dtype, specs.per_device())
   jax.block_until_ready((weights, device_pools.k, device_pools.v))
   rep.place_s = time.perf_counter() - t0
-  registry = ProgramRegistry(card.arch, dtype, span_setups, device_pools.device_struct(n),
+  local = spaces[1][0] if len(spaces) > 1 else ()
+  registry = ProgramRegistry(card.arch, dtype, span_setups,
+                             device_pools.device_struct(n, spaces[0][0][0]),
                              cfg.hist_len, cfg.max_banned,
-                             max(s.rows for ws in setups.values() for s in ws.shapes))
+                             max(s.rows for ws in setups.values() for s in ws.shapes), local,
+                             device_pools.device_struct(n, local[0]) if local else None)
   bar = _progress(cfg.progress, registry.count())
   rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), rows, bar)
   if bar is not None:
@@ -276,14 +347,14 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   resident = Resident(weights, device_pools, span_setups, n, card.arch)
   executor = Executor(registry, resident, cfg.hist_len, cfg.max_banned)
   t0 = time.perf_counter()
-  migrator = build_migrator(card, setups, device_pools) if len(widths) > 1 else None
+  migrator = build_migrator(card, setups, device_pools, spaces) if len(widths) > 1 else None
   rep.compile_s += time.perf_counter() - t0
   rep.warmup_s = executor.warm_up([[span_setups[sp] for sp in p.spans]
                                    for p in partitions.values()])
   rep.programs = len(registry) + (len(migrator) if migrator else 0)
   rep.weight_bytes = weights.nbytes()
   rep.device_weight_bytes = weights.device_nbytes()
-  rep.kv_bytes = device_pools.nbytes()
+  rep.kv_bytes, rep.kv_pages, rep.devices = device_pools.nbytes(), spaces, n
   rep.padding = report_padding(card, widths, laid_out)
   rep.layout = layout_line(card, rows, dtype)
   rep.compiled = describe_programs(registry)
@@ -292,8 +363,9 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
     rep.compiled.append("mixed partitions: " + ", ".join(mixed))
   for line in rep.lines():
     log.info(line)
-  return Runtime(pages, span_setups, setups, weights, device_pools, PagePool(n, pages), registry,
-                 resident, executor, migrator)
+  pool, local_pool, local_pages = runtime_pools(spaces, n)
+  return Runtime(pages, span_setups, setups, weights, device_pools, pool, registry, resident,
+                 executor, migrator, spaces, local_pool, local_pages)
 
 
 def _progress(enabled: bool, total: int):

@@ -10,7 +10,8 @@ Strategies for sequences running in groups of the old partition that the new one
              Sequences paused by an earlier switch whose group does not return now are recomputed
              too (a recompute switch gives up waiting for their layout);
   migrate    re-lay their KV into pages of a new group with a compiled program and go on
-             decoding (a sequence that finds no room in the new partition is recomputed).
+             decoding (a sequence that finds no room in the new partition is recomputed); a
+             hybrid model's sliding layers move only their window, into their own pools.
 Weights never move: every width's programs read the same resident arrays.
 """
 
@@ -47,7 +48,9 @@ class SwitchRecord:
   recomputed: int = 0
   resumed: int = 0
   migrated: int = 0
-  migrated_elements: int = 0      # KV elements moved per layer, K and V each
+  migrated_elements: int = 0      # KV elements moved per layer, K and V each (a hybrid model:
+  # ^ per global layer; its sliding layers' in `migrated_window_elements`)
+  migrated_window_elements: int = 0
   abandoned: int = 0              # paused earlier, recomputed now (their group did not return)
   carried_waiting: int = 0
   kept: int = 0                   # in a group both partitions have: untouched
@@ -123,7 +126,8 @@ def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedS
              record: SwitchRecord, migrate=None):
   """Move every sequence of `old` into `new` (or into `paused`) according to `strategy`.
 
-  `migrate(seq) -> elements moved or None` re-lays one sequence into `new` (migrate strategy).
+  `migrate(seq) -> elements moved per layer of each page space, or None` re-lays one sequence
+  into `new` (migrate strategy, `migrate_sequence`).
   """
   t0 = time.perf_counter()
   same = {(grp.first_device, grp.width): g for g, grp in enumerate(new.groups)}
@@ -139,7 +143,8 @@ def cut_over(old: Scheduler, new: Scheduler, strategy: Strategy, paused: PausedS
     moved = migrate(seq) if strategy is Strategy.MIGRATE else None
     if moved is not None:
       record.migrated += 1
-      record.migrated_elements += moved
+      record.migrated_elements += moved[0]
+      record.migrated_window_elements += sum(moved[1:])
     elif strategy is Strategy.PAUSE:
       seq.group = None
       paused.add(seq)
@@ -187,26 +192,36 @@ def _requeue(scheduler: Scheduler, seq: Sequence):
   seq.recomputes += 1
 
 
-def migrate_sequence(seq: Sequence, new: Scheduler, pool, move) -> int | None:
-  """Re-lay `seq`'s KV into a group of `new`; returns elements moved per layer (None: no room).
+def migrate_sequence(seq: Sequence, new: Scheduler, move) -> tuple[int, ...] | None:
+  """Re-lay `seq`'s KV into a group of `new`; returns the elements moved per layer of each page
+  space (None: no room in one of them).
 
-  `move(src, dst, start, stop) -> elements` moves the KV of tokens [start, stop)
-  (`MigrationPrograms.move`). Under a sliding window on every layer only the tokens a later query
-  still sees move, into pages for the part of the table from the first one still read (the
-  entries before it point at the null page)."""
+  `move(space, src, dst, start, stop) -> elements` moves the KV of tokens [start, stop) of the
+  layers reading page space `space` (its index in `new.spaces`; `MigrationPrograms.move`). Under a
+  window (every layer of an all-sliding model, a hybrid model's sliding layers) only the tokens a
+  later query still sees move, into pages for the part of the table from the first one still
+  read (the entries before it point at the null page)."""
   g = new.pick_group(seq)
   if g is None:
     return None
   grp = new.groups[g]
-  first = new.first_live(seq.computed, grp.layout)
-  pages = [NULL_PAGE] * first + pool.allocate(grp.first_device, grp.width,
-                                              new.pages_needed(seq, grp.layout))
-  src = Placement(seq.first_device, seq.layout, tuple(seq.pages))
-  dst = Placement(grp.first_device, grp.layout, tuple(pages))
-  start = max(first * grp.layout.tokens_per_page, seq.dropped * seq.layout.tokens_per_page)
-  moved = move(src, dst, min(start, seq.computed), seq.computed)
-  pool.release(seq.first_device, seq.layout.width, seq.take_pages())
-  seq.pages, seq.dropped = pages, first
+  moved = tuple(_migrate_space(seq, space, grp, lambda *a, i=i: move(i, *a))
+                for i, space in enumerate(new.spaces))
   seq.first_device, seq.layout, seq.group = grp.first_device, grp.layout, g
   new.running[g].append(seq)
+  return moved
+
+
+def _migrate_space(seq: Sequence, space, grp, move) -> int:
+  """Move `seq`'s table in `space` (a `PageSpace`) to pages of group `grp`; returns `move`'s."""
+  table = space.table(seq)
+  first = space.first_live(seq.computed, grp.layout)
+  pages = [NULL_PAGE] * first + space.pool.allocate(grp.first_device, grp.width,
+                                                    space.pages_needed(seq, grp.layout))
+  src = Placement(seq.first_device, seq.layout, tuple(table.pages))
+  dst = Placement(grp.first_device, grp.layout, tuple(pages))
+  start = max(first * grp.layout.tokens_per_page, table.dropped * seq.layout.tokens_per_page)
+  moved = move(src, dst, min(start, seq.computed), seq.computed)
+  space.pool.release(seq.first_device, seq.layout.width, table.take())
+  table.pages, table.dropped = pages, first
   return moved

@@ -6,7 +6,9 @@ of the sequence, its flat address in the old layout and its address(es) in the n
 replicated over several devices is written to each copy). One program per size bucket gathers the
 old values and scatters them to the new addresses across the whole mesh; XLA turns the
 cross-device part into a collective. Keys are stored transposed (see `model.attention`), values
-head-major, so the two get different addresses.
+head-major, so the two get different addresses. A hybrid model's sliding-window layers keep their
+KV in pools of their own (`kv.window`): they migrate with their own tables and programs, only the
+tokens still in the window.
 """
 
 from __future__ import annotations
@@ -91,45 +93,58 @@ def _migrate_layer(k_pool, v_pool, src_v, dst_v, src_k, dst_k):
 
 
 class MigrationPrograms:
-  """AOT-compiled migration programs, one per size bucket, for one layer's K and V pools."""
+  """AOT-compiled migration programs, one per size bucket, for one layer's K and V pools; with
+  `more` ((pool struct, max elements), ...), also for pools of other shapes (the sliding layers'
+  smaller pools of a hybrid model)."""
 
-  def __init__(self, pool_struct, per_device_sharding, replicated_sharding, max_elements: int):
-    self.size = int(np.prod(pool_struct.shape))
-    if self.size >= 2 ** 31:
-      raise ValueError("KV pools over 2^31 elements per layer need 64-bit migration indices")
+  def __init__(self, pool_struct, per_device_sharding, replicated_sharding, max_elements: int,
+               more: tuple = ()):
     self.rep = replicated_sharding
-    pool = jax.ShapeDtypeStruct(pool_struct.shape, pool_struct.dtype, sharding=per_device_sharding)
     jitted = jax.jit(_migrate_layer, donate_argnums=(0, 1),
                      out_shardings=(per_device_sharding, per_device_sharding))
-    self._programs = {}
-    for m in buckets(max_elements):
-      idx = jax.ShapeDtypeStruct((m,), jnp.int32, sharding=replicated_sharding)
-      self._programs[m] = jitted.lower(pool, pool, idx, idx, idx, idx).compile()
+    self._programs = {}                       # (pool shape, bucket) -> program
+    self._sizes = {}                          # pool shape -> elements (where padding writes)
+    for struct, most in ((pool_struct, max_elements),) + tuple(more):
+      size = int(np.prod(struct.shape))
+      if size >= 2 ** 31:
+        raise ValueError("KV pools over 2^31 elements per layer need 64-bit migration indices")
+      self._sizes[tuple(struct.shape)] = size
+      pool = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=per_device_sharding)
+      for m in buckets(most):
+        idx = jax.ShapeDtypeStruct((m,), jnp.int32, sharding=replicated_sharding)
+        self._programs[(tuple(struct.shape), m)] = jitted.lower(pool, pool, idx, idx, idx,
+                                                                idx).compile()
 
   def __len__(self):
     return len(self._programs)
 
   def move(self, device_pools, arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
-           pages_per_device: int, slots: int, start: int = 0) -> int:
-    """Re-lay tokens [start, n_tokens) of a sequence from `src` to `dst` in every layer's pools;
-    returns the elements moved per layer (K and V each)."""
+           pages_per_device: int, slots: int, start: int = 0, layers=None) -> int:
+    """Re-lay tokens [start, n_tokens) of a sequence from `src` to `dst` in the pools of `layers`
+    (default every layer; their pools hold `pages_per_device`); returns the elements moved per
+    layer (K and V each)."""
     idx = migration_indices(arch, src, dst, n_tokens, pages_per_device, slots, start)
-    return self.run(device_pools.k, device_pools.v, idx)
+    return self.run(device_pools.k, device_pools.v, idx, layers)
 
-  def run(self, k_pools: list, v_pools: list, indices) -> int:
-    """Move one sequence's KV in every layer; returns the elements moved per layer."""
+  def run(self, k_pools: list, v_pools: list, indices, layers=None) -> int:
+    """Move one sequence's KV in every layer of `layers` (default all, each pool of one shape);
+    returns the elements moved per layer."""
+    layers = range(len(k_pools)) if layers is None else layers
+    if not layers:
+      return 0
+    shape = tuple(k_pools[layers[0]].shape)
     n = len(indices[0])
-    m = next((b for b in self._programs if b >= n), None)
+    m = next((b for s, b in self._programs if s == shape and b >= n), None)
     if m is None:
       raise ValueError(f"a migration of {n} elements exceeds the largest compiled bucket")
     padded = []
     for i, a in enumerate(indices):
-      fill = 0 if i % 2 == 0 else self.size                 # sources read 0, padding writes drop
+      fill = 0 if i % 2 == 0 else self._sizes[shape]      # sources read 0, padding writes drop
       buf = np.full(m, fill, np.int32)
       buf[:n] = a
       padded.append(buf)
     args = jax.device_put(padded, self.rep)
-    program = self._programs[m]
-    for l in range(len(k_pools)):
+    program = self._programs[(shape, m)]
+    for l in layers:
       k_pools[l], v_pools[l] = program(k_pools[l], v_pools[l], *args)
     return n

@@ -9,12 +9,15 @@ real token's attention reads it unmasked.
 A sequence's page table is indexed by token position (entry i holds tokens [i*T, (i+1)*T)). Under
 a model whose every layer slides, the entries wholly before the sequence's window go back to the
 pool while it runs and point at the null page; every key there is outside the window of every
-query still to come, so attention masks it whatever the null page holds.
+query still to come, so attention masks it whatever the null page holds. A hybrid model's
+sliding-window layers read such a windowed table in a page space of their own (smaller pools, a
+`PagePool` of their own) while its global layers read the sequence's full table (`kv.window`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -102,24 +105,30 @@ class PagePool:
 
 @dataclasses.dataclass
 class DevicePools:
-  """The device arrays: per layer, K and V of global shape [devices * pages, slots, hd]."""
+  """The device arrays: per layer, K and V of global shape [devices * pages, slots, hd].
+
+  Every layer has `pages` per device, except the sliding-window layers of a hybrid model, whose
+  pools hold `local_pages` per device (`kv.window`): their own page space."""
   k: list
   v: list
 
   @staticmethod
-  def create(n_layers: int, devices: int, pages: int, slots: int, head_dim: int, dtype,
+  def create(layer_pages: list[int], devices: int, slots: int, head_dim: int, dtype,
              sharding) -> "DevicePools":
-    shape = (devices * pages, slots, head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return DevicePools([make() for _ in range(n_layers)], [make() for _ in range(n_layers)])
+    """Zeroed pools, layer l with `layer_pages[l]` pages per device."""
+    makers = {}
+    for pages in set(layer_pages):
+      shape = (devices * pages, slots, head_dim)
+      makers[pages] = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+    return DevicePools([makers[p]() for p in layer_pages], [makers[p]() for p in layer_pages])
 
-  def struct(self) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(self.k[0].shape, self.k[0].dtype)
+  def struct(self, layer: int = 0) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.k[layer].shape, self.k[layer].dtype)
 
-  def device_struct(self, devices: int) -> jax.ShapeDtypeStruct:
-    """One device's pool of one layer."""
-    n, slots, hd = self.k[0].shape
-    return jax.ShapeDtypeStruct((n // devices, slots, hd), self.k[0].dtype)
+  def device_struct(self, devices: int, layer: int = 0) -> jax.ShapeDtypeStruct:
+    """One device's pool of `layer`."""
+    n, slots, hd = self.k[layer].shape
+    return jax.ShapeDtypeStruct((n // devices, slots, hd), self.k[layer].dtype)
 
   def nbytes(self) -> int:
     return sum(a.nbytes for a in self.k + self.v)

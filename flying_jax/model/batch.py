@@ -5,6 +5,8 @@ several short prompts side by side).
 
 On the host it is packed into a single int32 row per group (one transfer per step); inside the
 program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
+A hybrid model's steps also carry its sliding layers' page tables and write slots
+(`StepShape.local_tables`), which those layers read instead (`StepMeta.local_view`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class StepShape:
   chunk: int             # prefill tokens per row C, 0 for none
   max_pages: int         # page-table columns M
   prefill_rows: int = 1  # prefill rows R (sequences prefilled side by side)
+  local_tables: bool = False   # also the sliding layers' own page tables (a hybrid model)
 
   def __post_init__(self):
     if self.chunk and self.prefill_rows < 1:
@@ -44,7 +47,9 @@ class StepShape:
     t, d, m, r = self.tokens, self.decode, self.max_pages, self.pre_rows
     return [("tokens", (t,)), ("positions", (t,)), ("write_base", (t,)),
             ("dec_table", (d, m)), ("dec_len", (d,)), ("pre_table", (r, m)), ("pre_len", (r,)),
-            ("n_blocks", (2,)), ("rows", (self.rows,))]
+            ("n_blocks", (2,)), ("rows", (self.rows,))] + (
+                [("local_write_base", (t,)), ("local_dec_table", (d, m)),
+                 ("local_pre_table", (r, m))] if self.local_tables else [])
 
   @property
   def packed_len(self) -> int:
@@ -63,6 +68,16 @@ class StepMeta:
   pre_len: jax.Array      # [R] KV length after this step's chunk
   n_blocks: jax.Array     # [2] attention blocks to visit: decode, prefill
   rows: jax.Array         # [R] token index of each sampled row
+  # a hybrid model's sliding layers read pools of their own through tables of their own (the
+  # window only; entries before it point at the null page), same shapes as those above:
+  local_write_base: jax.Array | None = None
+  local_dec_table: jax.Array | None = None
+  local_pre_table: jax.Array | None = None
+
+  def local_view(self) -> "StepMeta":
+    """The step as a sliding layer of a hybrid model reads it: its own tables and slots."""
+    return dataclasses.replace(self, write_base=self.local_write_base,
+                               dec_table=self.local_dec_table, pre_table=self.local_pre_table)
 
 
 def unpack(packed_L, shape: StepShape) -> StepMeta:

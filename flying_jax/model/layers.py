@@ -35,12 +35,14 @@ class Constant(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class Step:
   """What a program is compiled for: the model, the step's shape, the width's head plan and KV
-  geometry, and the group's collectives."""
+  geometry, and the group's collectives; `local`: the layer reads a hybrid model's sliding-layer
+  page space (its own pools, tables and write slots: `StepMeta.local_view`)."""
   arch: Architecture
   shape: StepShape
   plan: HeadPlan
   geom: KVGeometry
   coll: Collectives
+  local: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +165,10 @@ class Attention(nnx.Module):
 
   def __call__(self, h_TxD, k_pool, v_pool, meta: StepMeta, step: Step):
     """This device's partial output (before the sum over the group) and the pools with the
-    step's KV written."""
+    step's KV written (`step.local`: the pools and tables of the sliding layers' page space)."""
     arch, plan, coll = step.arch, step.plan, step.coll
+    if step.local:
+      meta = meta.local_view()
     nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
     rows = lambda w, kind: shard_rows(w[...], kind, plan, coll, hd)
     wq, wk, wv, wo = rows(self.wq, "q"), rows(self.wk, "kv"), rows(self.wv, "kv"), rows(self.wo, "q")

@@ -1,8 +1,9 @@
 """Turn one step's group work into packed arrays and run the partition's compiled programs.
 
-The host builds one int32 row per group (tokens, positions, KV write slots, page tables), packs the
-sampling fields, transfers three arrays, dispatches embed -> layer x L -> head asynchronously and
-reads back only the sampled ids (and logprobs when a row asked for them). A mixed partition runs
+The host builds one int32 row per group (tokens, positions, KV write slots, page tables; a hybrid
+model's sliding layers get their own tables and slots), packs the sampling fields, transfers three
+arrays, dispatches embed -> layer x L -> head asynchronously (each layer by its kind's program)
+and reads back only the sampled ids (and logprobs when a row asked for them). A mixed partition runs
 one such program chain per span, all dispatched before any result is read.
 """
 
@@ -98,23 +99,20 @@ class Executor:
         pos = seq.computed
         f["tokens"][gi, i] = seq.token_at(pos)
         f["positions"][gi, i] = pos
-        f["write_base"][gi, i] = seq.pages[pos // tpp] * slots + pos % tpp
-        f["dec_table"][gi, i, :len(seq.pages)] = seq.pages
         f["dec_len"][gi, i] = pos + 1
         rows[i] = _row(seq, banned_for(seq))
       for j, pre in enumerate(w.prefills):
         seq, n, start = pre.seq, pre.length, pre.start
         at = shape.decode + j * shape.chunk
-        pos = np.arange(start, start + n)
         f["tokens"][gi, at:at + n] = seq.tokens(start, start + n)
-        f["positions"][gi, at:at + n] = pos
-        pages = np.asarray(seq.pages)
-        f["write_base"][gi, at:at + n] = pages[pos // tpp] * slots + pos % tpp
-        f["pre_table"][gi, j, :len(seq.pages)] = seq.pages
+        f["positions"][gi, at:at + n] = np.arange(start, start + n)
         f["pre_len"][gi, j] = start + n
         f["rows"][gi, shape.decode + j] = at + n - 1
         if pre.samples:
           rows[shape.decode + j] = _row(seq, banned_for(seq))
+      _tables(f, gi, w, shape, tpp, slots, "")
+      if shape.local_tables:
+        _tables(f, gi, w, shape, tpp, slots, "local_")
       f["n_blocks"][gi, 0] = -(-int(f["dec_len"][gi].max(initial=0)) // blk)
       f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi].max(initial=0)) // blk)
       fields = pack_sampling(rows + [None] * (nrows - shape.rows), nrows, self.hist_len,
@@ -172,22 +170,46 @@ class Executor:
         for shape in ws.shapes:
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, layers=1))
+          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, warm=True))
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, layers: int | None = None):
+  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, warm: bool = False):
     """Enqueue one span's programs; returns (tokens, logprob, top ids, top logprobs, logits).
 
-    `layers` limits the decoder layers run (warm-up: the layer program is one executable)."""
+    Each decoder layer runs its kind's layer program (`ProgramRegistry.layer_kind`); `warm`
+    runs only the first layer of each kind (warm-up: a kind's program is one executable)."""
     reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
     x = reg[(span, "embed", shape)](w.embed, meta)
-    layer = reg[(span, "layer", shape)]
-    for l, lw in enumerate(w.layers[:layers]):
-      x, pools.k[l], pools.v[l] = layer(lw, pools.k[l], pools.v[l], x, meta)
+    programs, ran = {}, set()
+    for l, lw in enumerate(w.layers):
+      kind = reg.layer_kind(l)
+      if warm and kind in ran:
+        continue
+      ran.add(kind)
+      if kind not in programs:
+        programs[kind] = reg[(span, kind, shape)]
+      x, pools.k[l], pools.v[l] = programs[kind](lw, pools.k[l], pools.v[l], x, meta)
     logits = reg[(span, "head", shape)](w.head_table, w.final_norm, x, meta)
     return reg[(span, "sample", None)](logits, sf, si) + (logits,)
+
+
+def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, prefix: str):
+  """Group gi's page tables and KV write slots of one page space: the sequences' `kv` tables
+  (prefix "") or a hybrid model's sliding-layer `local` ones (prefix "local_")."""
+  table = (lambda s: s.local.pages) if prefix else (lambda s: s.kv.pages)
+  base, dec, pre = f[prefix + "write_base"], f[prefix + "dec_table"], f[prefix + "pre_table"]
+  for i, seq in enumerate(w.decode):
+    pages, pos = table(seq), seq.computed
+    base[gi, i] = pages[pos // tpp] * slots + pos % tpp
+    dec[gi, i, :len(pages)] = pages
+  for j, p in enumerate(w.prefills):
+    pages = table(p.seq)
+    at = shape.decode + j * shape.chunk
+    pos = np.arange(p.start, p.start + p.length)
+    base[gi, at:at + p.length] = np.asarray(pages)[pos // tpp] * slots + pos % tpp
+    pre[gi, j, :len(pages)] = pages
 
 
 def _row(seq, banned) -> RowSpec:

@@ -5,7 +5,9 @@ part of them for a span of a mixed partition (see `parallel.partitions`).
 Three kinds per (span, shape): `embed` (token ids -> activations), `layer` (one decoder layer,
 called once per layer with that layer's resident weights and KV pools, pools and activations
 donated) and `head` (final norm and logits of the sampled rows, padded to a fixed row count), plus
-one `sample` program per span (on-device sampling of those rows). Nothing is compiled after `build`:
+one `sample` program per span (on-device sampling of those rows). A hybrid model's sliding layers
+run `layer_local` instead of `layer`: the same layer over their own (smaller) pools, reading their
+own page tables. Nothing is compiled after `build`:
 looking up a missing key raises.
 """
 
@@ -55,7 +57,8 @@ class WidthSetup:
   def decode_only(self) -> dict[int, StepShape]:
     """Decode bucket -> the shape of a step with no prefill, ascending (read every step)."""
     sizes = sorted({s.decode for s in self.shapes})
-    return {d: StepShape(d, 0, self.geom.max_pages, 0) for d in sizes}
+    local = self.shapes[0].local_tables
+    return {d: StepShape(d, 0, self.geom.max_pages, 0, local) for d in sizes}
 
 
 @dataclasses.dataclass
@@ -73,8 +76,8 @@ def _vocab_spec(ws: WidthSetup):
   return ws.specs.sharded_spec if ws.plan.reads.vocab else ws.specs.replicated_spec
 
 
-def _step(ws: WidthSetup, shape: StepShape, arch: Architecture) -> Step:
-  return Step(arch, shape, ws.plan, ws.geom, Collectives(ws.width, ws.base))
+def _step(ws: WidthSetup, shape: StepShape, arch: Architecture, local: bool = False) -> Step:
+  return Step(arch, shape, ws.plan, ws.geom, Collectives(ws.width, ws.base), local)
 
 
 def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs):
@@ -87,8 +90,8 @@ def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: deco
 
 
 def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
-              layer_struct):
-  step = _step(ws, shape, arch)
+              layer_struct, local: bool = False):
+  step = _step(ws, shape, arch, local)
 
   def f(layer_state, k_pool, v_pool, x_1xTxD, meta_1xL):
     x, k_pool, v_pool = decoder.layer(graphs, layer_state, k_pool, v_pool, x_1xTxD[0],
@@ -127,11 +130,16 @@ class ProgramRegistry:
   """AOT-compiled programs for every allowed width and step shape of one engine."""
 
   def __init__(self, arch: Architecture, dtype, setups: dict[Span, WidthSetup], pool_struct,
-               hist: int, banned: int, rows: int):
+               hist: int, banned: int, rows: int, local_layers: tuple[int, ...] = (),
+               local_struct=None):
+    """`local_layers`: a hybrid model's sliding layers, run by `layer_local` programs over
+    their own pools (`local_struct`: one device's pool of one of them)."""
     self.arch, self.dtype, self.setups = arch, jnp.dtype(dtype), setups
     self.rows = rows                    # sampled rows per group, every shape padded to it
     # pool_struct: one device's KV pool of one layer, [pages, slots, head_dim]
     self.pool_struct, self.hist, self.banned = pool_struct, hist, banned
+    self.local_layers, self.local_struct = frozenset(local_layers), local_struct
+    self._layer_kinds = ("layer", "layer_local") if local_layers else ("layer",)
     self._programs: dict[tuple, Callable] = {}
     self.stats: list[ProgramStats] = []
     self.graphs: decoder.Graphs | None = None     # set by `build`
@@ -152,7 +160,7 @@ class ProgramRegistry:
     for ws in self.setups.values():
       yield ("sample", ws, None)
       for shape in ws.shapes:
-        for kind in ("layer", "head", "embed"):
+        for kind in self._layer_kinds + ("head", "embed"):
           yield (kind, ws, shape)
 
   def build(self, weights_abstract: ResidentWeights, blocks, progress=None, threads: int = 2):
@@ -172,7 +180,13 @@ class ProgramRegistry:
     return time.perf_counter() - t0
 
   def count(self) -> int:
-    return sum(1 + 3 * len(ws.shapes) for ws in self.setups.values())
+    per_shape = 2 + len(self._layer_kinds)
+    return sum(1 + per_shape * len(ws.shapes) for ws in self.setups.values())
+
+  def layer_kind(self, layer: int) -> str:
+    """The program that runs decoder layer `layer`: `layer_local` for a hybrid model's sliding
+    layers (their own pools and tables), `layer` for every other."""
+    return "layer_local" if layer in self.local_layers else "layer"
 
   def _compile(self, kind: str, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
     s, g = ws.specs, ws.specs.groups
@@ -184,17 +198,19 @@ class ProgramRegistry:
     else:
       meta = meta_struct(g, shape, s.per_group())
       x = jax.ShapeDtypeStruct((g, shape.tokens, self.arch.dim), self.dtype, sharding=s.per_group())
-      pages, slots, hd = self.pool_struct.shape          # one device's pool of one layer
-      pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), self.pool_struct.dtype,
+      one = self.local_struct if kind == "layer_local" else self.pool_struct
+      pages, slots, hd = one.shape                       # one device's pool of one layer
+      pool = jax.ShapeDtypeStruct((ws.span.devices * pages, slots, hd), one.dtype,
                                   sharding=s.per_device())
     sh = weight_shardings(wa, self.arch, s.sharded(), rep, ws.plan.reads.vocab)  # span's mesh
     on = lambda tree, shardings: jax.tree.map(retarget, tree, shardings)
     if kind == "embed":
       jitted = jax.jit(_embed_fn(ws, shape, self.arch, self.graphs))
       args = (on(wa.embed, sh.embed), meta)
-    elif kind == "layer":
+    elif kind in ("layer", "layer_local"):
       lw = on(wa.layers[0], sh.layers[0])
-      jitted = jax.jit(_layer_fn(ws, shape, self.arch, self.graphs, lw), donate_argnums=(1, 2, 3))
+      fn = _layer_fn(ws, shape, self.arch, self.graphs, lw, kind == "layer_local")
+      jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
       jitted = jax.jit(_head_fn(ws, shape, self.arch, self.graphs, self.rows))

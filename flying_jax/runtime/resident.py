@@ -61,7 +61,8 @@ class Resident:
                arch):
     self.pools = pools                    # whole-mesh pools (valid while not split)
     self.devices = devices
-    self._shape = pools.k[0].shape        # [devices * pages, slots, head_dim], never changes
+    self._shapes = [a.shape for a in pools.k]   # per layer [devices * pages, slots, head_dim]
+    # ^ never change (a hybrid model's sliding layers have fewer pages than its global ones)
     self._full = next(ws for ws in setups.values() if ws.span.devices == devices)
     self._weights = {}
     for span, ws in setups.items():
@@ -93,8 +94,10 @@ class Resident:
       self._split = {}
       for span in spans:
         per_device = self._setups[span].specs.per_device()
-        shape = (self._shape[0] // self.devices * span.devices,) + self._shape[1:]
-        cut = lambda a: _assemble(shape, per_device, _buffers(a, span.first, span.devices))
+
+        def cut(a):
+          shape = (a.shape[0] // self.devices * span.devices,) + a.shape[1:]
+          return _assemble(shape, per_device, _buffers(a, span.first, span.devices))
         self._split[span] = DevicePools([cut(a) for a in self.pools.k],
                                         [cut(a) for a in self.pools.v])
       for lst in (self.pools.k, self.pools.v):      # the span views own the buffers now
@@ -111,6 +114,6 @@ class Resident:
       for layer in range(len(merged)):
         bufs = [b for sp in order for b in _buffers(getattr(self._split[sp], name)[layer], 0,
                                                        sp.devices)]
-        merged[layer] = _assemble(self._shape, per_device, bufs)
+        merged[layer] = _assemble(self._shapes[layer], per_device, bufs)
     self._split = None
     return self.pools

@@ -110,7 +110,8 @@ def _run(args) -> int:
     policies = {args.policy: args.policy}
   print(f"sim: {len(arrivals)} requests, {args.trace or args.arrival} arrivals, {card.name} on "
         f"{hw.name} ({hw.description}); widths {plan.widths}, {plan.pages} KV pages per device "
-        f"(a width-{plan.dp_width} group holds {plan.pool_tokens(plan.dp_width)} tokens)",
+        + (f"and {plan.local_pages} in the sliding layers' pools " if plan.local_pages else "")
+        + f"(a width-{plan.dp_width} group holds {plan.pool_tokens(plan.dp_width)} tokens)",
         flush=True)
   if hw.fitted and f"{card.name} on" not in hw.calibrated:
     print(f"note: {hw.name} was calibrated on {hw.calibrated or 'another model'}; times for "

@@ -8,13 +8,13 @@ preset (`cpu`) is measured instead: its `fitted` coefficients come from `flying-
 `plan` sizes a model on a preset the way the engine allocates it: the narrowest base width (chips
 holding one copy of the weights, each its shard) that leaves room for KV is the data-parallel
 width, and the KV pages per device are what HBM holds after the weights (`weights_on` counts the
-bytes the engine's layout places on each chip).
+bytes the engine's layout places on each chip; `kv_layout` the KV pools, a hybrid model's sliding
+layers in smaller pools of their own).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 
 from flying_jax.config import (ConfigError, MeshPreset, ModelCard, _fields, find,
@@ -72,8 +72,15 @@ class Plan:
   widths: tuple[int, ...]
   weight_bytes: int                  # one engine's copy
   device_weight_bytes: int           # what one device holds of it
-  page_bytes: int                    # one page, all layers, K and V
+  page_bytes: int                    # one page, K and V of every layer that reads the page table
   pages: int                         # per device
+  local_page_bytes: int = 0          # a hybrid model: one page of its sliding layers' own pools
+  local_pages: int = 0               # ... and their pages per device (`kv.window`)
+
+  @property
+  def device_kv_bytes(self) -> int:
+    """The KV pools one device holds, as the engine allocates them."""
+    return self.pages * self.page_bytes + self.local_pages * self.local_page_bytes
 
   @property
   def dp_width(self) -> int:
@@ -110,11 +117,9 @@ def plan(card: ModelCard, hw: Hardware, mesh: str | MeshPreset | None = None) ->
   if preset.devices != hw.devices:
     raise SimError(f"hardware {hw.name} has {hw.devices} chips, mesh {preset.name} "
                    f"{preset.devices}")
-  a, b = card.arch, dtype_bytes(preset)
-  page_bytes = preset.page_tokens * a.n_kv_heads * a.head_dim * 2 * a.n_layers * b
   if hw.hbm_gb <= 0:                  # measured hardware: the preset's pool, every width
-    return Plan(preset, preset.widths, *weights_on(card, preset), page_bytes,
-                preset.pages_per_device)
+    return Plan(preset, preset.widths, *weights_on(card, preset),
+                *kv_layout(card, preset, preset.pages_per_device))
   usable = hw.hbm_gb * 1e9 * hw.memory_utilization
   for t in (w for w in preset.widths if w >= preset.base_width):
     widths = tuple(x for x in preset.widths if x >= t)
@@ -129,6 +134,38 @@ def plan(card: ModelCard, hw: Hardware, mesh: str | MeshPreset | None = None) ->
     raise SimError(f"{card.name} ({engine_bytes / 1e9:.0f} GB of weights) does not fit "
                    f"{hw.name}: even engines of {max(preset.widths)} chips leave no room for KV "
                    f"({hw.devices} x {hw.hbm_gb:.0f} GB)")
-  pages = int(math.floor(room / page_bytes))
+  pages = pages_in(card, sized, room)
   sized = dataclasses.replace(sized, pages_per_device=pages)
-  return Plan(sized, widths, engine_bytes, device_bytes, page_bytes, pages)
+  return Plan(sized, widths, engine_bytes, device_bytes, *kv_layout(card, sized, pages))
+
+
+def kv_layout(card: ModelCard, preset: MeshPreset, pages: int,
+              config=None) -> tuple[int, int, int, int]:
+  """(page bytes, pages, local page bytes, local pages) per device as the engine allocates
+  `pages` per device under `config` (an `EngineConfig`, default the default one;
+  `engine.setup.page_spaces`: a hybrid model's sliding layers in pools of their own)."""
+  from flying_jax.engine.setup import EngineConfig, page_spaces
+
+  a = card.arch
+  per_layer = preset.page_tokens * a.n_kv_heads * a.head_dim * 2 * dtype_bytes(preset)
+  spaces = page_spaces(card, preset, config or EngineConfig(cache_dir=None), pages)
+  (glob, _), *local = spaces
+  if not local:
+    return per_layer * len(glob), pages, 0, 0
+  return per_layer * len(glob), pages, per_layer * len(local[0][0]), local[0][1]
+
+
+def pages_in(card: ModelCard, preset: MeshPreset, room: float) -> int:
+  """The most pages per device whose pools (`kv_layout`) fit `room` bytes."""
+  def fits(p):
+    page, _, local_page, local = kv_layout(card, preset, p)
+    return p * page + local * local_page <= room
+  if not fits(1):
+    return 0
+  lo, hi = 1, 2
+  while fits(hi):
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo

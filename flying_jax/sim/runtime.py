@@ -15,7 +15,6 @@ import dataclasses
 import numpy as np
 
 from flying_jax.engine import setup as S
-from flying_jax.kv import PagePool
 from flying_jax.parallel import Span
 from flying_jax.runtime.executor import StepResult, pick_shape
 from flying_jax.sim.cost import ModelCosts, span_work
@@ -85,9 +84,12 @@ class SimMigrator:
   latency: float
 
   def move(self, device_pools, arch, src, dst, n_tokens, pages_per_device, slots,
-           start: int = 0) -> int:
+           start: int = 0, layers=None) -> int:
+    """Tokens [start, n_tokens) of `layers` (default all; a hybrid model moves its global and
+    its sliding layers apart)."""
     n_tokens -= start
-    nbytes = n_tokens * self.costs.kv_bytes_per_token(self.costs.n_kv_heads)
+    share = 1.0 if layers is None else len(layers) / self.costs.layers
+    nbytes = n_tokens * self.costs.kv_bytes_per_token(self.costs.n_kv_heads) * share
     self.clock.advance(self.latency + nbytes / (self.link * min(src.layout.width,
                                                                 dst.layout.width)))
     return n_tokens * self.costs.n_kv_heads * self.costs.head_dim
@@ -116,12 +118,16 @@ class SimRuntime:
   def build(self, card, preset, cfg, devices, partitions, widths, host_weights, rep) -> S.Runtime:
     n = len(devices)
     pages = cfg.pages_per_device or preset.pages_per_device
+    spaces = S.page_spaces(card, preset, cfg, pages)
     spans = sorted({sp for p in partitions.values() for sp in p.spans})
-    span_setups = {sp: S.width_setup(card, preset, devices, sp, pages, specs=sp) for sp in spans}
+    span_setups = {sp: S.width_setup(card, preset, devices, sp, pages, specs=sp,
+                                     local_tables=len(spaces) > 1) for sp in spans}
     setups = {w: span_setups[Span(0, n, w)] for w in widths}
     link = max(self.hw.link_gbps, 1.0) * 1e9
     migrator = (SimMigrator(self.clock, self.costs, link, self.hw.collective_latency_us * 1e-6)
                 if len(widths) > 1 else None)
-    return S.Runtime(pages, span_setups, setups, None, None, PagePool(n, pages), None,
+    pool, local_pool, local_pages = S.runtime_pools(spaces, n)
+    return S.Runtime(pages, span_setups, setups, None, None, pool, None,
                      SimResident(self.clock, self.hw.switch_ms * 1e-3),
-                     SimExecutor(self.clock, self.model, self.costs, self.record), migrator)
+                     SimExecutor(self.clock, self.model, self.costs, self.record), migrator,
+                     spaces, local_pool, local_pages)
