@@ -28,3 +28,52 @@ def captured_logits(engine):
     yield got
   finally:
     del engine.executor.run
+
+
+# a partition switch at these steps of a run: (width, strategy)
+SWITCH_PLAN = {6: (2, "migrate"), 14: (1, "migrate"), 22: (2, "pause"), 26: (1, "pause"),
+               30: (2, "recompute"), 40: (1, "migrate")}
+
+
+def switched_run(engine, run, reqs):
+  """`run(engine, reqs, on_step)` with the switches of `SWITCH_PLAN` on its steps; checks every
+  strategy happened; returns (what run returned first, the switch records)."""
+  records = []
+  got, _ = run(engine, reqs, lambda k: records.append(
+      engine.switch(*SWITCH_PLAN[k], reason="test")) if k in SWITCH_PLAN else None)
+  assert sum(r.migrated for r in records) >= 3 and sum(r.paused for r in records) >= 1
+  assert any(r.recomputed for r in records)
+  return got, records
+
+
+def long_requests(seed=0, vocab=256):
+  """Three greedy requests whose generations run several windows of a tiny windowed model."""
+  from flying_jax.sampling import SamplingParams
+
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, vocab, size=n).tolist(),
+           SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
+          for n, m in ((37, 40), (6, 56), (21, 48))]
+
+
+def serve_checked(engine, reqs, tag: str, check, on_step=None):
+  """Serve `reqs` to the end, calling `check(seqs, was_decoding)` after every step (was_decoding:
+  seq_id -> whether it decoded in that step) and `on_step(k)` after step k; returns the
+  sequences (released from the engine)."""
+  import itertools
+
+  from flying_jax.engine.sequence import Status
+
+  seqs = [engine.add_request(f"{tag}-{i}", p, sp)[0] for i, (p, sp) in enumerate(reqs)]
+  for k in itertools.count(1):
+    assert k < 2000, "the workload did not finish"
+    if not engine.has_unfinished():
+      break
+    was_decoding = {s.seq_id: s.status is Status.RUNNING and s.is_decoding for s in seqs}
+    engine.step()
+    check(seqs, was_decoding)
+    if on_step is not None:
+      on_step(k)
+  for i in range(len(reqs)):
+    engine.release(f"{tag}-{i}")
+  return seqs

@@ -25,7 +25,7 @@ from flying_jax.kv.window import decode_pages
 from flying_jax.presets.from_hf import card_from_hf
 from flying_jax.sampling import SamplingParams
 from flying_jax.sim import hardware as H
-from helpers import captured_logits
+from helpers import captured_logits, long_requests, serve_checked, switched_run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,11 +64,7 @@ def gemma(tmp_path_factory):
   return model, engine
 
 
-def requests(seed=0):
-  rng = np.random.default_rng(seed)
-  return [(rng.integers(0, 256, size=n).tolist(),
-           SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
-          for n, m in ((37, 40), (6, 56), (21, 48))]
+requests = long_requests
 
 
 class Watch:
@@ -109,20 +105,8 @@ class Watch:
 def run(engine, reqs, on_step=None):
   """Serve `reqs` to the end, checking the pages after every step; returns the sequences and
   the watch."""
-  tag = f"h{next(_ids)}"
-  seqs = [engine.add_request(f"{tag}-{i}", p, sp)[0] for i, (p, sp) in enumerate(reqs)]
   watch = Watch(engine)
-  for k in itertools.count(1):
-    assert k < 2000, "the workload did not finish"
-    if not engine.has_unfinished():
-      break
-    was_decoding = {s.seq_id: s.status is Status.RUNNING and s.is_decoding for s in seqs}
-    engine.step()
-    watch.check(seqs, was_decoding)
-    if on_step is not None:
-      on_step(k)
-  for i in range(len(reqs)):
-    engine.release(f"{tag}-{i}")
+  seqs = serve_checked(engine, reqs, f"h{next(_ids)}", watch.check, on_step)
   return seqs, watch
 
 
@@ -173,14 +157,8 @@ def test_switches_in_the_middle_keep_ids_and_leak_nothing(gemma):
   _, engine = gemma
   reqs = requests(1)
   reference = [s.output_ids for s in run(engine, reqs)[0]]
-  plan = {6: (2, "migrate"), 14: (1, "migrate"), 22: (2, "pause"), 26: (1, "pause"),
-          30: (2, "recompute"), 40: (1, "migrate")}
-  records = []
-  got, _ = run(engine, reqs, lambda k: records.append(engine.switch(*plan[k], reason="test"))
-               if k in plan else None)
+  got, records = switched_run(engine, run, reqs)
   assert [s.output_ids for s in got] == reference
-  assert sum(r.migrated for r in records) >= 3 and sum(r.paused for r in records) >= 1
-  assert any(r.recomputed for r in records)
   # the sliding layers move only the tokens a later query still sees (a window and a page)
   per_token = SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
   migrated = [r for r in records if r.migrated]

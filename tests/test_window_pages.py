@@ -21,7 +21,7 @@ from flying_jax.engine.setup import EngineConfig
 from flying_jax.kv import NULL_PAGE
 from flying_jax.presets.from_hf import card_from_hf
 from flying_jax.sampling import SamplingParams
-from helpers import captured_logits
+from helpers import captured_logits, long_requests, serve_checked, switched_run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -55,11 +55,7 @@ def mistral(tmp_path_factory):
   return model, engine
 
 
-def requests(seed=0):
-  rng = np.random.default_rng(seed)
-  return [(rng.integers(0, 256, size=n).tolist(),
-           SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
-          for n, m in ((37, 40), (6, 56), (21, 48))]
+requests = long_requests
 
 
 def freeing(engine, on: bool, width=1):
@@ -93,21 +89,13 @@ def check_pages(engine, seqs, was_decoding, bounded: bool):
 def run(engine, reqs, on_step=None, bounded=True):
   """Serve `reqs` to the end, checking the pages after every step; returns the sequences and
   the most pages one sequence held."""
-  tag = f"w{next(_ids)}"
-  seqs = [engine.add_request(f"{tag}-{i}", p, sp)[0] for i, (p, sp) in enumerate(reqs)]
   most = 0
-  for k in itertools.count(1):
-    assert k < 2000, "the workload did not finish"
-    if not engine.has_unfinished():
-      break
-    was_decoding = {s.seq_id: s.status is Status.RUNNING and s.is_decoding for s in seqs}
-    engine.step()
+
+  def check(seqs, was_decoding):
+    nonlocal most
     check_pages(engine, seqs, was_decoding, bounded)
     most = max(most, max(len(s.held_pages()) for s in seqs))
-    if on_step is not None:
-      on_step(k)
-  for i in range(len(reqs)):
-    engine.release(f"{tag}-{i}")
+  seqs = serve_checked(engine, reqs, f"w{next(_ids)}", check, on_step)
   return seqs, most
 
 
@@ -148,14 +136,8 @@ def test_switches_in_the_middle_keep_ids_and_leak_nothing(mistral):
   freeing(engine, True)
   reqs = requests(1)
   reference = [s.output_ids for s in run(engine, reqs)[0]]
-  plan = {6: (2, "migrate"), 14: (1, "migrate"), 22: (2, "pause"), 26: (1, "pause"),
-          30: (2, "recompute"), 40: (1, "migrate")}
-  records = []
-  got, _ = run(engine, reqs, lambda k: records.append(engine.switch(*plan[k], reason="test"))
-               if k in plan else None)
+  got, records = switched_run(engine, run, reqs)
   assert [s.output_ids for s in got] == reference
-  assert sum(r.migrated for r in records) >= 3 and sum(r.paused for r in records) >= 1
-  assert any(r.recomputed for r in records)
   # migration moves only the tokens a later query still sees (under a window and a page)
   per_token = SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
   assert all(r.migrated_elements <= r.migrated * (WINDOW + 2 * PAGE_TOKENS) * per_token
