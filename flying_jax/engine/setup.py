@@ -51,6 +51,14 @@ class EngineConfig:
   #   (False: every layer keeps every page in pools of one size, the reference)
   local_pages_per_device: int | None = None   # pages per device of a hybrid model's sliding-layer
   # ^ pools (default: `kv.window.default_local_pages`)
+  attention: str = "xla"                  # paged-attention backend: "xla", or "pallas" (a Pallas
+  # ^ kernel: Triton on GPUs; interpret mode on CPUs, a correctness check), `attention_backend`
+
+  def __post_init__(self):
+    from flying_jax.model.attention import BACKENDS
+    if self.attention not in BACKENDS:
+      raise ValueError(f"unknown attention backend {self.attention!r}; known: "
+                       f"{', '.join(BACKENDS)}")
 
 
 @dataclasses.dataclass
@@ -339,7 +347,8 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                              device_pools.device_struct(n, spaces[0][0][0]),
                              cfg.hist_len, cfg.max_banned,
                              max(s.rows for ws in setups.values() for s in ws.shapes), local,
-                             device_pools.device_struct(n, local[0]) if local else None)
+                             device_pools.device_struct(n, local[0]) if local else None,
+                             attention=cfg.attention)
   bar = _progress(cfg.progress, registry.count())
   rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), rows, bar)
   if bar is not None:

@@ -127,3 +127,24 @@ def paged_attention(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvlen_S, n
   out = acc / jnp.maximum(l, 1e-30)[..., None]                     # [S, K, G*Q, hd]
   out = out.reshape(s, k, g, q, hd).transpose(0, 3, 1, 2, 4)       # [S, Q, K, G, hd]
   return out.astype(q_SxQxKxGxH.dtype)
+
+
+BACKENDS = ("xla", "pallas")
+
+
+def attention_backend(name: str, platform: str):
+  """The paged-attention function programs call, by backend name: "xla" (`paged_attention`, the
+  reference and the CPU path: a loop over blocks whose trip count is data) or "pallas" (one
+  Pallas kernel on a static grid, `kernels.paged_gpu`: Triton on a GPU, interpret mode on a CPU,
+  where it is only a correctness check). Same signature and results."""
+  if name == "xla":
+    return paged_attention
+  if name == "pallas":
+    import functools
+
+    from flying_jax.model.kernels.paged_gpu import paged_attention_pallas
+    if platform not in ("gpu", "cuda", "rocm", "cpu"):
+      raise ValueError(f"the pallas attention backend runs on GPUs (and on CPUs in interpret "
+                       f"mode), not on {platform!r}")
+    return functools.partial(paged_attention_pallas, interpret=platform == "cpu")
+  raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")

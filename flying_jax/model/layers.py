@@ -20,7 +20,7 @@ from flax import nnx
 
 from flying_jax.config import Architecture
 from flying_jax.model import tables
-from flying_jax.model.attention import KVGeometry, paged_attention, write_k, write_kv
+from flying_jax.model.attention import KVGeometry, attention_backend, write_k, write_kv
 from flying_jax.model.batch import StepMeta, StepShape
 from flying_jax.model.heads import HeadPlan
 from flying_jax.model.weights import shard_rows
@@ -43,6 +43,8 @@ class Step:
   geom: KVGeometry
   coll: Collectives
   local: bool = False
+  attention: str = "xla"         # the paged-attention backend (`attention.attention_backend`)
+  platform: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,15 +134,16 @@ def _attend(q_TxQxH, k_pool, v_pool, meta: StepMeta, step: Step, window, scale):
   t, _, hd = q_TxQxH.shape
   q = q_TxQxH.reshape(t, plan.kv_per_device, plan.q_per_kv, hd)
   d = shape.decode
+  attend = attention_backend(step.attention, step.platform)
   parts = []
   if d:
-    parts.append(paged_attention(
+    parts.append(attend(
         q[:d, None], meta.positions[:d, None], k_pool, v_pool, meta.dec_table, meta.dec_len,
         meta.n_blocks[0], geom, window, scale)[:, 0])
   if shape.chunk:
     r, c = shape.pre_rows, shape.chunk
     qp = q[d:].reshape(r, c, plan.kv_per_device, plan.q_per_kv, hd)
-    parts.append(paged_attention(
+    parts.append(attend(
         qp, meta.positions[d:].reshape(r, c), k_pool, v_pool, meta.pre_table, meta.pre_len,
         meta.n_blocks[1], geom, window, scale).reshape(r * c, plan.kv_per_device, plan.q_per_kv,
                                                        hd))

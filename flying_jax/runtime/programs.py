@@ -76,8 +76,10 @@ def _vocab_spec(ws: WidthSetup):
   return ws.specs.sharded_spec if ws.plan.reads.vocab else ws.specs.replicated_spec
 
 
-def _step(ws: WidthSetup, shape: StepShape, arch: Architecture, local: bool = False) -> Step:
-  return Step(arch, shape, ws.plan, ws.geom, Collectives(ws.width, ws.base), local)
+def _step(ws: WidthSetup, shape: StepShape, arch: Architecture, local: bool = False,
+          attention: str = "xla") -> Step:
+  return Step(arch, shape, ws.plan, ws.geom, Collectives(ws.width, ws.base), local, attention,
+              ws.specs.mesh.devices.flat[0].platform)
 
 
 def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs):
@@ -90,8 +92,8 @@ def _embed_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: deco
 
 
 def _layer_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
-              layer_struct, local: bool = False):
-  step = _step(ws, shape, arch, local)
+              layer_struct, local: bool = False, attention: str = "xla"):
+  step = _step(ws, shape, arch, local, attention)
 
   def f(layer_state, k_pool, v_pool, x_1xTxD, meta_1xL):
     x, k_pool, v_pool = decoder.layer(graphs, layer_state, k_pool, v_pool, x_1xTxD[0],
@@ -131,14 +133,16 @@ class ProgramRegistry:
 
   def __init__(self, arch: Architecture, dtype, setups: dict[Span, WidthSetup], pool_struct,
                hist: int, banned: int, rows: int, local_layers: tuple[int, ...] = (),
-               local_struct=None):
+               local_struct=None, attention: str = "xla"):
     """`local_layers`: a hybrid model's sliding layers, run by `layer_local` programs over
-    their own pools (`local_struct`: one device's pool of one of them)."""
+    their own pools (`local_struct`: one device's pool of one of them); `attention`: the
+    paged-attention backend of the layer programs (`attention.attention_backend`)."""
     self.arch, self.dtype, self.setups = arch, jnp.dtype(dtype), setups
     self.rows = rows                    # sampled rows per group, every shape padded to it
     # pool_struct: one device's KV pool of one layer, [pages, slots, head_dim]
     self.pool_struct, self.hist, self.banned = pool_struct, hist, banned
     self.local_layers, self.local_struct = frozenset(local_layers), local_struct
+    self.attention = attention
     self._layer_kinds = ("layer", "layer_local") if local_layers else ("layer",)
     self._programs: dict[tuple, Callable] = {}
     self.stats: list[ProgramStats] = []
@@ -209,7 +213,7 @@ class ProgramRegistry:
       args = (on(wa.embed, sh.embed), meta)
     elif kind in ("layer", "layer_local"):
       lw = on(wa.layers[0], sh.layers[0])
-      fn = _layer_fn(ws, shape, self.arch, self.graphs, lw, kind == "layer_local")
+      fn = _layer_fn(ws, shape, self.arch, self.graphs, lw, kind == "layer_local", self.attention)
       jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
       args = (lw, pool, pool, x, meta)
     elif kind == "head":
