@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
 
 serve: $(STAMP)
 	$(VENV)/bin/flying-jax serve --model $(MODEL) $(SERVE_FLAGS)

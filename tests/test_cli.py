@@ -17,6 +17,25 @@ from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
 from flying_jax.presets.from_hf import toml_value
+from test_smollm2 import write_preset
+
+
+@pytest.fixture(scope="module")
+def small_mesh(tmp_path_factory):
+  """small_mesh(name): a preset file, the shipped one with one decode bucket and one prefill chunk:
+  fewer programs to compile, and on cpu-8 the other tiny-model tests' (the compilation cache
+  shares them)."""
+  folder = tmp_path_factory.mktemp("mesh")
+
+  def write(name: str) -> str:
+    path = folder / f"{name}-small.toml"
+    if not path.exists():
+      write_preset(path, dataclasses.replace(load_mesh_preset(name), name=f"{name}-small",
+                                             decode_buckets=(8,), prefill_chunks=(32,),
+                                             token_budget=40))
+    return str(path)
+
+  return write
 
 
 def main(capsys, *argv):
@@ -84,12 +103,12 @@ def test_generate_bad_sampling_flag_is_a_clear_error(capsys):
   assert rc == 2 and "top_p" in err
 
 
-def test_generate_runs(tmp_path):
+def test_generate_runs(tmp_path, small_mesh):
   """A real run in a fresh process (its compile cache goes under tmp_path, the working directory)."""
   env = dict(os.environ)
   proc = subprocess.run(
-      [sys.executable, "-m", "flying_jax.cli", "generate", "--model", "tiny", "--mesh", "cpu-1",
-       "--max-tokens", "4", "hi"],
+      [sys.executable, "-m", "flying_jax.cli", "generate", "--model", "tiny", "--mesh",
+       small_mesh("cpu-1"), "--max-tokens", "4", "hi"],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.endswith("\n") and proc.stdout.count("\n") >= 1
@@ -117,7 +136,7 @@ def _greedy(engine, prompts, max_tokens=10):
   return out
 
 
-def test_convert_then_orbax_card_generates_the_same(capsys, tmp_path):
+def test_convert_then_orbax_card_generates_the_same(capsys, tmp_path, small_mesh):
   ckpt = tmp_path / "x"
   rc, out, err = main(capsys, "convert", "--model", "tiny", "--output", str(ckpt))
   assert rc == 0, err
@@ -137,21 +156,19 @@ def test_convert_then_orbax_card_generates_the_same(capsys, tmp_path):
   rc, _, err = main(capsys, "convert", "--model", str(card_path), "--output", str(tmp_path / "y"))
   assert rc == 2 and "already points at an orbax checkpoint" in err
 
-  preset = dataclasses.replace(load_mesh_preset("cpu-1"), decode_buckets=(8,), prefill_chunks=(32,),
-                               token_budget=40)
-  config = EngineConfig(pages_per_device=32)
-  restored = Engine(card, preset, config)
-  original = Engine(tiny, preset, config)
+  preset = load_mesh_preset(small_mesh("cpu-1"))      # test_generate_runs' programs (cache)
+  restored = Engine(card, preset, EngineConfig())
+  original = Engine(tiny, preset, EngineConfig())
   for a, b in zip(jax.tree.leaves(restored.weights), jax.tree.leaves(original.weights)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   prompts = [[1, 2, 3], list(range(40, 90)), [7]]
   assert _greedy(restored, prompts) == _greedy(original, prompts)
 
 
-def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys):
+def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys, small_mesh):
   out = tmp_path / "switch.json"
-  assert cli.main(["bench-switch", "--model", "tiny", "--mesh", "cpu-8", "--switches", "2",
-                   "--requests", "4", "--json", str(out)]) == 0
+  assert cli.main(["bench-switch", "--model", "tiny", "--mesh", small_mesh("cpu-8"),
+                   "--switches", "2", "--requests", "4", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   assert set(result["strategies"]) == {"pause", "recompute", "migrate", "drain"}
   assert result["strategies"]["migrate"]["weight_bytes_moved"] == 0
@@ -162,22 +179,23 @@ def test_bench_switch_runs_and_moves_no_weight(tmp_path, capsys):
   assert "cutover host" in capsys.readouterr().out
 
 
-def test_generate_on_a_mixed_partition_and_refusals(capsys):
-  assert cli.main(["generate", "--model", "tiny", "--mesh", "cpu-8", "--partition", "4+1x4",
+def test_generate_on_a_mixed_partition_and_refusals(capsys, small_mesh):
+  mesh = small_mesh("cpu-8")
+  assert cli.main(["generate", "--model", "tiny", "--mesh", mesh, "--partition", "4+1x4",
                    "--max-tokens", "3", "hi", "there"]) == 0
   assert capsys.readouterr().out.count("--- prompt") == 2
   for bad, match in [("4+2+1+1", "does not allow partition 4+2+1x2"),
                      ("4+1x3", "cover 7 devices")]:
-    assert cli.main(["generate", "--model", "tiny", "--mesh", "cpu-8", "--partition", bad,
+    assert cli.main(["generate", "--model", "tiny", "--mesh", mesh, "--partition", bad,
                      "hi"]) == 2
     assert match in capsys.readouterr().err
 
 
-def test_bench_serve_reports_each_level(tmp_path, capsys):
+def test_bench_serve_reports_each_level(tmp_path, capsys, small_mesh):
   out = tmp_path / "serve.json"
-  assert cli.main(["bench-serve", "--model", "tiny", "--mesh", "cpu-8", "--width", "1",
-                   "--concurrency", "1,4", "--requests", "4", "--output-tokens", "4",
-                   "--input-tokens", "8", "--json", str(out)]) == 0
+  assert cli.main(["bench-serve", "--model", "tiny", "--mesh", small_mesh("cpu-8"),
+                   "--width", "1", "--concurrency", "1,4", "--requests", "4",
+                   "--output-tokens", "4", "--input-tokens", "8", "--json", str(out)]) == 0
   levels = json.loads(out.read_text())["levels"]
   assert [lv["concurrency"] for lv in levels] == [1, 4]
   for lv in levels:
@@ -186,11 +204,11 @@ def test_bench_serve_reports_each_level(tmp_path, capsys):
   assert "TTFT p50/p90/p99 ms" in capsys.readouterr().out
 
 
-def test_bench_peer_agrees_with_transformers(capsys):
+def test_bench_peer_agrees_with_transformers(capsys, small_mesh):
   """The same GGUF weights through transformers (PyTorch CPU) and flying-jax, greedy: the tokens
   agree and both rates are reported with their ratio."""
-  rc, out, _ = main(capsys, "bench", "peer", "--mesh", "cpu-1", "--batch-sizes", "1,2",
-                    "--input-tokens", "12", "--output-tokens", "6")
+  rc, out, _ = main(capsys, "bench", "peer", "--mesh", small_mesh("cpu-1"),
+                    "--batch-sizes", "1,2", "--input-tokens", "12", "--output-tokens", "6")
   assert rc == 0, out
   rows = [l for l in out.splitlines() if l.startswith("| 1 |") or l.startswith("| 2 |")]
   assert len(rows) == 2

@@ -24,6 +24,7 @@ from test_smollm2 import write_preset
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "gemma-3-270m.json"
 WIDTHS = (1, 2, 4)
+LONG = "long"                  # the long prompt's request, in the width-4 pass
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +58,45 @@ def test_tokenizer_matches_transformers(llm, golden):
     assert tok.decode(case["greedy_ids"]) == case["greedy_text"]
 
 
+@pytest.fixture(scope="module")
+def long_prompt():
+  """700 tokens: longer than the 512-token sliding window."""
+  return [2] + np.random.default_rng(0).integers(1000, 20000, size=699).tolist()
+
+
+@pytest.fixture(scope="module")
+def runs(llm, golden, long_prompt):
+  """runs(width): {request: (output ids, logits of every step)} for the golden cases, all in one
+  batch; at width 4 the long prompt too, prefilling beside their decodes (one pass, not two)."""
+  done = {}
+
+  def run(width):
+    if width not in done:
+      engine = llm.engine
+      engine.set_width(width)
+      requests = {c["name"]: (c["prompt_ids"], c["n_new"]) for c in golden["cases"]}
+      if width == 4:
+        requests[LONG] = (long_prompt, 4)
+      with captured_logits(engine) as got:
+        for name, (ids, n) in requests.items():
+          engine.add_request(f"{width}-{name}", ids, SamplingParams(temperature=0.0, max_tokens=n))
+        while engine.has_unfinished():
+          engine.step()
+      done[width] = {}
+      for name in requests:
+        (seq,) = engine.request(f"{width}-{name}")
+        engine.release(f"{width}-{name}")
+        done[width][name] = (seq.output_ids, np.stack(got[seq.seq_id]))
+      assert engine.no_leaks()
+    return done[width]
+
+  return run
+
+
 @pytest.mark.parametrize("width", WIDTHS)
-def test_golden_greedy_ids_and_logits(llm, golden, width):
-  engine = llm.engine
-  engine.set_width(width)
-  cases = golden["cases"]
-  with captured_logits(engine) as got:
-    for c in cases:
-      engine.add_request(f"{width}-{c['name']}", c["prompt_ids"],
-                         SamplingParams(temperature=0.0, max_tokens=c["n_new"]))
-    while engine.has_unfinished():
-      engine.step()
-  for c in cases:
-    (seq,) = engine.request(f"{width}-{c['name']}")
-    engine.release(f"{width}-{c['name']}")
-    logits = np.stack(got[seq.seq_id])
+def test_golden_greedy_ids_and_logits(runs, golden, width):
+  for c in golden["cases"]:
+    output_ids, logits = runs(width)[c["name"]]
     top5 = c["first_step"]["top5"]
     np.testing.assert_allclose(logits[0, [t[0] for t in top5]], [t[1] for t in top5], atol=1e-2,
                                rtol=0, err_msg=f"{c['name']} first step at width {width}")
@@ -79,16 +104,15 @@ def test_golden_greedy_ids_and_logits(llm, golden, width):
       np.testing.assert_allclose(logits[i, [step["id"], step["second_id"]]],
                                  [step["logit"], step["second_logit"]], atol=1e-2, rtol=0,
                                  err_msg=f"{c['name']} step {i} at width {width}")
-      if seq.output_ids[i] != step["id"]:               # only a listed near-tie may flip, and the
+      if output_ids[i] != step["id"]:                   # only a listed near-tie may flip, and the
         assert i in c["near_tie_steps_lt_0_1"], f"{c['name']} step {i} at width {width}"
         break                                           # steps after it continue another text
-  assert engine.no_leaks()
 
 
-def test_prompt_longer_than_the_window_matches_transformers(llm, golden):
+def test_prompt_longer_than_the_window_matches_transformers(llm, runs, long_prompt):
   """700 tokens through 512-token sliding windows (and the global layers), checked against
   transformers' Gemma3ForCausalLM holding the same dequantized weights: the last prompt position
-  and four greedy steps, at width 4 (KV head replicated)."""
+  and four greedy steps, at width 4 (KV head replicated; in the golden cases' width-4 batch)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from flying_jax.checkpoints.safetensors_reader import hf_tensor
@@ -117,18 +141,9 @@ def test_prompt_longer_than_the_window_matches_transformers(llm, golden):
   model.tie_weights()
   model = model.eval()
 
-  prompt = [2] + np.random.default_rng(0).integers(1000, 20000, size=699).tolist()
-  engine = llm.engine
-  engine.set_width(4)
-  with captured_logits(engine) as got:
-    (seq,) = engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=4))
-    while engine.has_unfinished():
-      engine.step()
-  engine.release("long")
-  ids = prompt + seq.output_ids
-  with torch.no_grad():
-    ref = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1].numpy()
-  ours = np.stack(got[seq.seq_id])
+  output_ids, ours = runs(4)[LONG]
+  ids = long_prompt + output_ids
+  with torch.no_grad():                   # logits of the last prompt position and the 3 after it
+    ref = model(torch.tensor([ids[:-1]]), logits_to_keep=len(output_ids)).logits[0].numpy()
   np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
-  assert seq.output_ids == [int(r.argmax()) for r in ref]
-  assert engine.no_leaks()
+  assert output_ids == [int(r.argmax()) for r in ref]

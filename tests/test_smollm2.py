@@ -195,29 +195,36 @@ def llm_tp2(tmp_path_factory):
 
 
 def test_golden_on_base_width_2(llm_tp2, golden):
-  """Widths 2, 4, 8 and the mixed 4+2x2 on engines of two devices: golden ids, logits within
-  1e-2; each device holds its engine's norms and half of the projections and embeddings."""
+  """Widths 2, 8 and the mixed 4+2x2 on engines of two devices: golden ids, logits within 1e-2;
+  each device holds its engine's norms and half of the projections and embeddings. Width 4 is
+  the mixed partition's TP4 group: every case runs there (priority) and on its TP2 engines at
+  once, so one pass covers widths 4 and 2 side by side."""
   engine = llm_tp2.engine
   rep = engine.report
   split = sum(at(lw, spec_of(engine.card.arch, n).path).nbytes for lw in engine.weights.layers
               for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
   split += engine.weights.embed["table"].nbytes                  # tied: the one table, split by vocabulary
   assert rep.device_weight_bytes == rep.weight_bytes - split // 2
-  for w in (2, 4, 8, "4+2x2"):
+  for w in (2, 8, "4+2x2"):
     engine.set_width(w)
+    priorities = (0, 1) if w == "4+2x2" else (0,)     # 1: the TP4 group, 0: beside it
     with captured_logits(engine) as got:
-      for i, (name, c) in enumerate(golden.items()):
-        engine.add_request(f"tp2-{w}-{name}", c["prompt_ids"],
-                           SamplingParams(temperature=0.0, max_tokens=len(c["greedy_ids"])),
-                           priority=i % 2)
+      for name, c in golden.items():
+        for p in priorities:
+          engine.add_request(f"tp2-{w}-{name}-{p}", c["prompt_ids"],
+                             SamplingParams(temperature=0.0, max_tokens=len(c["greedy_ids"])),
+                             priority=p)
       while engine.has_unfinished():
         engine.step()
     for name, c in golden.items():
-      (seq,) = engine.request(f"tp2-{w}-{name}")
-      engine.release(f"tp2-{w}-{name}")
-      assert seq.output_ids == c["greedy_ids"], f"{name} at width {w}"
-      logits = np.stack(got[seq.seq_id])
-      for i, step in enumerate(c["steps"]):
-        np.testing.assert_allclose(logits[i, step["top_ids"]], step["top_logits"], rtol=0,
-                                   atol=1e-2, err_msg=f"{name} step {i} at width {w}")
+      for p in priorities:
+        (seq,) = engine.request(f"tp2-{w}-{name}-{p}")
+        engine.release(f"tp2-{w}-{name}-{p}")
+        where = f"{name} at width {w}" + (f" (priority {p})" if len(priorities) > 1 else "")
+        assert seq.layout.width == (w if isinstance(w, int) else 4 if p else 2), where
+        assert seq.output_ids == c["greedy_ids"], where
+        logits = np.stack(got[seq.seq_id])
+        for i, step in enumerate(c["steps"]):
+          np.testing.assert_allclose(logits[i, step["top_ids"]], step["top_logits"], rtol=0,
+                                     atol=1e-2, err_msg=f"{where} step {i}")
   assert engine.no_leaks()
