@@ -135,16 +135,20 @@ BACKENDS = ("xla", "pallas")
 def attention_backend(name: str, platform: str):
   """The paged-attention function programs call, by backend name: "xla" (`paged_attention`, the
   reference and the CPU path: a loop over blocks whose trip count is data) or "pallas" (one
-  Pallas kernel on a static grid, `kernels.paged_gpu`: Triton on a GPU, interpret mode on a CPU,
-  where it is only a correctness check). Same signature and results."""
+  Pallas kernel on a static grid: `kernels.paged_tpu` (Mosaic) on a TPU, `kernels.paged_gpu`
+  (Triton) on a GPU and in interpret mode on a CPU, where it is only a correctness check).
+  Same signature and results."""
   if name == "xla":
     return paged_attention
   if name == "pallas":
     import functools
 
+    if platform == "tpu":
+      from flying_jax.model.kernels.paged_tpu import paged_attention_tpu
+      return paged_attention_tpu
     from flying_jax.model.kernels.paged_gpu import paged_attention_pallas
     if platform not in ("gpu", "cuda", "rocm", "cpu"):
-      raise ValueError(f"the pallas attention backend runs on GPUs (and on CPUs in interpret "
-                       f"mode), not on {platform!r}")
+      raise ValueError(f"the pallas attention backend runs on TPUs and GPUs (and on CPUs in "
+                       f"interpret mode), not on {platform!r}")
     return functools.partial(paged_attention_pallas, interpret=platform == "cpu")
   raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
