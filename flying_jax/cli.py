@@ -39,6 +39,10 @@ def _add_engine_flags(p: argparse.ArgumentParser):
   p.add_argument("--compile-cache", default=None,
                  help="persistent XLA compilation cache directory ('' to disable; default: "
                       "$XDG_CACHE_HOME/flying-jax/xla)")
+  p.add_argument("--attention", default="auto", choices=("auto", "pallas", "xla"),
+                 help="paged-attention backend: pallas (Triton kernel on GPUs, Mosaic on TPUs), "
+                      "xla (the reference, a loop over KV blocks) or auto (default: pallas on "
+                      "accelerators, xla on CPUs)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
   p.add_argument("--policy", default=None,
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--no-startup", action="store_true",
                      help="skip the cold and warm start-up measurements")
   bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  bench.add_argument("--attention", default="auto", choices=("auto", "pallas", "xla"),
+                     help="paged-attention backend (see `serve --help`)")
 
   load = sub.add_parser(
       "bench-load", help="host memory while loading weights: streamed against whole-model",

@@ -28,7 +28,8 @@ def run_generate(args) -> int:
       width = min(load_mesh_preset(args.mesh or default_mesh_name()).widths)  # compile it only
     llm = LLM(model=args.model, mesh=args.mesh, width=width, partition=args.partition,
               widths="all" if args.all_widths else None,
-              cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy)
+              cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy,
+              attention=args.attention)
   except (ValueError, ConfigError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -23,7 +23,8 @@ def run_serve(args) -> int:
           f"{'every partition' if every else 'its partition'}...", file=sys.stderr, flush=True)
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
               widths="all" if every or args.all_widths else None, cache_dir=args.compile_cache,
-              progress=sys.stderr.isatty(), policy=args.policy)
+              progress=sys.stderr.isatty(), policy=args.policy,
+              attention=args.attention)
     server = Server(llm.engine, llm.tokenizer, config, versions())
   except (ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -62,13 +62,16 @@ class LLM:
   allows. `partition` serves a mixed partition instead, e.g. `"4+1x4"` (a TP4 group beside four
   DP replicas; it must be listed in the mesh preset), compiling the widths it uses unless
   `widths` says more. `policy` picks the partition every step: `"static:W"`, `"load"`,
-  `"priority"`, `"memory"` or `"auto"` (None: stay where it started).
+  `"priority"`, `"memory"` or `"auto"` (None: stay where it started). `attention`: the
+  paged-attention backend, `"auto"` (Pallas kernels on GPUs and TPUs, the XLA reference on
+  CPUs), `"pallas"` or `"xla"`.
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True,
-               policy: str | None = None, partition: str | None = None):
+               policy: str | None = None, partition: str | None = None,
+               attention: str = "auto"):
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
@@ -88,7 +91,7 @@ class LLM:
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
                           pages_per_device=pages_per_device, progress=progress,
-                          partitions=mixed if widths else None)
+                          partitions=mixed if widths else None, attention=attention)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)

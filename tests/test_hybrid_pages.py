@@ -114,11 +114,13 @@ def test_sliding_pools_are_smaller_and_hold_the_window(gemma):
   _, engine = gemma
   assert engine.local_pages == LOCAL_PAGES < engine.pages == PAGES
   n = len(engine.devices)
-  for l in range(3):
-    pages = LOCAL_PAGES if engine.card.arch.sliding(l) else PAGES
-    assert engine.device_pools.k[l].shape == engine.device_pools.v[l].shape == (n * pages, 8, 16)
-  assert {k[1] for k in engine.registry.keys()} == {"embed", "layer", "layer_local", "head",
-                                                   "sample"}
+  pools, arch = engine.device_pools, engine.card.arch
+  assert pools.layers == (tuple(l for l in range(arch.n_layers) if not arch.sliding(l)),
+                          tuple(l for l in range(arch.n_layers) if arch.sliding(l)))
+  for space, pages in enumerate((PAGES, LOCAL_PAGES)):       # each space's layers stacked
+    want = (len(pools.layers[space]), n * pages, 8, 16)
+    assert pools.k[space].shape == pools.v[space].shape == want
+  assert {k[1] for k in engine.registry.keys()} == {"step"}
   rep = engine.report
   assert rep.kv_bytes == sum(a.nbytes for a in engine.device_pools.k + engine.device_pools.v)
   page, pages, local_page, local = H.kv_layout(engine.card, engine.preset, PAGES, engine.config)
@@ -238,9 +240,10 @@ def test_non_hybrid_models_have_one_page_space():
   engine = Engine(card, preset, EngineConfig(widths=(1,), width=1))
   assert engine.local_pool is None and engine.local_pages == 0
   assert len(engine.scheduler.spaces) == 1 and len(engine.report.kv_pages) == 1
-  assert {a.shape for a in engine.device_pools.k} == {(2 * PAGES, 4 * card.arch.n_kv_heads,
-                                                       card.arch.head_dim)}
-  assert {k[1] for k in engine.registry.keys()} == {"embed", "layer", "head", "sample"}
+  assert [a.shape for a in engine.device_pools.k] == [(card.arch.n_layers, 2 * PAGES,
+                                                       4 * card.arch.n_kv_heads,
+                                                       card.arch.head_dim)]
+  assert engine.registry.walk.spaces == (0,) * card.arch.n_layers
   assert not any(s.local_tables for ws in engine.span_setups.values() for s in ws.shapes)
   (seq,) = engine.add_request("llama", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5,
                                                                  ignore_eos=True))

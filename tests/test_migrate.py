@@ -16,6 +16,7 @@ from flying_jax.kv.migrate import MigrationPrograms, Placement, migration_indice
 from flying_jax.kv.pool import PageLayout
 from flying_jax.model.attention import KVGeometry, _gather_block, _gather_keys
 from flying_jax.model.heads import plan_heads
+from flying_jax.model.weights import lead
 from flying_jax.parallel import MeshSpecs, mesh_for_width
 
 ARCH = load_model_card("smollm2-135m").arch
@@ -51,7 +52,7 @@ def read(pool, placement, n_tokens):
 @pytest.fixture(scope="module")
 def programs():
   specs = MeshSpecs(mesh_for_width(jax.devices()[:8], 1))
-  struct = jax.ShapeDtypeStruct((8 * PAGES, SLOTS, HD), np.float32)
+  struct = jax.ShapeDtypeStruct((2, 8 * PAGES, SLOTS, HD), np.float32)    # two layers stacked
   return specs, MigrationPrograms(struct, specs.per_device(), specs.replicated(), 1 << 14)
 
 
@@ -59,7 +60,7 @@ def programs():
 def test_migration_preserves_every_head_of_every_token(programs, wa, wb):
   specs, mig = programs
   rng = np.random.default_rng(wa * 10 + wb)
-  host = rng.normal(size=(8 * PAGES, SLOTS, HD)).astype(np.float32)
+  host = rng.normal(size=(2, 8 * PAGES, SLOTS, HD)).astype(np.float32)
   la, lb = layout(wa), layout(wb)
   n_tokens = int(rng.integers(1, min(la.tokens_per_page, lb.tokens_per_page) * 5))
   a0 = int(rng.integers(0, 8 // wa)) * wa
@@ -68,15 +69,17 @@ def test_migration_preserves_every_head_of_every_token(programs, wa, wb):
   used = set(pa.tolist()) if set(range(a0, a0 + wa)) & set(range(b0, b0 + wb)) else set()
   pb = [p for p in rng.permutation(np.arange(1, PAGES)) if p not in used][:lb.pages_for(n_tokens)]
   src, dst = Placement(a0, la, tuple(pa)), Placement(b0, lb, tuple(pb))
-  before = read(host, src, n_tokens)
-  k = [jax.device_put(host, specs.per_device())]
-  v = [jax.device_put(host, specs.per_device())]
-  mig.run(k, v, migration_indices(ARCH, src, dst, n_tokens, PAGES, SLOTS))
-  k_after, v_after = np.asarray(k[0]), np.asarray(v[0])
-  after_k, after_v = read(k_after, dst, n_tokens), read(v_after, dst, n_tokens)
-  assert sorted(after_k) == list(range(ARCH.n_kv_heads))
-  for h in range(ARCH.n_kv_heads):
-    want_k, want_v = before[h][0]
-    for (got_k, _), (_, got_v) in zip(after_k[h], after_v[h]):   # every copy of the head
-      np.testing.assert_array_equal(got_k, want_k)
-      np.testing.assert_array_equal(got_v, want_v)
+  stacked = lead(specs.per_device())
+  k = [jax.device_put(host, stacked)]
+  v = [jax.device_put(host + 1, stacked)]
+  mig.run(k, v, 0, migration_indices(ARCH, src, dst, n_tokens, PAGES, SLOTS))
+  for layer in range(2):                                # one call moves every layer
+    before_k, before_v = read(host[layer], src, n_tokens), read(host[layer] + 1, src, n_tokens)
+    k_after, v_after = np.asarray(k[0][layer]), np.asarray(v[0][layer])
+    after_k, after_v = read(k_after, dst, n_tokens), read(v_after, dst, n_tokens)
+    assert sorted(after_k) == list(range(ARCH.n_kv_heads))
+    for h in range(ARCH.n_kv_heads):
+      want_k, want_v = before_k[h][0][0], before_v[h][0][1]
+      for (got_k, _), (_, got_v) in zip(after_k[h], after_v[h]):   # every copy of the head
+        np.testing.assert_array_equal(got_k, want_k)
+        np.testing.assert_array_equal(got_v, want_v)

@@ -84,5 +84,5 @@ def test_a_70b_model_is_made_abstractly_with_the_simulators_bytes():
   total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
   engine, device = tables.resident_bytes(arch, blocks, 2)
   assert total == engine and 70e9 < device * 2 < 150e9
-  wq = at(state.layers[79], "attn.wq")
-  assert wq.shape == (arch.n_heads * arch.head_dim, arch.dim)
+  wq = at(state.layers, "attn.wq")                       # every layer's, stacked
+  assert wq.shape == (arch.n_layers, arch.n_heads * arch.head_dim, arch.dim)

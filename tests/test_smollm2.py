@@ -201,8 +201,8 @@ def test_golden_on_base_width_2(llm_tp2, golden):
   once, so one pass covers widths 4 and 2 side by side."""
   engine = llm_tp2.engine
   rep = engine.report
-  split = sum(at(lw, spec_of(engine.card.arch, n).path).nbytes for lw in engine.weights.layers
-              for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+  split = sum(at(engine.weights.layers, spec_of(engine.card.arch, n).path).nbytes
+              for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))   # every layer's
   split += engine.weights.embed["table"].nbytes                  # tied: the one table, split by vocabulary
   assert rep.device_weight_bytes == rep.weight_bytes - split // 2
   for w in (2, 8, "4+2x2"):

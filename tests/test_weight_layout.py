@@ -1,6 +1,6 @@
 """The resident layout: every width's programs read their weights whole or as one contiguous run
 of leading rows, never through a gather, a transpose or a strided slice (read in the optimized
-HLO of every compiled layer and head program), and the padding rows stay zeros."""
+HLO of every compiled step program), and the padding rows stay zeros."""
 
 import dataclasses
 import re
@@ -15,14 +15,14 @@ from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.model.heads import plan_heads, weight_rows
 from flying_jax.model.tables import spec_of
-from flying_jax.model.weights import at
+from flying_jax.model.weights import at, layer
 from flying_jax.runtime.weight_reads import copies, weight_reads
 
 PROJECTIONS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
 
 
 def leaf(op_name: str) -> str:
-  """The parameter a program argument's name ends with: layer_state['attn']['wq'] -> wq."""
+  """The parameter a program argument's name ends with: weights.layers['attn']['wq'] -> wq."""
   return re.findall(r"\w+", op_name)[-1]
 
 
@@ -62,19 +62,20 @@ def engine(request):
 def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
   checked = 0
   for span, kind, shape in engine.registry.keys():
-    if kind not in ("layer", "head"):
-      continue
     hlo = engine.registry[(span, kind, shape)].as_text()
-    weight = (lambda n: n.startswith("layer_state")) if kind == "layer" else (
-        lambda n: n.startswith(("table_state", "norm_state")))
-    assert copies(hlo, weight) == [], (span, kind, shape)
-    reads = weight_reads(hlo, weight)
-    if kind == "layer":
-      seen = {leaf(r.weight): r.kind for r in reads if leaf(r.weight) in PROJECTIONS}
-      assert set(seen) == PROJECTIONS, (span, seen)
-      base = engine.preset.base_width       # an engine's own width reads its shard as it is
-      want = "whole" if span.width == base else "rows"
-      assert set(seen.values()) == {want}, (span, seen)
+    found = copies(hlo, lambda n: n.startswith("weights."))
+    lookups = [r for r in found if r.weight.startswith("weights.embed") and r.op == "gather"]
+    assert lookups and [r for r in found if r not in lookups] == [], (span, shape, found)
+    # ^ the token lookup gathers rows of the embeddings; nothing else rearranges a weight
+    reads = weight_reads(hlo, lambda n: n.startswith("weights.layers"))
+    seen = {}
+    for r in reads:
+      if leaf(r.weight) in PROJECTIONS:
+        seen.setdefault(leaf(r.weight), set()).add(r.kind)
+    assert set(seen) == PROJECTIONS, (span, seen)
+    base = engine.preset.base_width         # an engine's own width reads its shard as it is
+    want = "whole" if span.width == base else "rows"
+    assert all(kinds == {want} for kinds in seen.values()), (span, seen)
     checked += 1
   assert checked >= 2 * 5                   # every width and the mixed partition's spans
 
@@ -106,7 +107,7 @@ def test_padding_rows_are_zero_and_every_run_fits(engine_b1):
   q_rows, kv_rows = weight_rows(arch, (1, 2, 4, 8))
   assert (q_rows, kv_rows) == (13, 4)         # 9 / 3 heads padded for the uneven splits
   hd = arch.head_dim
-  lw = engine.weights.layers[0]
+  lw = layer(engine.weights, 0)
   w = lambda name: param(engine, lw, name)
   assert w("wq").shape == (q_rows * hd, arch.dim) and w("wk").shape == (kv_rows * hd, arch.dim)
   for name in ("wq", "wo"):
@@ -141,7 +142,7 @@ def test_each_device_holds_its_shard(engine_b2):
   single = {x.name: resident_tensor(x.name, np.asarray(x.array), arch, np.float32,
                                     weight_rows(arch, (2, 4, 8)))
             for x in iter_random(arch, engine.card.weights.seed) if x.layer == 0}
-  hd, lw = arch.head_dim, engine.weights.layers[0]
+  hd, lw = arch.head_dim, layer(engine.weights, 0)
   for name, lo, size in [("wq", blocks.q_lo, blocks.q_size), ("wo", blocks.q_lo, blocks.q_size),
                          ("wk", blocks.kv_lo, blocks.kv_size), ("wv", blocks.kv_lo, blocks.kv_size),
                          ("w_gate", None, None), ("w_up", None, None), ("w_down", None, None)]:

@@ -81,13 +81,14 @@ def decode_steps(engine: Engine, batch: int, vocab: int) -> dict:
 
 
 def bench_mesh(card, preset, widths, prompts, output_tokens: int, batches=BATCHES,
-               measure_startup: bool = True) -> dict:
+               measure_startup: bool = True, attention: str = "auto") -> dict:
   out = {"mesh": preset.name, "widths": {}}
   if measure_startup:
     with tempfile.TemporaryDirectory() as cache:
       out["startup_cold_s"] = startup.measure(card.name, preset.name, widths, cache)
       out["startup_warm_s"] = startup.measure(card.name, preset.name, widths, cache)
-  engine = Engine(card, preset, EngineConfig(widths=widths))
+  engine = Engine(card, preset, EngineConfig(widths=widths, attention=attention))
+  out["attention"] = engine.report.attention
   biggest = max(preset.decode_buckets)
   for w in widths:
     engine.set_width(w)
@@ -130,7 +131,8 @@ def run_bench(args) -> int:
     single = load_mesh_preset(single_name)
     runs.append((single, single.widths))
   for p, ws in runs:
-    r = bench_mesh(card, p, ws, prompts, args.output_tokens, batches, not args.no_startup)
+    r = bench_mesh(card, p, ws, prompts, args.output_tokens, batches, not args.no_startup,
+                   args.attention)
     if not args.no_startup:
       print(f"{p.name}: start-up with widths {list(ws)} compiled: cold "
             f"{r['startup_cold_s']:.1f} s, warm {r['startup_warm_s']:.1f} s", flush=True)

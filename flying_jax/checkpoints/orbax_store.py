@@ -95,17 +95,32 @@ def restore_resident(path: str | Path, arch: Architecture, dtype, specs, rows=No
   parts = {"embed": abstract.embed, "final_norm": abstract.final_norm,
            "lm_head": abstract.lm_head}
   top = {s.name: W.at(parts, s.path) for s in tables.top_specs(arch)}
-  layers = [{s.name: W.at(lw, s.path) for s in tables.layer_specs(arch)} for lw in abstract.layers]
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype,
+                                                    sharding=_one_layer(a.sharding)),
+                     abstract.layers)          # the store keeps each layer's tensors apart
+  layers = [{s.name: W.at(one, s.path) for s in tables.layer_specs(arch)}
+            for _ in range(arch.n_layers)]
   target = _tree({**top, "layers": layers})
   restored = ocp.StandardCheckpointer().restore(path / "weights", target)
   cast = (lambda a: a) if jnp.dtype(meta["dtype"]) == jnp.dtype(dtype) else (
       lambda a: jax.jit(lambda x: x.astype(dtype), out_shardings=a.sharding)(a))
-  constants = [{k: jax.device_put(v, specs.replicated())
-                for k, v in W.layer_constants(arch, i).items()} for i in range(arch.n_layers)]
+  consts = [W.layer_constants(arch, i) for i in range(arch.n_layers)]
+  stacked = {k: jax.device_put(np.stack([c[k] for c in consts]), W.lead(specs.replicated()))
+             for k in consts[0]}
+  for s in tables.layer_specs(arch):        # stack name by name, dropping the per-layer arrays
+    per_layer = [cast(restored["layers"][str(i)].pop(s.name)) for i in range(arch.n_layers)]
+    stacked[s.name] = W.stack_layers(per_layer)
+    del per_layer
   top = {"embed": cast(restored["embed"]), "final_norm": cast(restored["final_norm"]),
          "lm_head": None if "unembed" not in restored else cast(restored["unembed"])}
-  return W.from_named(top, [{**{k: cast(v) for k, v in restored["layers"][str(i)].items()},
-                             **constants[i]} for i in range(arch.n_layers)], arch)
+  return W.from_named(top, stacked, arch)
+
+
+def _one_layer(sharding):
+  """A stacked weight's sharding without its leading layer axis."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
 
 def run_convert(args) -> int:

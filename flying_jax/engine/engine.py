@@ -224,9 +224,9 @@ class Engine:
     slots = self.preset.page_tokens * self.card.arch.n_kv_heads
 
     def move(space, src, dst, start, stop):
-      layers, pages = self.page_spaces[space]
+      pages = self.page_spaces[space][1]
       return self.migrator.move(self.device_pools, self.card.arch, src, dst, stop, pages, slots,
-                                start=start, layers=layers)
+                                start=start, space=space)
     return migrate_sequence(seq, self.scheduler, move)
 
   def recompute_paused(self, older_than: float = 0.0) -> int:

@@ -16,14 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from flying_jax.config import MeshPreset, ModelCard
+from flying_jax.engine.report import StartupReport  # noqa: F401  (engines make theirs here)
 from flying_jax.kv import DevicePools, PageLayout, PagePool
 from flying_jax.kv import window as kw
 from flying_jax.model import weights as W
 from flying_jax.model.attention import KVGeometry
 from flying_jax.model.batch import StepShape
+from flying_jax.model.decoder import LayerWalk
 from flying_jax.model.heads import (RowBlocks, padding_report, plan_heads, row_blocks,
                                     shard_reads)
 from flying_jax.parallel import MeshSpecs, Partition, Span, mesh_for_span
+from flying_jax.runtime.exec_cache import ExecutableCache
 from flying_jax.runtime.executor import Executor
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 from flying_jax.runtime.resident import Resident
@@ -51,63 +54,23 @@ class EngineConfig:
   #   (False: every layer keeps every page in pools of one size, the reference)
   local_pages_per_device: int | None = None   # pages per device of a hybrid model's sliding-layer
   # ^ pools (default: `kv.window.default_local_pages`)
-  attention: str = "xla"                  # paged-attention backend: "xla", or "pallas" (a Pallas
-  # ^ kernel: Triton on GPUs; interpret mode on CPUs, a correctness check), `attention_backend`
+  attention: str = "auto"                 # paged-attention backend: "xla" (the reference: a loop
+  # ^ over blocks whose trip count is data), "pallas" (a Pallas kernel: Triton on GPUs, Mosaic on
+  #   TPUs, interpret mode on CPUs as a correctness check) or "auto" (pallas on accelerators,
+  #   where the reference's loop would return to the host every block; xla on CPUs)
 
   def __post_init__(self):
     from flying_jax.model.attention import BACKENDS
-    if self.attention not in BACKENDS:
-      raise ValueError(f"unknown attention backend {self.attention!r}; known: "
+    if self.attention not in BACKENDS + ("auto",):
+      raise ValueError(f"unknown attention backend {self.attention!r}; known: auto, "
                        f"{', '.join(BACKENDS)}")
 
 
-@dataclasses.dataclass
-class StartupReport:
-  load_s: float = 0.0
-  place_s: float = 0.0
-  compile_s: float = 0.0
-  warmup_s: float = 0.0
-  programs: int = 0
-  weight_bytes: int = 0
-  device_weight_bytes: int = 0                                # what one device holds
-  kv_bytes: int = 0                                           # all devices
-  kv_pages: tuple = ()                        # (layers, pages per device) of each page space
-  devices: int = 1
-  padding: list = dataclasses.field(default_factory=list)
-  layout: str = ""                                            # the weight rows' padding
-  compiled: list = dataclasses.field(default_factory=list)   # one line per width
-
-  @property
-  def total_s(self) -> float:
-    return self.load_s + self.place_s + self.compile_s + self.warmup_s
-
-  def lines(self) -> list[str]:
-    out = [f"start-up {self.total_s:.1f}s: load {self.load_s:.1f}s, place {self.place_s:.1f}s, "
-           f"compile {self.programs} programs {self.compile_s:.1f}s, warm-up {self.warmup_s:.1f}s",
-           f"weights {self.weight_bytes / 2**20:.0f} MiB per engine (one resident copy each; "
-           f"{self.device_weight_bytes / 2**20:.0f} MiB per device), KV pools "
-           f"{self.kv_bytes / 2**20:.0f} MiB{self._kv_words()}"]
-    if self.layout:
-      out.append(self.layout)
-    out.extend(self.compiled)
-    for p in self.padding:
-      out.append(f"width {p['width']}: {p['q_heads_per_device']} q / {p['kv_heads_per_device']} kv "
-                 f"heads per device, padding +{100 * p['attn_proj_flops_extra']:.0f}% attention "
-                 f"projection FLOPs, +{100 * p['kv_bytes_per_token_extra']:.0f}% KV bytes per token")
-    return out
-
-  @property
-  def device_kv_bytes(self) -> int:
-    """The KV pools one device holds (every device holds the same)."""
-    return self.kv_bytes // max(1, self.devices)
-
-  def _kv_words(self) -> str:
-    """A hybrid model's pools per device: its global layers' and its sliding layers'."""
-    if len(self.kv_pages) < 2:
-      return ""
-    (glob, pages), (local, local_pages) = self.kv_pages
-    return (f" ({self.device_kv_bytes / 2**20:.1f} MiB per device: {len(glob)} global layers x "
-            f"{pages} pages, {len(local)} sliding-window layers x {local_pages} pages)")
+def attention_for(name: str, platform: str) -> str:
+  """The backend `name` ("auto" resolved) on devices of `platform`."""
+  if name != "auto":
+    return name
+  return "xla" if platform == "cpu" else "pallas"
 
 
 def default_cache_dir() -> str:
@@ -222,10 +185,10 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
     stats = [st for st in registry.stats if st.key[0] == span]
     shapes = ", ".join(f"{s.decode}+{s.pre_rows}x{s.chunk}" for s in ws.shapes)
     slow = max(stats, key=lambda st: st.compile_s)
-    kinds = "embed/layer/layer_local/head" if ws.shapes[0].local_tables else "embed/layer/head"
-    lines.append(f"{_span_words(span)}: {len(stats)} programs ({kinds} for decode+prefill "
-                 f"{shapes}; sample), {sum(st.compile_s for st in stats):.1f}s, slowest "
-                 f"{slow.key[1]} {slow.compile_s:.1f}s")
+    loaded = sum(st.loaded for st in stats)
+    lines.append(f"{_span_words(span)}: {len(stats)} step programs (decode+prefill {shapes}"
+                 f"{f'; {loaded} loaded from the cache' if loaded else ''}), "
+                 f"{sum(st.compile_s for st in stats):.1f}s, slowest {slow.compile_s:.1f}s")
   return lines
 
 
@@ -233,7 +196,7 @@ def _span_words(span: Span) -> str:
   return f"width {span.width} on devices {span.first}-{span.first + span.devices - 1}"
 
 
-def build_migrator(card: ModelCard, setups: dict, pools, spaces):
+def build_migrator(card: ModelCard, setups: dict, pools, spaces, cache=None):
   """Migration programs sized for the longest sequence any width holds; for a hybrid model's
   sliding-layer pools (the second of `spaces`), for the window and a page."""
   from flying_jax.kv.migrate import MigrationPrograms
@@ -243,11 +206,12 @@ def build_migrator(card: ModelCard, setups: dict, pools, spaces):
   longest = max(ws.capacity for ws in setups.values())
   page = max(ws.geom.tokens_per_page for ws in setups.values())
   window = min(longest, arch.sliding_window + page)
-  more = tuple((pools.struct(layers[0]), window * copies * arch.head_dim)
-               for layers, _ in spaces[1:])
+  more = tuple((pools.struct(space), window * copies * arch.head_dim)
+               for space in range(1, len(spaces)))
   any_ws = next(iter(setups.values()))
-  return MigrationPrograms(pools.struct(spaces[0][0][0]), any_ws.specs.per_device(),
-                           any_ws.specs.replicated(), longest * copies * arch.head_dim, more)
+  return MigrationPrograms(pools.struct(0), any_ws.specs.per_device(),
+                           any_ws.specs.replicated(), longest * copies * arch.head_dim, more,
+                           cache)
 
 
 def layout_line(card: ModelCard, rows: RowBlocks, dtype) -> str:
@@ -293,11 +257,15 @@ def runtime_pools(spaces, n: int) -> tuple[PagePool, PagePool | None, int]:
 
 
 def kv_pools(card: ModelCard, preset: MeshPreset, spaces, n: int, dtype, sharding) -> DevicePools:
-  """Zeroed KV pools over `n` devices, each layer with its page space's pages per device."""
+  """Zeroed KV pools over `n` devices: per page space, its layers' pools stacked."""
   slots = preset.page_tokens * card.arch.n_kv_heads
-  pages_of = {l: p for layers, p in spaces for l in layers}
-  return DevicePools.create([pages_of[l] for l in range(card.arch.n_layers)], n, slots,
-                            card.arch.head_dim, dtype, sharding)
+  return DevicePools.create(spaces, n, slots, card.arch.head_dim, dtype, sharding)
+
+
+def layer_walk(card: ModelCard, spaces) -> LayerWalk:
+  """The page space of each decoder layer, as the step programs walk them."""
+  space_of = {l: i for i, (layers, _) in enumerate(spaces) for l in layers}
+  return LayerWalk(tuple(space_of[l] for l in range(card.arch.n_layers)))
 
 
 def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, devices,
@@ -342,13 +310,13 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   device_pools = kv_pools(card, preset, spaces, n, dtype, specs.per_device())
   jax.block_until_ready((weights, device_pools.k, device_pools.v))
   rep.place_s = time.perf_counter() - t0
-  local = spaces[1][0] if len(spaces) > 1 else ()
+  cache = ExecutableCache(os.path.join(cfg.cache_dir, "executables") if cfg.cache_dir else None)
+  rep.attention = attention_for(cfg.attention, devices[0].platform)
   registry = ProgramRegistry(card.arch, dtype, span_setups,
-                             device_pools.device_struct(n, spaces[0][0][0]),
+                             [device_pools.device_struct(n, i) for i in range(len(spaces))],
                              cfg.hist_len, cfg.max_banned,
-                             max(s.rows for ws in setups.values() for s in ws.shapes), local,
-                             device_pools.device_struct(n, local[0]) if local else None,
-                             attention=cfg.attention)
+                             max(s.rows for ws in setups.values() for s in ws.shapes),
+                             layer_walk(card, spaces), rep.attention, cache)
   bar = _progress(cfg.progress, registry.count())
   rep.compile_s = registry.build(W.abstract(card.arch, dtype, specs, rows), rows, bar)
   if bar is not None:
@@ -356,7 +324,8 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   resident = Resident(weights, device_pools, span_setups, n, card.arch)
   executor = Executor(registry, resident, cfg.hist_len, cfg.max_banned)
   t0 = time.perf_counter()
-  migrator = build_migrator(card, setups, device_pools, spaces) if len(widths) > 1 else None
+  migrator = (build_migrator(card, setups, device_pools, spaces, cache) if len(widths) > 1
+              else None)
   rep.compile_s += time.perf_counter() - t0
   rep.warmup_s = executor.warm_up([[span_setups[sp] for sp in p.spans]
                                    for p in partitions.values()])
@@ -367,6 +336,8 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   rep.padding = report_padding(card, widths, laid_out)
   rep.layout = layout_line(card, rows, dtype)
   rep.compiled = describe_programs(registry)
+  if cache.enabled:
+    rep.cache = cache.stats.summary()
   mixed = [name for name, p in partitions.items() if p.uniform_width is None]
   if mixed:
     rep.compiled.append("mixed partitions: " + ", ".join(mixed))

@@ -85,55 +85,66 @@ def buckets(max_elements: int, smallest: int = 1 << 12) -> list[int]:
     b *= 2
 
 
-def _migrate_layer(k_pool, v_pool, src_v, dst_v, src_k, dst_k):
+def _migrate_stack(k_stack, v_stack, src_v, dst_v, src_k, dst_k):
+  """The same moves in every layer of a page space's stacked pools."""
   def move(pool, src, dst):
     flat = pool.reshape(-1)
     return flat.at[dst].set(flat[src], mode="drop").reshape(pool.shape)
-  return move(k_pool, src_k, dst_k), move(v_pool, src_v, dst_v)
+  each = jax.vmap(move, in_axes=(0, None, None))
+  return each(k_stack, src_k, dst_k), each(v_stack, src_v, dst_v)
 
 
 class MigrationPrograms:
-  """AOT-compiled migration programs, one per size bucket, for one layer's K and V pools; with
-  `more` ((pool struct, max elements), ...), also for pools of other shapes (the sliding layers'
-  smaller pools of a hybrid model)."""
+  """AOT-compiled migration programs, one per size bucket, for the stacked K and V pools of one
+  page space (`kv.pool.DevicePools`: every layer moved by one call); with `more` ((stack struct,
+  max elements), ...), also for stacks of other shapes (the sliding layers' smaller pools of a
+  hybrid model)."""
 
-  def __init__(self, pool_struct, per_device_sharding, replicated_sharding, max_elements: int,
-               more: tuple = ()):
+  def __init__(self, stack_struct, per_device_sharding, replicated_sharding, max_elements: int,
+               more: tuple = (), cache=None):
+    """`cache`: a `runtime.exec_cache.ExecutableCache` to keep the programs in between runs."""
+    from flying_jax.model.weights import lead
+    from flying_jax.runtime.exec_cache import ExecutableCache
+
+    cache = cache or ExecutableCache(None)
+
     self.rep = replicated_sharding
-    jitted = jax.jit(_migrate_layer, donate_argnums=(0, 1),
-                     out_shardings=(per_device_sharding, per_device_sharding))
-    self._programs = {}                       # (pool shape, bucket) -> program
-    self._sizes = {}                          # pool shape -> elements (where padding writes)
-    for struct, most in ((pool_struct, max_elements),) + tuple(more):
-      size = int(np.prod(struct.shape))
+    stacked = lead(per_device_sharding)
+    jitted = jax.jit(_migrate_stack, donate_argnums=(0, 1), out_shardings=(stacked, stacked))
+    self._programs = {}                       # (stack shape, bucket) -> program
+    self._sizes = {}                          # stack shape -> elements per layer (padding's)
+    for struct, most in ((stack_struct, max_elements),) + tuple(more):
+      size = int(np.prod(struct.shape[1:]))
       if size >= 2 ** 31:
         raise ValueError("KV pools over 2^31 elements per layer need 64-bit migration indices")
       self._sizes[tuple(struct.shape)] = size
-      pool = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=per_device_sharding)
+      pool = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=stacked)
       for m in buckets(most):
         idx = jax.ShapeDtypeStruct((m,), jnp.int32, sharding=replicated_sharding)
-        self._programs[(tuple(struct.shape), m)] = jitted.lower(pool, pool, idx, idx, idx,
-                                                                idx).compile()
+        key = ("migrate", tuple(struct.shape), str(struct.dtype), m,
+               tuple(stacked.mesh.shape.items()))
+        lower = lambda pool=pool, idx=idx: jitted.lower(pool, pool, idx, idx, idx, idx)
+        self._programs[(tuple(struct.shape), m)] = cache.get_or_compile(key, lower,
+                                                                        stacked.mesh)[0]
 
   def __len__(self):
     return len(self._programs)
 
   def move(self, device_pools, arch: Architecture, src: Placement, dst: Placement, n_tokens: int,
-           pages_per_device: int, slots: int, start: int = 0, layers=None) -> int:
-    """Re-lay tokens [start, n_tokens) of a sequence from `src` to `dst` in the pools of `layers`
-    (default every layer; their pools hold `pages_per_device`); returns the elements moved per
-    layer (K and V each)."""
+           pages_per_device: int, slots: int, start: int = 0, space: int = 0) -> int:
+    """Re-lay tokens [start, n_tokens) of a sequence from `src` to `dst` in every layer of page
+    space `space` (whose pools hold `pages_per_device`); returns the elements moved per layer
+    (K and V each)."""
     idx = migration_indices(arch, src, dst, n_tokens, pages_per_device, slots, start)
-    return self.run(device_pools.k, device_pools.v, idx, layers)
+    return self.run(device_pools.k, device_pools.v, space, idx)
 
-  def run(self, k_pools: list, v_pools: list, indices, layers=None) -> int:
-    """Move one sequence's KV in every layer of `layers` (default all, each pool of one shape);
-    returns the elements moved per layer."""
-    layers = range(len(k_pools)) if layers is None else layers
-    if not layers:
-      return 0
-    shape = tuple(k_pools[layers[0]].shape)
+  def run(self, k_stacks: list, v_stacks: list, space: int, indices) -> int:
+    """Move one sequence's KV in every layer of the stacks `k_stacks[space]`,
+    `v_stacks[space]` (replaced by the results); returns the elements moved per layer."""
+    shape = tuple(k_stacks[space].shape)
     n = len(indices[0])
+    if not n:
+      return 0
     m = next((b for s, b in self._programs if s == shape and b >= n), None)
     if m is None:
       raise ValueError(f"a migration of {n} elements exceeds the largest compiled bucket")
@@ -144,7 +155,6 @@ class MigrationPrograms:
       buf[:n] = a
       padded.append(buf)
     args = jax.device_put(padded, self.rep)
-    program = self._programs[(shape, m)]
-    for l in layers:
-      k_pools[l], v_pools[l] = program(k_pools[l], v_pools[l], *args)
+    k_stacks[space], v_stacks[space] = self._programs[(shape, m)](k_stacks[space],
+                                                                 v_stacks[space], *args)
     return n

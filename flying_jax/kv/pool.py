@@ -1,7 +1,7 @@
 """KV pages: one pool per device whose physical shape never changes, and how pages are read.
 
 Each device holds, per layer, K and V arrays of `[pages, slots, hd]` with `slots = page_tokens *
-n_kv_heads`. A request prefilled in a width-w group owns the same page ids on each of the group's
+n_kv_heads` (the layers of one page space stacked, `DevicePools`). A request prefilled in a width-w group owns the same page ids on each of the group's
 devices and reads them under its `PageLayout`: `kv_per_device` heads, `slots // kv_per_device`
 tokens per page. Page 0 of every device is the null page: padding tokens write there, and no
 real token's attention reads it unmasked.
@@ -105,30 +105,43 @@ class PagePool:
 
 @dataclasses.dataclass
 class DevicePools:
-  """The device arrays: per layer, K and V of global shape [devices * pages, slots, hd].
+  """The device arrays: K and V of each page space, every layer of a space in one stack of
+  global shape `[layers, devices * pages, slots, hd]`, split over the devices along axis 1 (each
+  device holds `[layers, pages, slots, hd]`; programs walk the layer axis, `model.decoder`).
 
-  Every layer has `pages` per device, except the sliding-window layers of a hybrid model, whose
-  pools hold `local_pages` per device (`kv.window`): their own page space."""
-  k: list
+  One page space holds every layer, except in a hybrid model, whose sliding-window layers keep
+  their KV in a second space of `local_pages` per device (`kv.window`)."""
+  k: list                     # per page space
   v: list
+  layers: tuple               # per page space: its layers, in stack order
 
   @staticmethod
-  def create(layer_pages: list[int], devices: int, slots: int, head_dim: int, dtype,
+  def create(spaces, devices: int, slots: int, head_dim: int, dtype,
              sharding) -> "DevicePools":
-    """Zeroed pools, layer l with `layer_pages[l]` pages per device."""
-    makers = {}
-    for pages in set(layer_pages):
-      shape = (devices * pages, slots, head_dim)
-      makers[pages] = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
-    return DevicePools([makers[p]() for p in layer_pages], [makers[p]() for p in layer_pages])
+    """Zeroed pools of `spaces` ((layers, pages per device) each) over `devices`; `sharding`:
+    one layer's pool split over the devices along its leading axis."""
+    from flying_jax.model.weights import lead
 
-  def struct(self, layer: int = 0) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(self.k[layer].shape, self.k[layer].dtype)
+    def zeros(n, pages):
+      shape = (n, devices * pages, slots, head_dim)
+      return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=lead(sharding))()
+    return DevicePools([zeros(len(ls), p) for ls, p in spaces],
+                       [zeros(len(ls), p) for ls, p in spaces], tuple(ls for ls, _ in spaces))
 
-  def device_struct(self, devices: int, layer: int = 0) -> jax.ShapeDtypeStruct:
-    """One device's pool of `layer`."""
-    n, slots, hd = self.k[layer].shape
-    return jax.ShapeDtypeStruct((n // devices, slots, hd), self.k[layer].dtype)
+  def struct(self, space: int = 0) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.k[space].shape, self.k[space].dtype)
+
+  def device_struct(self, devices: int, space: int = 0) -> jax.ShapeDtypeStruct:
+    """One device's stacked pools of `space`."""
+    n, rows, slots, hd = self.k[space].shape
+    return jax.ShapeDtypeStruct((n, rows // devices, slots, hd), self.k[space].dtype)
+
+  def space_of(self, layer: int) -> tuple[int, int]:
+    """(page space, entry in its stack) of decoder layer `layer`."""
+    for space, ls in enumerate(self.layers):
+      if layer in ls:
+        return space, ls.index(layer)
+    raise IndexError(layer)
 
   def nbytes(self) -> int:
     return sum(a.nbytes for a in self.k + self.v)

@@ -36,6 +36,8 @@ def write_kv(pool_PxSxH, new_TxKxH, base_T, tokens_per_page: int):
   """Store each token's heads at slots `base + head * tokens_per_page` (in place if donated).
 
   `base` is `page * slots + offset_in_page` (the host computes it; padding points at the null page).
+  Indexed by (slot row, element): no flat address of the whole pool, which may pass 2^31 elements
+  (every layer of a page space is one pool, `layers.Attention`).
   """
   p, s, h = pool_PxSxH.shape
   k = new_TxKxH.shape[1]
@@ -46,15 +48,18 @@ def write_kv(pool_PxSxH, new_TxKxH, base_T, tokens_per_page: int):
 
 
 def write_k(pool_PxSxH, new_TxKxH, base_T, geom: KVGeometry):
-  """Store keys transposed: element (head, d, token) of a page at `(head * hd + d) * T + token`."""
+  """Store keys transposed: element (head, d, token) of a page at `(head * hd + d) * T + token`
+  of its `slots * hd` elements (indexed by (page, element), in place if donated)."""
   p, s, h = pool_PxSxH.shape
   k, t = new_TxKxH.shape[1], geom.tokens_per_page
   page_T, off_T = base_T // s, base_T % s
   col_KxH = (jnp.arange(k, dtype=base_T.dtype)[:, None] * h
              + jnp.arange(h, dtype=base_T.dtype)[None, :]) * t
-  addr_TxKxH = (page_T * (s * h) + off_T)[:, None, None] + col_KxH[None]
-  flat = pool_PxSxH.reshape(-1)
-  flat = flat.at[addr_TxKxH.reshape(-1)].set(new_TxKxH.reshape(-1).astype(flat.dtype), mode="drop")
+  col_TxKxH = off_T[:, None, None] + col_KxH[None]
+  page_TxKxH = jnp.broadcast_to(page_T[:, None, None], col_TxKxH.shape)
+  flat = pool_PxSxH.reshape(p, s * h)
+  flat = flat.at[page_TxKxH.reshape(-1), col_TxKxH.reshape(-1)].set(
+      new_TxKxH.reshape(-1).astype(flat.dtype), mode="drop")
   return flat.reshape(p, s, h)
 
 

@@ -79,6 +79,14 @@ class StepMeta:
     return dataclasses.replace(self, write_base=self.local_write_base,
                                dec_table=self.local_dec_table, pre_table=self.local_pre_table)
 
+  def at_layer(self, first_page, slots: int) -> "StepMeta":
+    """The step as one layer of a stacked pool reads it: that pool viewed as `[layers * pages,
+    slots, hd]`, the layer's pages from `first_page` on (page ids and write slots shifted; the
+    null page becomes the layer's own page 0)."""
+    return dataclasses.replace(self, write_base=self.write_base + first_page * slots,
+                               dec_table=self.dec_table + first_page,
+                               pre_table=self.pre_table + first_page)
+
 
 def unpack(packed_L, shape: StepShape) -> StepMeta:
   out, at = {}, 0

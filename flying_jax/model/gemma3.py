@@ -33,11 +33,12 @@ class Layer(nnx.Module):
     self.mlp = GatedMLP(init, "gelu_tanh")
     self.post_ffn_norm = RMSNorm(init, "post_ffn_norm")
 
-  def __call__(self, k_pool, v_pool, x_TxD, meta: StepMeta, step: Step):
-    """One Gemma 3 decoder layer on this device; writes the step's KV into the pools."""
+  def __call__(self, k_pool, v_pool, layer, x_TxD, meta: StepMeta, step: Step):
+    """One Gemma 3 decoder layer on this device; writes the step's KV into entry `layer` of the
+    stacked pools of its page space."""
     coll = step.coll
     with jax.named_scope("attention"):
-      o, k_pool, v_pool = self.attn(self.attn_norm(x_TxD), k_pool, v_pool, meta, step)
+      o, k_pool, v_pool = self.attn(self.attn_norm(x_TxD), k_pool, v_pool, layer, meta, step)
       x_TxD = x_TxD + self.post_attn_norm(coll.sum(o))
     with jax.named_scope("ffn"):
       x_TxD = x_TxD + self.post_ffn_norm(coll.sum(self.mlp(self.ffn_norm(x_TxD), step)))

@@ -166,12 +166,19 @@ class Attention(nnx.Module):
     else:
       self.rope_inv = self.window = None
 
-  def __call__(self, h_TxD, k_pool, v_pool, meta: StepMeta, step: Step):
+  def __call__(self, h_TxD, k_pool, v_pool, layer, meta: StepMeta, step: Step):
     """This device's partial output (before the sum over the group) and the pools with the
-    step's KV written (`step.local`: the pools and tables of the sliding layers' page space)."""
+    step's KV written. `k_pool`, `v_pool`: this device's stacked pools of the layer's page space
+    `[layers, pages, slots, hd]` (`step.local`: the sliding layers' own space, tables and
+    slots), of which this layer is entry `layer` (traced): they are read as one pool of
+    `layers * pages` pages, the layer's own from `layer * pages` on."""
     arch, plan, coll = step.arch, step.plan, step.coll
     if step.local:
       meta = meta.local_view()
+    stack = k_pool.shape
+    n, pages, slots, _ = stack
+    meta = meta.at_layer(layer * pages, slots)
+    k_pool, v_pool = k_pool.reshape(n * pages, *stack[2:]), v_pool.reshape(n * pages, *stack[2:])
     nq, nkv, hd = plan.q_per_device, plan.kv_per_device, arch.head_dim
     rows = lambda w, kind: shard_rows(w[...], kind, plan, coll, hd)
     wq, wk, wv, wo = rows(self.wq, "q"), rows(self.wk, "kv"), rows(self.wv, "kv"), rows(self.wo, "q")
@@ -192,7 +199,7 @@ class Attention(nnx.Module):
     o = o.reshape(o.shape[0], nq * hd)
     if wo.shape[0] > nq * hd:
       o = jnp.pad(o, ((0, 0), (0, wo.shape[0] - nq * hd)))
-    return o @ wo, k_pool, v_pool
+    return o @ wo, k_pool.reshape(stack), v_pool.reshape(stack)
 
 
 class GatedMLP(nnx.Module):

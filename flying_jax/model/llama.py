@@ -27,11 +27,12 @@ class Layer(nnx.Module):
     self.ffn_norm = RMSNorm(init, "ffn_norm")
     self.mlp = MoE(init) if init.arch.n_experts else GatedMLP(init, "silu")
 
-  def __call__(self, k_pool, v_pool, x_TxD, meta: StepMeta, step: Step):
-    """One decoder layer on this device; writes the step's KV into the pools, returns them."""
+  def __call__(self, k_pool, v_pool, layer, x_TxD, meta: StepMeta, step: Step):
+    """One decoder layer on this device; writes the step's KV into entry `layer` of the stacked
+    pools of its page space, returns them."""
     coll = step.coll
     with jax.named_scope("attention"):
-      o, k_pool, v_pool = self.attn(self.attn_norm(x_TxD), k_pool, v_pool, meta, step)
+      o, k_pool, v_pool = self.attn(self.attn_norm(x_TxD), k_pool, v_pool, layer, meta, step)
       x_TxD = x_TxD + coll.sum(o)
     with jax.named_scope("ffn"):
       x_TxD = x_TxD + coll.sum(self.mlp(self.ffn_norm(x_TxD), step))

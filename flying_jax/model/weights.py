@@ -11,8 +11,10 @@ axis 0 (no gather, no strided slice; on GPU, XLA can feed such a slice to the GE
   w_down [F, D]                           input columns leading (x @ W)
 
 Each device's rows are a plain GEMM operand: contracting over the minor dimension (x @ W^T) or
-over the leading ones (x @ W). Width 1 reads the real rows as a static prefix. Layers are
-separate arrays so no program slices a layer out of a stack.
+over the leading ones (x @ W). Width 1 reads the real rows as a static prefix. The decoder
+layers' tensors are stacked on a leading layer axis (`[L, ...]`, never split) so that one
+program walks every layer in a loop whose trip count is static (`model.decoder.layers`): one
+dispatch per step and compile time about one layer's.
 
 The arrays are the state of the family's flax nnx module (`model.decoder`), by module path; the
 weight table (`model.tables`) says where each checkpoint tensor goes and which are split.
@@ -54,7 +56,8 @@ class ResidentWeights:
   embed: dict                       # {"table": [V, D]}
   lm_head: dict | None              # {"table": [V, D]}; None when tied to `embed`
   final_norm: dict                  # {"scale": [D]}
-  layers: tuple[dict, ...]          # e.g. {"attn": {"wq": ..}, "attn_norm": {"scale": ..}, ..}
+  layers: dict                      # every layer's state stacked on a leading layer axis, e.g.
+  # ^ {"attn": {"wq": [L, rows, D], ..}, "attn_norm": {"scale": [L, D]}, ..}
 
   @property
   def head_table(self) -> dict:
@@ -93,18 +96,52 @@ def at(tree: dict, path: str):
   return tree
 
 
-def from_named(top: dict, layers: list[dict], arch: Architecture) -> ResidentWeights:
+def from_named(top: dict, layers, arch: Architecture) -> ResidentWeights:
   """Resident weights from arrays by canonical name (top-level and per layer; per-layer
-  constants by their `CONSTANTS` name), put at their module paths (the table's `path`)."""
+  constants by their `CONSTANTS` name), put at their module paths (the table's `path`).
+  `layers`: one dict per layer (stacked here: numpy on the host, `jnp.stack` on devices), or one
+  dict of arrays already stacked on a leading layer axis."""
   from flying_jax.model.tables import spec_of
 
   path = lambda n: CONSTANTS.get(n) or spec_of(arch, n).path
   tree = lambda named: _nest({path(n): a for n, a in named.items() if a is not None})
   head = top.get("lm_head")
+  if not isinstance(layers, dict):
+    layers = {n: stack_layers([lw[n] for lw in layers]) for n in layers[0]}
   return ResidentWeights(embed=tree({"embed": top["embed"]})["embed"],
                          lm_head=None if head is None else tree({"lm_head": head})["lm_head"],
                          final_norm=tree({"final_norm": top["final_norm"]})["final_norm"],
-                         layers=tuple(tree(lw) for lw in layers))
+                         layers=tree(layers))
+
+
+def stack_layers(arrays: list):
+  """Per-layer arrays -> one array with a leading layer axis (host or devices, kept there)."""
+  if all(isinstance(a, np.ndarray) for a in arrays):
+    return np.stack(arrays)
+  if all(isinstance(a, jax.ShapeDtypeStruct) for a in arrays):
+    return jax.ShapeDtypeStruct((len(arrays),) + arrays[0].shape, arrays[0].dtype)
+  from jax.sharding import NamedSharding
+
+  one = getattr(arrays[0], "sharding", None)
+  out = lead(one) if isinstance(one, NamedSharding) else None
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out)(*arrays)
+
+
+def lead(sharding):
+  """`sharding` (a NamedSharding or PartitionSpec of one layer's array) with a leading,
+  unsplit layer axis in front."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  if isinstance(sharding, PartitionSpec):
+    return PartitionSpec(None, *sharding)
+  raise TypeError(f"cannot stack over {sharding!r}")
+
+
+def layer(weights: ResidentWeights, l: int) -> dict:
+  """Layer `l`'s state (a slice of each stacked array: a copy; for tests and tools)."""
+  return jax.tree.map(lambda a: a[l], weights.layers)
 
 
 def _blocks(rows) -> "RowBlocks":
@@ -161,25 +198,44 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   """Resident weights from a stream of canonical `Tensor`s (`checkpoints.iter_tensors`): each is
   converted and handed to `put(array, split)` (which places it on the devices, cut over an
   engine's devices when `split`) before the next is read, so the host holds about one tensor at
-  a time."""
+  a time. A layer's tensor is written in place into its name's stack (allocated on the devices
+  when the name is first seen), so the devices never hold a tensor twice."""
   from flying_jax.model.tables import is_split, layer_specs, spec_of
 
   blocks = _blocks(rows or (arch.n_heads, arch.n_kv_heads))
   top: dict = {}
-  layers: list[dict] = [{k: put(v, False) for k, v in layer_constants(arch, l).items()}
-                        for l in range(arch.n_layers)]
+  consts = [layer_constants(arch, l) for l in range(arch.n_layers)]
+  layers: dict = {k: put(np.stack([c[k] for c in consts]), False) for k in consts[0]}
+  seen = {s.name: np.zeros(arch.n_layers, bool) for s in layer_specs(arch)}
   for t in tensors:
     split = is_split(spec_of(arch, t.name), blocks)
     placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), split)
-    (top if t.layer is None else layers[t.layer])[t.name] = placed
+    if t.layer is None:
+      top[t.name] = placed
+      continue
+    if t.name not in layers:
+      layers[t.name] = _empty_stack(arch.n_layers, placed)
+    layers[t.name] = _set_layer(layers[t.name], placed, np.int32(t.layer))
+    seen[t.name][t.layer] = True
   missing = [n for n in ("embed", "final_norm") if n not in top]
-  missing += [f"{s.name} of layer {l}" for l, lw in enumerate(layers) for s in layer_specs(arch)
-              if s.name not in lw]
+  missing += [f"{n} of layer {l}" for n, got in seen.items() for l in np.flatnonzero(~got)]
   if not arch.tied_embeddings and "lm_head" not in top:
     missing.append("lm_head")
   if missing:
     raise ValueError(f"weights lack tensor(s) {missing[:6]}")
   return from_named(top, layers, arch)
+
+
+def _empty_stack(n: int, like: jax.Array) -> jax.Array:
+  sharding = lead(like.sharding)
+  return jax.jit(lambda: jnp.zeros((n,) + like.shape, like.dtype), out_shardings=sharding)()
+
+
+def _set_layer(stack: jax.Array, one: jax.Array, l) -> jax.Array:
+  """`stack` with layer `l` replaced by `one`, in place (the stack is donated)."""
+  fn = jax.jit(lambda s, a, i: jax.lax.dynamic_update_index_in_dim(s, a.astype(s.dtype), i, 0),
+               donate_argnums=0, out_shardings=stack.sharding)
+  return fn(stack, one, l)
 
 
 def _pad_rows(a, rows: int, xp=np):
@@ -194,16 +250,18 @@ def _path(keypath) -> str:
   """The module path of a leaf of `ResidentWeights` or of one layer's state ("attn.wq",
   "embed.table")."""
   keys = [getattr(k, "name", getattr(k, "key", getattr(k, "idx", None))) for k in keypath]
-  if keys and keys[0] == "layers" and len(keys) > 1 and isinstance(keys[1], int):
-    keys = keys[2:]
+  if keys and keys[0] == "layers":
+    keys = keys[1:]
   return ".".join(str(k) for k in keys)
 
 
-def weight_shardings(tree, arch: Architecture, split, whole, vocab: bool = False):
+def weight_shardings(tree, arch: Architecture, split, whole, vocab: bool = False,
+                     stacked: bool = False):
   """`tree` (`ResidentWeights`, or one layer's state) with `split` (an engine's devices each
   hold a shard of the leading axis) or `whole` (shardings or specs) in place of each array, by
   the logical axes the weight table gives its path (`vocab`: the vocabulary is split too);
-  per-layer constants are whole."""
+  per-layer constants are whole. The stacked layers of a `ResidentWeights` (or `tree` itself,
+  when `stacked`: the `layers` dict) get a leading, unsplit layer axis in front."""
   from flying_jax.model.tables import SPLIT_AXES, by_path
 
   axes = SPLIT_AXES + (("vocab",) if vocab else ())
@@ -211,7 +269,9 @@ def weight_shardings(tree, arch: Architecture, split, whole, vocab: bool = False
 
   def pick(keypath, _):
     spec = specs.get(_path(keypath))
-    return split if spec is not None and spec.axes[0] in axes else whole
+    chosen = split if spec is not None and spec.axes[0] in axes else whole
+    in_layers = stacked or (keypath and getattr(keypath[0], "name", None) == "layers")
+    return lead(chosen) if in_layers else chosen
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
@@ -240,8 +300,8 @@ def abstract(arch: Architecture, dtype, specs, rows=None) -> ResidentWeights:
 def rows_of(weights: ResidentWeights, head_dim: int, base: int = 1) -> tuple[int, int]:
   """(query heads, KV heads) rows one device's shard of the resident weights (or their abstract
   structs) holds."""
-  attn = weights.layers[0]["attn"]
-  return attn["wq"].shape[0] // head_dim // base, attn["wk"].shape[0] // head_dim // base
+  attn = weights.layers["attn"]
+  return attn["wq"].shape[1] // head_dim // base, attn["wk"].shape[1] // head_dim // base
 
 
 def _rows(w, start, size: int, index, whole: bool):

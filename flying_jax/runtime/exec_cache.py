@@ -14,7 +14,7 @@ On jax 0.10.2 / XLA:CPU an executable that was itself deserialized (ours, or one
 persistent compilation cache) serializes again without its object code and fails when called in the
 next process ("Function ... not found"). So only freshly compiled executables are stored: a compile
 that JAX's persistent cache answered is used but not stored (`CacheStats.unsaved`), on every backend
-(others are unverified). Turn JAX's persistent cache off for the programs that come through here.
+(others are unverified), and misses compile with JAX's persistent cache off in their thread.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ class ExecutableCache:
         return compiled, True
     t0 = time.perf_counter()
     hits_before = _persistent_hits() if name else 0
-    compiled = lower().compile()
+    with _jax_cache_off() if name else contextlib.nullcontext():
+      compiled = lower().compile()
     served_by_jax_cache = name is not None and _persistent_hits() != hits_before
     dt = time.perf_counter() - t0
     ran_on = _check_devices(compiled, devs, key)
@@ -281,6 +282,16 @@ def _hit_counter() -> _PersistentHits:
 
   jax.monitoring.register_event_listener(listen)
   return hits
+
+
+def _jax_cache_off():
+  """JAX's persistent compilation cache off in this thread (a program it served could not be
+  stored here, see the module docstring); a no-op if this JAX moved the option."""
+  try:
+    from jax._src.config import enable_compilation_cache
+  except ImportError:  # pragma: no cover
+    return contextlib.nullcontext()
+  return enable_compilation_cache(False)
 
 
 def _persistent_hits() -> int:

@@ -2,9 +2,9 @@
 
 The host builds one int32 row per group (tokens, positions, KV write slots, page tables; a hybrid
 model's sliding layers get their own tables and slots), packs the sampling fields, transfers three
-arrays, dispatches embed -> layer x L -> head asynchronously (each layer by its kind's program)
-and reads back only the sampled ids (and logprobs when a row asked for them). A mixed partition runs
-one such program chain per span, all dispatched before any result is read.
+arrays, dispatches the step's one program asynchronously and reads back only the sampled ids (and
+logprobs when a row asked for them). A mixed partition runs one program per span, all dispatched
+before any result is read.
 """
 
 from __future__ import annotations
@@ -154,8 +154,7 @@ class Executor:
     """Run every program once on an all-padding batch (KV writes go to the null page).
 
     `partitions`: lists of spans that together cover every compiled span (the pools are arranged
-    for each list in turn). The layer program is the same executable for every layer, so one
-    layer call warms it.
+    for each list in turn).
     """
     t0 = time.perf_counter()
     done = set()
@@ -170,29 +169,18 @@ class Executor:
         for shape in ws.shapes:
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, warm=True))
+          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si))
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, warm: bool = False):
-    """Enqueue one span's programs; returns (tokens, logprob, top ids, top logprobs, logits).
-
-    Each decoder layer runs its kind's layer program (`ProgramRegistry.layer_kind`); `warm`
-    runs only the first layer of each kind (warm-up: a kind's program is one executable)."""
-    reg, span = self.registry, ws.span
+  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si):
+    """Enqueue one span's step program; returns (tokens, logprob, top ids, top logprobs,
+    logits). The step's KV lands in place in the span's pools (donated and given back)."""
+    span = ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
-    x = reg[(span, "embed", shape)](w.embed, meta)
-    programs, ran = {}, set()
-    for l, lw in enumerate(w.layers):
-      kind = reg.layer_kind(l)
-      if warm and kind in ran:
-        continue
-      ran.add(kind)
-      if kind not in programs:
-        programs[kind] = reg[(span, kind, shape)]
-      x, pools.k[l], pools.v[l] = programs[kind](lw, pools.k[l], pools.v[l], x, meta)
-    logits = reg[(span, "head", shape)](w.head_table, w.final_norm, x, meta)
-    return reg[(span, "sample", None)](logits, sf, si) + (logits,)
+    out = self.registry[(span, "step", shape)](w, tuple(pools.k), tuple(pools.v), meta, sf, si)
+    pools.k[:], pools.v[:] = out[5], out[6]
+    return out[:5]
 
 
 def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, prefix: str):

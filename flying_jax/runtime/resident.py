@@ -7,8 +7,10 @@ of one span of a mixed partition covers only the span's devices, so it reads *vi
 the span's mesh assembled from the very same per-device buffers
 (`jax.make_array_from_single_device_arrays`), no byte copied. Weight views are made once at
 start-up; the pools are split into per-span views when a mixed partition starts and merged back
-into whole-mesh arrays when it ends (the layer programs donate their pools, so only one set of
-arrays owns the buffers at a time).
+into whole-mesh arrays when it ends (the step programs donate their pools, so only one set of
+arrays owns the buffers at a time). A page space's pools are one stack of every layer's, split
+over the devices along axis 1, so a switch assembles four arrays per page space, not four per
+layer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import jax
 
 from flying_jax.kv import DevicePools
-from flying_jax.model.weights import weight_shardings
+from flying_jax.model.weights import lead, weight_shardings
 from flying_jax.parallel import Span
 from flying_jax.runtime.programs import WidthSetup
 
@@ -32,7 +34,7 @@ def _assemble(shape, sharding, arrays: list) -> jax.Array:
   """One array of `shape` on `sharding` from its per-device arrays, in mesh order (zero-copy).
 
   `jax.make_array_from_single_device_arrays` validates every shard (~30 us per array on this
-  JAX; a mixed switch assembles 4 x n_layers of them, 4 ms for SmolLM2), so the arrays are
+  JAX; the weight views of every span are assembled at start-up), so the arrays are
   assembled directly when this JAX offers it, unchecked: the callers pass exactly the mesh's
   devices in order, with the shard shape the sharding implies.
   """
@@ -61,7 +63,7 @@ class Resident:
                arch):
     self.pools = pools                    # whole-mesh pools (valid while not split)
     self.devices = devices
-    self._shapes = [a.shape for a in pools.k]   # per layer [devices * pages, slots, head_dim]
+    self._shapes = [a.shape for a in pools.k]   # per page space [layers, devices * pages, ..]
     # ^ never change (a hybrid model's sliding layers have fewer pages than its global ones)
     self._full = next(ws for ws in setups.values() if ws.span.devices == devices)
     self._weights = {}
@@ -93,13 +95,13 @@ class Resident:
       self.merge()
       self._split = {}
       for span in spans:
-        per_device = self._setups[span].specs.per_device()
+        per_device = lead(self._setups[span].specs.per_device())
 
         def cut(a):
-          shape = (a.shape[0] // self.devices * span.devices,) + a.shape[1:]
+          shape = (a.shape[0], a.shape[1] // self.devices * span.devices) + a.shape[2:]
           return _assemble(shape, per_device, _buffers(a, span.first, span.devices))
         self._split[span] = DevicePools([cut(a) for a in self.pools.k],
-                                        [cut(a) for a in self.pools.v])
+                                        [cut(a) for a in self.pools.v], self.pools.layers)
       for lst in (self.pools.k, self.pools.v):      # the span views own the buffers now
         lst[:] = [None] * len(lst)
 
@@ -107,13 +109,13 @@ class Resident:
     """Whole-mesh pools again (for a uniform partition, or to migrate); returns them."""
     if self._split is None:
       return self.pools
-    per_device = self._full.specs.per_device()
+    per_device = lead(self._full.specs.per_device())
     order = sorted(self._split)                       # spans in device order
     for name in ("k", "v"):
       merged = getattr(self.pools, name)
-      for layer in range(len(merged)):
-        bufs = [b for sp in order for b in _buffers(getattr(self._split[sp], name)[layer], 0,
+      for space in range(len(merged)):
+        bufs = [b for sp in order for b in _buffers(getattr(self._split[sp], name)[space], 0,
                                                        sp.devices)]
-        merged[layer] = _assemble(self._shapes[layer], per_device, bufs)
+        merged[space] = _assemble(self._shapes[space], per_device, bufs)
     self._split = None
     return self.pools

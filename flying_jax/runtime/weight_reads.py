@@ -5,7 +5,8 @@ contiguous run of rows: a `dynamic-slice` or `slice` that keeps every dimension 
 one whole. Anything else on a weight of rank 2 or more (gather, transpose, copy, pad,
 concatenate, a slice across a minor dimension) materialises a rearranged copy on every call and
 is reported. `weight_reads` lists what each weight parameter goes into, following fusions into
-their fused computations and through bitcasts. Backends differ in what a leading-axis slice costs
+their fused computations, bitcasts, and a stacked weight into the loop that walks the layers
+(the pick of one layer, a leading-axis slice of size 1, is followed to that layer's reads). Backends differ in what a leading-axis slice costs
 (XLA:CPU copies it to a temporary; XLA:GPU can feed it to cuBLAS in place): this check is about
 the shape of the access, which is the layout's part.
 """
@@ -67,11 +68,41 @@ def _users(instrs: list[_Instr], name: str) -> list[_Instr]:
   return [i for i in instrs if name in i.args]
 
 
+def _contiguous(part: tuple[int, ...], whole: tuple[int, ...]) -> bool:
+  """A slice `part` of `whole` is one contiguous run: single entries of leading axes, then one
+  partial axis, then whole axes (e.g. one layer's run of rows of a stacked weight)."""
+  if len(part) != len(whole):
+    return False
+  i = next((i for i, n in enumerate(part) if n != 1), len(part))
+  return part[i + 1:] == whole[i + 1:]
+
+
+def _index(attrs: str) -> int:
+  return int(re.search(r"index=(\d+)", attrs).group(1))
+
+
+def _into_loop(comps, instrs: list[_Instr], tup: _Instr, k: int, shape, weight: str,
+               out: list[Read]):
+  """A weight handed to a while loop as element `k` of its initial tuple: its reads in the loop
+  body (the body's parameter, element k). A tuple no loop takes (a body's ROOT handing the
+  weight on to the next iteration) reads nothing."""
+  for loop in _users(instrs, tup.name):
+    if loop.op != "while":
+      continue
+    body = comps[re.search(r"body=%([\w.\-]+)", loop.attrs).group(1)]
+    param = next(i for i in body if i.op == "parameter")
+    for gte in _users(body, param.name):
+      if gte.op == "get-tuple-element" and _index(gte.attrs) == k:
+        _classify(comps, body, gte.name, shape, weight, out)
+
+
 def _classify(comps, instrs: list[_Instr], value: str, shape: tuple[int, ...], weight: str,
               out: list[Read]):
   for user in _users(instrs, value):
     if user.op in _PASS:
-      _classify(comps, instrs, user.name, shape, weight, out)
+      _classify(comps, instrs, user.name, user.shape or shape, weight, out)
+    elif user.op == "tuple":
+      _into_loop(comps, instrs, user, user.args.index(value), shape, weight, out)
     elif user.op == "fusion":
       callee = re.search(r"calls=%([\w.\-]+)", user.attrs).group(1)
       inner = comps[callee]
@@ -79,7 +110,11 @@ def _classify(comps, instrs: list[_Instr], value: str, shape: tuple[int, ...], w
       param = next(i for i in inner if i.op == "parameter" and i.args == [str(k)])
       _classify(comps, inner, param.name, shape, weight, out)
     elif user.op in ("dynamic-slice", "slice"):
-      rows = user.shape[1:] == shape[1:] and user.args[0] == value
+      rows = _contiguous(user.shape, shape) and user.args[0] == value
+      if user.shape[1:] == shape[1:] and user.shape[0] == 1 < shape[0] and user.args[0] == value:
+        # one layer of a stack: follow its reads
+        _classify(comps, instrs, user.name, user.shape, weight, out)
+        continue
       out.append(Read(weight, user.op, "rows" if rows else "copy"))
       if rows:
         _classify(comps, instrs, user.name, user.shape, weight, [])
@@ -89,7 +124,7 @@ def _classify(comps, instrs: list[_Instr], value: str, shape: tuple[int, ...], w
       out.append(Read(weight, user.op, "whole"))
 
 
-def weight_reads(hlo: str, is_weight=lambda name: name.startswith("layer_state")) -> list[Read]:
+def weight_reads(hlo: str, is_weight=lambda name: name.startswith("weights.layers")) -> list[Read]:
   """Every read of a weight parameter of the program's entry computation (parameters whose
   op_name metadata `is_weight`)."""
   comps, entry = _parse(hlo)
@@ -103,6 +138,6 @@ def weight_reads(hlo: str, is_weight=lambda name: name.startswith("layer_state")
   return out
 
 
-def copies(hlo: str, is_weight=lambda name: name.startswith("layer_state")) -> list[Read]:
+def copies(hlo: str, is_weight=lambda name: name.startswith("weights.layers")) -> list[Read]:
   """The reads of `weight_reads` that rearrange a weight (empty: none)."""
   return [r for r in weight_reads(hlo, is_weight) if r.kind == "copy"]

@@ -146,23 +146,22 @@ def _bisect(logits_SxV: jax.Array, enough) -> jax.Array:
   """Largest float t per row with `enough(logits_SxV >= t[:, None])` true, exact to the bit.
 
   `enough` maps a bool[S, V] mask to bool[S] and must be monotone (true for t = -inf, false above the
-  row's maximum). At most 32 halvings of the ordered-int key range pin the threshold exactly.
+  row's maximum). 32 halvings of the ordered-int key range pin the threshold exactly; the loop
+  always runs all 32 (a halving of a closed range, hi = lo + 1, changes nothing) so its trip count
+  is static: a loop that stopped on a device-computed condition would send the predicate to the
+  host every iteration on a GPU.
   """
   with jax.named_scope("bisect"):
     lo_S = _float_key(jnp.min(logits_SxV, axis=1))   # everything is kept there: `enough` holds
     hi_S = _float_key(jnp.max(logits_SxV, axis=1)) + 1
 
-    def open_(lo_hi):
-      lo_S, hi_S = lo_hi
-      return jnp.any(lo_S + 1 < hi_S)   # (hi - lo can overflow int32; lo + 1 cannot)
-
-    def halve(lo_hi):
+    def halve(_, lo_hi):
       lo_S, hi_S = lo_hi
       mid_S = (lo_S >> 1) + (hi_S >> 1) + (lo_S & hi_S & 1)   # floor((lo + hi) / 2) without overflow
       ok_S = enough(logits_SxV >= _key_float(mid_S)[:, None])
       return jnp.where(ok_S, mid_S, lo_S), jnp.where(ok_S, hi_S, mid_S)
 
-    lo_S, _ = lax.while_loop(open_, halve, (lo_S, hi_S))
+    lo_S, _ = lax.fori_loop(0, 32, halve, (lo_S, hi_S))
     return _key_float(lo_S)
 
 

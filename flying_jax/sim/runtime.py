@@ -82,13 +82,14 @@ class SimMigrator:
   costs: ModelCosts
   link: float                        # bytes/s per chip
   latency: float
+  spaces: tuple = ()                 # (layers, pages per device) of each page space
 
   def move(self, device_pools, arch, src, dst, n_tokens, pages_per_device, slots,
-           start: int = 0, layers=None) -> int:
-    """Tokens [start, n_tokens) of `layers` (default all; a hybrid model moves its global and
-    its sliding layers apart)."""
+           start: int = 0, space: int = 0) -> int:
+    """Tokens [start, n_tokens) of the layers of page space `space` (a hybrid model moves its
+    global and its sliding layers apart)."""
     n_tokens -= start
-    share = 1.0 if layers is None else len(layers) / self.costs.layers
+    share = len(self.spaces[space][0]) / self.costs.layers if self.spaces else 1.0
     nbytes = n_tokens * self.costs.kv_bytes_per_token(self.costs.n_kv_heads) * share
     self.clock.advance(self.latency + nbytes / (self.link * min(src.layout.width,
                                                                 dst.layout.width)))
@@ -124,8 +125,8 @@ class SimRuntime:
                                      local_tables=len(spaces) > 1) for sp in spans}
     setups = {w: span_setups[Span(0, n, w)] for w in widths}
     link = max(self.hw.link_gbps, 1.0) * 1e9
-    migrator = (SimMigrator(self.clock, self.costs, link, self.hw.collective_latency_us * 1e-6)
-                if len(widths) > 1 else None)
+    migrator = (SimMigrator(self.clock, self.costs, link, self.hw.collective_latency_us * 1e-6,
+                            spaces) if len(widths) > 1 else None)
     pool, local_pool, local_pages = S.runtime_pools(spaces, n)
     return S.Runtime(pages, span_setups, setups, None, None, pool, None,
                      SimResident(self.clock, self.hw.switch_ms * 1e-3),
