@@ -14,15 +14,27 @@ import sys
 
 
 def cpu_environment(devices: int = 8):
-  """Simulated CPU devices and enough XLA:CPU threads that collectives never deadlock.
+  """Simulated CPU devices and enough XLA:CPU threads that collectives never deadlock; on GPUs,
+  the decoder layers' weights read in place by the layer loop (see `accelerator_flags`).
 
   Must run before JAX creates its backend. It only affects the host platform, so it is harmless
   on GPU and TPU machines.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  os.environ["XLA_FLAGS"] = accelerator_flags(flags)
   os.environ.setdefault("PJRT_NPROC", "16")
+
+
+def accelerator_flags(flags: str) -> str:
+  """`flags` (XLA_FLAGS) with XLA:GPU's dynamic-slice fusion on, unless set: the step program's
+  layer loop picks each layer's weights out of their stack with a dynamic slice, which XLA:GPU
+  then hands to cuBLAS in place instead of copying it (newer XLA does so by default). Other
+  backends ignore it."""
+  if "xla_gpu_enable_dynamic_slice_fusion" in flags:
+    return flags
+  return f"{flags} --xla_gpu_enable_dynamic_slice_fusion=true".strip()
 
 
 def _add_engine_flags(p: argparse.ArgumentParser):

@@ -120,7 +120,7 @@ def test_sliding_pools_are_smaller_and_hold_the_window(gemma):
   for space, pages in enumerate((PAGES, LOCAL_PAGES)):       # each space's layers stacked
     want = (len(pools.layers[space]), n * pages, 8, 16)
     assert pools.k[space].shape == pools.v[space].shape == want
-  assert {k[1] for k in engine.registry.keys()} == {"step"}
+  assert {k[1] for k in engine.registry.keys()} == {"step", "sample"}
   rep = engine.report
   assert rep.kv_bytes == sum(a.nbytes for a in engine.device_pools.k + engine.device_pools.v)
   page, pages, local_page, local = H.kv_layout(engine.card, engine.preset, PAGES, engine.config)

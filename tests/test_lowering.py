@@ -2,7 +2,7 @@
 
 The step programs are lowered for GPUs and TPUs on this CPU machine (a lowering needs no device):
 with the Pallas attention kernels, every `stablehlo.while` left is a loop of static trip count
-(the walk over the stacked layers, the sampler's halvings); the XLA attention reference, whose
+(the walk over the stacked layers; the sampling program's halvings); the XLA attention reference, whose
 block loop runs a run-time number of times, is the negative control. Also how the layer walk
 splits a hybrid model's layers between its page spaces.
 """
@@ -39,12 +39,12 @@ def test_accelerator_steps_have_only_static_loops(preset, platform, model, layer
   a tail of two; two page spaces)."""
   card = _card(model, layers)
   lowered = lower_steps(card, preset, widths, platform, "pallas", pages=64)
-  assert len(lowered) == 2 * len(widths)
+  assert len(lowered) == 3 * len(widths)          # two step shapes and the sampler per width
   for key, low in lowered.items():
     text = low.as_text()
     found = loops(text)
     assert found and dynamic_loops(text) == [], (key, [l.cond for l in dynamic_loops(text)])
-    assert KERNEL_CALL[platform] in text, key
+    assert (KERNEL_CALL[platform] in text) == (key[1] == "step"), key
 
 
 def test_the_xla_reference_loops_a_run_time_number_of_times(preset):
@@ -52,7 +52,7 @@ def test_the_xla_reference_loops_a_run_time_number_of_times(preset):
   and per prefill part of a step)."""
   lowered = lower_steps(_card("tiny"), preset, (2,), "cuda", "xla", pages=64)
   counts = sorted(len(dynamic_loops(low.as_text())) for low in lowered.values())
-  assert counts == [1, 2]
+  assert counts == [0, 1, 2]                      # the sampler, a decode step, a mixed step
 
 
 def test_layer_walk_periods_and_stack_entries():

@@ -62,6 +62,8 @@ def engine(request):
 def test_every_program_reads_weights_whole_or_as_leading_rows(engine):
   checked = 0
   for span, kind, shape in engine.registry.keys():
+    if kind != "step":
+      continue                              # the sampling program reads no weight
     hlo = engine.registry[(span, kind, shape)].as_text()
     found = copies(hlo, lambda n: n.startswith("weights."))
     lookups = [r for r in found if r.weight.startswith("weights.embed") and r.op == "gather"]

@@ -328,7 +328,8 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
               else None)
   rep.compile_s += time.perf_counter() - t0
   rep.warmup_s = executor.warm_up([[span_setups[sp] for sp in p.spans]
-                                   for p in partitions.values()])
+                                   for p in partitions.values()],
+                                  every_shape=devices[0].platform != "cpu")
   rep.programs = len(registry) + (len(migrator) if migrator else 0)
   rep.weight_bytes = weights.nbytes()
   rep.device_weight_bytes = weights.device_nbytes()

@@ -2,9 +2,9 @@
 
 The host builds one int32 row per group (tokens, positions, KV write slots, page tables; a hybrid
 model's sliding layers get their own tables and slots), packs the sampling fields, transfers three
-arrays, dispatches the step's one program asynchronously and reads back only the sampled ids (and
-logprobs when a row asked for them). A mixed partition runs one program per span, all dispatched
-before any result is read.
+arrays, dispatches the step's program and the sampling program asynchronously and reads back only
+the sampled ids (and logprobs when a row asked for them). A mixed partition runs them per span,
+all dispatched before any result is read.
 """
 
 from __future__ import annotations
@@ -150,11 +150,13 @@ class Executor:
     return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], shapes, group_shapes, host_s,
                       dispatch_s)
 
-  def warm_up(self, partitions) -> float:
-    """Run every program once on an all-padding batch (KV writes go to the null page).
+  def warm_up(self, partitions, every_shape: bool = True) -> float:
+    """Run programs once on an all-padding batch (KV writes go to the null page): first runs
+    set up what a device sets up lazily (collective communicators, kernels' modules).
 
     `partitions`: lists of spans that together cover every compiled span (the pools are arranged
-    for each list in turn).
+    for each list in turn). `every_shape` False: only each span's smallest step and its sampler
+    (on a CPU a step runs the whole model, and there is nothing lazy to set up per program).
     """
     t0 = time.perf_counter()
     done = set()
@@ -166,7 +168,7 @@ class Executor:
       for ws in todo:
         done.add(ws.span)
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
-        for shape in ws.shapes:
+        for shape in (ws.shapes if every_shape else ws.shapes[:1]):
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
           jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si))
@@ -174,13 +176,14 @@ class Executor:
     return time.perf_counter() - t0
 
   def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si):
-    """Enqueue one span's step program; returns (tokens, logprob, top ids, top logprobs,
-    logits). The step's KV lands in place in the span's pools (donated and given back)."""
-    span = ws.span
+    """Enqueue one span's step and sampling programs; returns (tokens, logprob, top ids, top
+    logprobs, logits). The step's KV lands in place in the span's pools (donated and given
+    back)."""
+    reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
-    out = self.registry[(span, "step", shape)](w, tuple(pools.k), tuple(pools.v), meta, sf, si)
-    pools.k[:], pools.v[:] = out[5], out[6]
-    return out[:5]
+    logits, pools.k[:], pools.v[:] = reg[(span, "step", shape)](w, tuple(pools.k),
+                                                               tuple(pools.v), meta)
+    return reg[(span, "sample", None)](logits, sf, si) + (logits,)
 
 
 def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, prefix: str):

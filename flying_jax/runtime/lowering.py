@@ -29,6 +29,7 @@ _COMPARE = re.compile(r"^\s*%[\w#]+ = stablehlo\.compare\s+(LT|LE|GT|GE|NE),\s*(
 def lower_steps(card: ModelCard, preset: MeshPreset, widths, platform: str, attention: str,
                 devices=None, pages: int | None = None, local: bool = True) -> dict:
   """(span, "step", shape) -> the step program lowered for `platform` ("cuda", "rocm", "tpu"),
+  and (span, "sample", None) -> the span's sampling program,
   for the uniform partition of each width in `widths` over `devices` (default: this machine's),
   with the paged-attention backend `attention`. `local`: a hybrid model's sliding layers keep
   pools of their own (as an engine does by default)."""
@@ -55,8 +56,11 @@ def lower_steps(card: ModelCard, preset: MeshPreset, widths, platform: str, atte
                         S.layer_walk(card, spaces), attention)
   reg.graphs = decoder.Graphs.of(decoder.abstract_model(card.arch, dtype, rows))
   wa = W.abstract(card.arch, dtype, first.specs, rows)
-  return {(ws.span, "step", shape): reg.lower(ws, shape, wa, (platform,))
-          for ws in setups.values() for shape in ws.shapes}
+  out = {(ws.span, "step", shape): reg.lower(ws, shape, wa, (platform,))
+         for ws in setups.values() for shape in ws.shapes}
+  out.update({(ws.span, "sample", None): reg.lower(ws, None, wa, (platform,))
+              for ws in setups.values()})
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Compiled programs are data: a registry keyed by (span, "step", step shape), built ahead of time.
+"""Compiled programs are data: a registry keyed by (span, kind, step shape), built ahead of time.
 
 A span is the run of devices one program covers at one width: all devices for a uniform partition,
 part of them for a span of a mixed partition (see `parallel.partitions`). One program per (span,
 shape) runs a whole step: token embeddings, every decoder layer (a loop of static trip count over
 the layers' stacked weights and KV pools, `model.decoder.layers`; the pools donated and written in
-place), the final norm and logits of the sampled rows (padded to a fixed row count) and on-device
-sampling, so a step is one dispatch. A hybrid model's sliding layers read their own (smaller)
-pools and page tables inside the same loop. Nothing is compiled after `build`: looking up a
+place) and the final norm and logits of the sampled rows (padded to a fixed row count); one more
+program per span samples those rows on the device (compiled once per span, not per shape: the
+sampler is costly to compile). A step is two dispatches. A hybrid model's sliding layers read
+their own (smaller) pools and page tables inside the same loop. Nothing is compiled after `build`: looking up a
 missing key raises.
 """
 
@@ -73,31 +74,39 @@ class ProgramStats:
 
 
 def _step_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
-             walk: decoder.LayerWalk, weights_struct: ResidentWeights, rows: int, hist: int,
-             banned: int, attention: str, platform: str):
-  """One whole step on one span: embeddings, every layer (a loop over the stacked layers),
-  the sampled rows' logits (padded to `rows`) and on-device sampling."""
+             walk: decoder.LayerWalk, weights_struct: ResidentWeights, rows: int,
+             attention: str, platform: str):
+  """One whole step on one span but sampling: embeddings, every layer (a loop over the stacked
+  layers) and the sampled rows' logits (padded to `rows`)."""
   spaces = max(walk.spaces) + 1
   coll = Collectives(ws.width, ws.base)
   steps = tuple(Step(arch, shape, ws.plan, ws.geom, coll, space == 1, attention, platform)
                 for space in range(spaces))
 
-  def f(weights: ResidentWeights, k_pools, v_pools, meta_1xL, sf_1xRxF, si_1xRxI):
+  def f(weights: ResidentWeights, k_pools, v_pools, meta_1xL):
     meta = unpack(meta_1xL[0], shape)
     x = decoder.embed(graphs, weights.embed, meta, steps[0])
     x, k_pools, v_pools = decoder.layers(graphs, weights.layers, k_pools, v_pools, x, meta,
                                          steps, walk)
     logits_RxV = decoder.logits(graphs, weights.head_table, weights.final_norm, x, meta, steps[0])
-    logits_RxV = jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))
-    out = sample(logits_RxV, unpack_sampling(sf_1xRxF[0], si_1xRxI[0], hist, banned))
-    return (out.tokens[None], out.logprob[None], out.top_ids[None], out.top_logprobs[None],
-            logits_RxV[None], k_pools, v_pools)
+    return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None], k_pools, v_pools
   s = ws.specs
   g = s.per_group_spec
   pools = (lead(s.per_device_spec),) * spaces
   weights = weight_shardings(weights_struct, arch, s.sharded_spec, s.replicated_spec,
                              ws.plan.reads.vocab)
-  return per_device(f, s, (weights, pools, pools, g, g, g), (g, g, g, g, g, pools, pools))
+  return per_device(f, s, (weights, pools, pools, g), (g, pools, pools))
+
+
+def _sample_fn(ws: WidthSetup, hist: int, banned: int):
+  """On-device sampling of a step's logits (one program per span, every step shape's logits
+  padded to the same rows)."""
+  def f(logits_1xRxV, sf_1xRxF, si_1xRxI):
+    out = sample(logits_1xRxV[0], unpack_sampling(sf_1xRxF[0], si_1xRxI[0], hist, banned))
+    return out.tokens[None], out.logprob[None], out.top_ids[None], out.top_logprobs[None]
+  s = ws.specs
+  g = s.per_group_spec
+  return per_device(f, s, (g, g, g), (g, g, g, g))
 
 
 class ProgramRegistry:
@@ -133,6 +142,7 @@ class ProgramRegistry:
 
   def _jobs(self):
     for ws in self.setups.values():
+      yield ws, None
       for shape in ws.shapes:
         yield ws, shape
 
@@ -153,11 +163,15 @@ class ProgramRegistry:
     return time.perf_counter() - t0
 
   def count(self) -> int:
-    return sum(len(ws.shapes) for ws in self.setups.values())
+    return sum(1 + len(ws.shapes) for ws in self.setups.values())
 
-  def lower(self, ws: WidthSetup, shape: StepShape, wa: ResidentWeights, platforms=None):
-    """The step program of `ws` and `shape`, lowered (for `platforms`, e.g. ("cuda",), when
-    given: a lowering needs no device of that platform)."""
+  def lower(self, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights, platforms=None):
+    """The step program of `ws` and `shape` (None: the span's sampling program), lowered (for
+    `platforms`, e.g. ("cuda",), when given: a lowering needs no device of that platform)."""
+    lower = lambda jitted, args: (jitted.lower(*args) if not platforms else
+                                  jitted.trace(*args).lower(lowering_platforms=tuple(platforms)))
+    if shape is None:
+      return lower(jax.jit(_sample_fn(ws, self.hist, self.banned)), self.sample_structs(ws))
     s, g = ws.specs, ws.specs.groups
     retarget = lambda x, to: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=to)
     sh = weight_shardings(wa, self.arch, s.sharded(), s.replicated(), ws.plan.reads.vocab)
@@ -167,29 +181,28 @@ class ProgramRegistry:
                                        + one.shape[2:], one.dtype, sharding=stacked)
                   for one in self.pool_structs)
     platform = platforms[0] if platforms else ws.specs.mesh.devices.flat[0].platform
-    fn = _step_fn(ws, shape, self.arch, self.graphs, self.walk, wa, self.rows, self.hist,
-                  self.banned, self.attention, platform)
-    args = (weights, pools, pools, meta_struct(g, shape, s.per_group())) + self.sample_structs(ws)
-    jitted = jax.jit(fn, donate_argnums=(1, 2))
-    if not platforms:
-      return jitted.lower(*args)
-    return jitted.trace(*args).lower(lowering_platforms=tuple(platforms))
+    fn = _step_fn(ws, shape, self.arch, self.graphs, self.walk, wa, self.rows, self.attention,
+                  platform)
+    args = (weights, pools, pools, meta_struct(g, shape, s.per_group()))
+    return lower(jax.jit(fn, donate_argnums=(1, 2)), args)
 
   def cache_key(self, ws: WidthSetup, shape: StepShape) -> tuple:
     """What the step program of `ws` and `shape` is made from (the executable cache adds the
     devices, versions and the package's sources): the weights' structs and the head plan follow
     from the model, dtype, row blocks and mesh."""
+    mesh = tuple(ws.specs.mesh.shape.items())
+    if shape is None:
+      return ("sample", self.arch.vocab_size, mesh, self.rows, self.hist, self.banned)
     pools = tuple((tuple(p.shape), str(p.dtype)) for p in self.pool_structs)
-    return ("step", self.arch, str(self.dtype), self.blocks, ws.span,
-            tuple(ws.specs.mesh.shape.items()), ws.geom, shape, self.walk, self.rows,
-            self.hist, self.banned, self.attention, pools)
+    return ("step", self.arch, str(self.dtype), self.blocks, ws.span, mesh, ws.geom, shape,
+            self.walk, self.rows, self.attention, pools)
 
-  def _compile(self, ws: WidthSetup, shape: StepShape, wa: ResidentWeights):
+  def _compile(self, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
     t0 = time.perf_counter()
     compiled, loaded = self.cache.get_or_compile(self.cache_key(ws, shape),
                                                  lambda: self.lower(ws, shape, wa), ws.specs.mesh)
     dt = time.perf_counter() - t0
-    key = (ws.span, "step", shape)
+    key = (ws.span, "sample" if shape is None else "step", shape)
     self._programs[key] = compiled
     mem = compiled.memory_analysis()
     self.stats.append(ProgramStats(
@@ -199,6 +212,7 @@ class ProgramRegistry:
 
   def sample_structs(self, ws: WidthSetup):
     g, r, sh = ws.specs.groups, self.rows, ws.specs.per_group()
-    return (jax.ShapeDtypeStruct((g, r, SAMPLE_F32), jnp.float32, sharding=sh),
+    return (jax.ShapeDtypeStruct((g, r, self.arch.vocab_size), jnp.float32, sharding=sh),
+            jax.ShapeDtypeStruct((g, r, SAMPLE_F32), jnp.float32, sharding=sh),
             jax.ShapeDtypeStruct((g, r, sample_i32_len(self.hist, self.banned)), jnp.int32,
                                  sharding=sh))
