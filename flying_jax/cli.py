@@ -49,7 +49,8 @@ def _add_engine_flags(p: argparse.ArgumentParser):
                  help="serve a mixed partition of the mesh preset instead of a width, e.g. 4+1x4 "
                       "(one TP4 group beside four DP replicas) or 2+2+4")
   p.add_argument("--compile-cache", default=None,
-                 help="persistent XLA compilation cache directory ('' to disable; default: "
+                 help="where compiled programs persist between runs, as serialized "
+                      "executables ('' to disable; default: "
                       "$XDG_CACHE_HOME/flying-jax/xla)")
   p.add_argument("--attention", default="auto", choices=("auto", "pallas", "xla"),
                  help="paged-attention backend: pallas (Triton kernel on GPUs, Mosaic on TPUs), "

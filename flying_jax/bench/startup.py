@@ -1,7 +1,7 @@
 """Start-up time of an engine in a fresh process: `python -m flying_jax.bench.startup ...`.
 
-JAX sets up its persistent compilation cache once per process, so cold (empty cache) and warm
-(filled cache) start-ups are measured in child processes that share one cache directory.
+Cold (empty cache) and warm (filled cache: the engine's serialized executables) start-ups are
+measured in child processes that share one cache directory.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ class EngineConfig:
   hist_len: int = 256                     # tokens of history seen by the penalties
   max_banned: int = 8                     # ids banned per row (stop ids below min_tokens)
   cache_dir: str | None = dataclasses.field(default_factory=lambda: default_cache_dir())
-  # ^ persistent XLA compilation cache ("" or None: off)
+  # ^ where compiled step and migration programs persist between runs, serialized under
+  #   <cache_dir>/executables (`runtime.exec_cache`; "" or None: off). JAX's own persistent
+  #   cache stays off: an executable it loaded could not be serialized again here
   pages_per_device: int | None = None     # override the preset's KV pool size
   progress: bool = False                  # a progress bar while compiling
   max_pause_s: float = 10.0               # a paused sequence waits at most this long, under any
@@ -77,13 +79,6 @@ def default_cache_dir() -> str:
   """Where compiled programs persist between runs: $XDG_CACHE_HOME/flying-jax/xla."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "flying-jax", "xla")
-
-
-def enable_compile_cache(cache_dir: str | None):
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def width_setup(card: ModelCard, preset: MeshPreset, devices, span: Span | int,
@@ -186,8 +181,8 @@ def describe_programs(registry: ProgramRegistry) -> list[str]:
     shapes = ", ".join(f"{s.decode}+{s.pre_rows}x{s.chunk}" for s in ws.shapes)
     slow = max(stats, key=lambda st: st.compile_s)
     loaded = sum(st.loaded for st in stats)
-    lines.append(f"{_span_words(span)}: {len(stats)} step programs (decode+prefill {shapes}"
-                 f"{f'; {loaded} loaded from the cache' if loaded else ''}), "
+    lines.append(f"{_span_words(span)}: {len(stats)} programs (steps decode+prefill {shapes}; "
+                 f"sampling{f'; {loaded} loaded from the cache' if loaded else ''}), "
                  f"{sum(st.compile_s for st in stats):.1f}s, slowest {slow.compile_s:.1f}s")
   return lines
 
@@ -273,7 +268,6 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
                   rep: StartupReport) -> Runtime:
   """Place the weights, allocate the KV pools, compile and warm every program; fill `rep`."""
   dtype = dtype_of(preset)
-  enable_compile_cache(cfg.cache_dir)
   n = len(devices)
   pages = cfg.pages_per_device or preset.pages_per_device
   spaces = page_spaces(card, preset, cfg, pages)

@@ -23,6 +23,7 @@ weight table (`model.tables`) says where each checkpoint tensor goes and which a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -227,15 +228,20 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
 
 
 def _empty_stack(n: int, like: jax.Array) -> jax.Array:
-  sharding = lead(like.sharding)
-  return jax.jit(lambda: jnp.zeros((n,) + like.shape, like.dtype), out_shardings=sharding)()
+  return _zeros((n,) + like.shape, jnp.dtype(like.dtype), lead(like.sharding))()
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype, sharding):
+  """A compiled maker of zeros on the devices (one per shape: names of equal shape share it)."""
+  return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stack: jax.Array, one: jax.Array, l) -> jax.Array:
-  """`stack` with layer `l` replaced by `one`, in place (the stack is donated)."""
-  fn = jax.jit(lambda s, a, i: jax.lax.dynamic_update_index_in_dim(s, a.astype(s.dtype), i, 0),
-               donate_argnums=0, out_shardings=stack.sharding)
-  return fn(stack, one, l)
+  """`stack` with layer `l` replaced by `one`, in place (the stack is donated; one compile per
+  tensor shape, not per call)."""
+  return jax.lax.dynamic_update_index_in_dim(stack, one.astype(stack.dtype), l, 0)
 
 
 def _pad_rows(a, rows: int, xp=np):

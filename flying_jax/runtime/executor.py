@@ -155,8 +155,9 @@ class Executor:
     set up what a device sets up lazily (collective communicators, kernels' modules).
 
     `partitions`: lists of spans that together cover every compiled span (the pools are arranged
-    for each list in turn). `every_shape` False: only each span's smallest step and its sampler
-    (on a CPU a step runs the whole model, and there is nothing lazy to set up per program).
+    for each list in turn). `every_shape` False: only the smallest step and the sampler of each
+    span over every device (on a CPU a step runs the whole model, and there is nothing lazy to
+    set up per program).
     """
     t0 = time.perf_counter()
     done = set()
@@ -167,6 +168,8 @@ class Executor:
       self.resident.arrange(tuple(ws.span for ws in spans))
       for ws in todo:
         done.add(ws.span)
+        if not every_shape and ws.span.devices < self.resident.devices:
+          continue
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
         for shape in (ws.shapes if every_shape else ws.shapes[:1]):
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
