@@ -11,38 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import MAX_PAGES, SLOTS
+from kernel_cases import case as _case, pools as _pools
+
 from flying_jax.model.attention import KVGeometry, paged_attention
 from flying_jax.model.kernels import paged_attention_pallas
 
 TOL = 1e-5
-SLOTS, HD, POOL_PAGES, MAX_PAGES = 16, 8, 40, 12
-
-
-def _pools(seed, dtype=jnp.float32, pages=POOL_PAGES, slots=SLOTS, hd=HD):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((pages, slots, hd)), dtype),
-          jnp.asarray(rng.standard_normal((pages, slots, hd)), dtype))
-
-
-def _case(seed, geom, kvlen, q_len, g, hd=HD, pages=POOL_PAGES):
-  """Random queries and tables for sequences whose last `q_len` tokens are the queries.
-
-  Table entries past a sequence's pages are out-of-range garbage (neither side may read them).
-  """
-  rng = np.random.default_rng(seed)
-  s, t = len(kvlen), geom.tokens_per_page
-  kvlen = np.asarray(kvlen, np.int32)
-  table = rng.integers(0, pages, (s, geom.max_pages)).astype(np.int32)
-  used = -(-kvlen // t)
-  for i in range(s):
-    table[i, used[i]:] = rng.choice([-5, pages + 3, 10 ** 6], geom.max_pages - used[i])
-  qpos = kvlen[:, None] - q_len + np.arange(q_len)[None, :]
-  qpos = np.where(kvlen[:, None] > 0, qpos, 0).astype(np.int32)   # empty rows: any position
-  q = rng.standard_normal((s, q_len, geom.kv_per_device, g, hd)).astype(np.float32)
-  blk = geom.pages_per_block * t
-  n_blocks = max(1, -(-int(kvlen.max()) // blk))
-  return (jnp.asarray(q), jnp.asarray(qpos), jnp.asarray(table), jnp.asarray(kvlen),
-          jnp.int32(n_blocks))
 
 
 def _compare(name, geom, pools, case, window=None, scale=None, **kernel_kw):

@@ -17,37 +17,15 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from kernel_cases import MAX_PAGES, SLOTS
+from kernel_cases import case as _case, pools as _pools
+
 from flying_jax.model.attention import KVGeometry, paged_attention
 from flying_jax.model.kernels import paged_attention_tpu
 
 TOL = 1e-5
-SLOTS, HD, POOL_PAGES, MAX_PAGES = 16, 8, 40, 12
 # Interpret-mode kernels are large XLA programs; LLVM's optimisations only cost compile time.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _pools(seed, dtype=jnp.float32, pages=POOL_PAGES, slots=SLOTS, hd=HD):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((pages, slots, hd)), dtype),
-          jnp.asarray(rng.standard_normal((pages, slots, hd)), dtype))
-
-
-def _case(seed, geom, kvlen, q_len, g, hd=HD, pages=POOL_PAGES):
-  """Queries, positions, table, lengths and n_blocks for sequences whose last `q_len` tokens
-  are the queries (rows with kvlen 0 are padding). Table entries past a sequence's pages are
-  garbage outside the pool: neither side may read them."""
-  rng = np.random.default_rng(seed)
-  s, t = len(kvlen), geom.tokens_per_page
-  kvlen = np.asarray(kvlen, np.int32)
-  table = rng.integers(0, pages, (s, geom.max_pages)).astype(np.int32)
-  used = -(-kvlen // t)
-  for i in range(s):
-    table[i, used[i]:] = rng.choice([-7, pages + 1, 2 ** 30], geom.max_pages - used[i])
-  qpos = np.where(kvlen[:, None] > 0, kvlen[:, None] - q_len + np.arange(q_len)[None, :], 0)
-  q = rng.standard_normal((s, q_len, geom.kv_per_device, g, hd)).astype(np.float32)
-  n_blocks = max(1, -(-int(kvlen.max()) // (geom.pages_per_block * t)))
-  return (jnp.asarray(q), jnp.asarray(qpos.astype(np.int32)), jnp.asarray(table),
-          jnp.asarray(kvlen), jnp.int32(n_blocks))
 
 
 def _run(fn, args):

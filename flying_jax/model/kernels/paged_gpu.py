@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flying_jax.model.attention import KVGeometry
+from flying_jax.model.kernels.common import check_arguments
 
 _NEG = -1e30          # the reference's mask value: exp(_NEG - m) is 0, _NEG - _NEG is 0
 _MIN_DOT = 16         # smallest dot dimension Triton accepts
@@ -161,14 +162,10 @@ def paged_attention_pallas(q_SxQxKxGxH, qpos_SxQ, k_pool, v_pool, table_SxM, kvl
   num_warps, num_stages: Triton compiler parameters.
   """
   s, nq, k, g, hd = q_SxQxKxGxH.shape
-  pool_pages, slots, pool_hd = k_pool.shape
+  pool_pages, slots, _ = k_pool.shape
   t = geom.tokens_per_page
   m = table_SxM.shape[1]
-  if v_pool.shape != k_pool.shape or pool_hd != hd:
-    raise ValueError(f"pools {k_pool.shape}/{v_pool.shape} do not fit q {q_SxQxKxGxH.shape}")
-  if k != geom.kv_per_device or k * t > slots or t < 1:
-    raise ValueError(f"q has {k} kv heads; geometry {geom} does not fit slots={slots}")
-  scale = hd ** -0.5 if scale is None else float(scale)
+  scale = check_arguments(q_SxQxKxGxH, k_pool, v_pool, geom, scale)
 
   r = nq * g
   rows = block_rows or min(_pow2(r), 64)
