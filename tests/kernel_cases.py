@@ -29,3 +29,12 @@ def case(seed, geom, kvlen, q_len, g, hd=HD, pages=POOL_PAGES):
   n_blocks = max(1, -(-int(kvlen.max()) // (geom.pages_per_block * t)))
   return (jnp.asarray(q), jnp.asarray(qpos.astype(np.int32)), jnp.asarray(table),
           jnp.asarray(kvlen), jnp.int32(n_blocks))
+
+
+def assert_close(name: str, got, want, tol: float):
+  """Kernel output against the reference: same shape and dtype, finite, within `tol`."""
+  assert got.shape == want.shape and got.dtype == want.dtype
+  assert np.isfinite(got).all()
+  err = float(np.abs(got - want).max())
+  print(f"{name}: max |kernel - reference| = {err:.2e}")
+  assert err <= tol, (name, err)

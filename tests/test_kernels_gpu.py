@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_cases import MAX_PAGES, SLOTS
-from kernel_cases import case as _case, pools as _pools
+from kernel_cases import assert_close, case as _case, pools as _pools
 
 from flying_jax.model.attention import KVGeometry, paged_attention
 from flying_jax.model.kernels import paged_attention_pallas
@@ -35,11 +35,7 @@ def _compare(name, geom, pools, case, window=None, scale=None, **kernel_kw):
   args = (q, qpos, k_pool, v_pool, table, kvlen, n_blocks, win)
   want = np.asarray(jax.jit(ref)(*args))
   got = np.asarray(jax.jit(ker)(*args))
-  assert got.shape == want.shape and got.dtype == want.dtype
-  assert np.isfinite(got).all()
-  err = float(np.abs(got - want).max())
-  print(f"{name}: max |kernel - reference| = {err:.2e}")
-  assert err <= TOL, (name, err)
+  assert_close(name, got, want, TOL)
   return got, want
 
 

@@ -18,7 +18,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernel_cases import MAX_PAGES, SLOTS
-from kernel_cases import case as _case, pools as _pools
+from kernel_cases import assert_close, case as _case, pools as _pools
 
 from flying_jax.model.attention import KVGeometry, paged_attention
 from flying_jax.model.kernels import paged_attention_tpu
@@ -39,11 +39,7 @@ def _compare(name, geom, pools, case, window=None, scale=None, tol=TOL, **kernel
   kernel_kw.setdefault("interpret", True)
   want = _run(lambda *a: paged_attention(*a[:7], geom, a[7], scale), args)
   got = _run(lambda *a: paged_attention_tpu(*a[:7], geom, a[7], scale, **kernel_kw), args)
-  assert got.shape == want.shape and got.dtype == want.dtype
-  assert np.isfinite(got).all()
-  err = float(np.abs(got - want).max())
-  print(f"{name}: max |kernel - reference| = {err:.2e}")
-  assert err <= tol, (name, err)
+  assert_close(name, got, want, tol)
   return got, want
 
 
