@@ -56,6 +56,10 @@ def _add_engine_flags(p: argparse.ArgumentParser):
                  help="paged-attention backend: pallas (Triton kernel on GPUs, Mosaic on TPUs), "
                       "xla (the reference, a loop over KV blocks) or auto (default: pallas on "
                       "accelerators, xla on CPUs)")
+  p.add_argument("--no-overlap", action="store_true",
+                 help="run each step to its end before packing the next (by default the host "
+                      "schedules and packs step n+1 while the device runs step n; greedy ids "
+                      "are the same either way)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
   p.add_argument("--policy", default=None,
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
   bench.add_argument("--attention", default="auto", choices=("auto", "pallas", "xla"),
                      help="paged-attention backend (see `serve --help`)")
+  bench.add_argument("--no-overlap", action="store_true",
+                     help="time steps run one at a time (see `serve --help`)")
 
   load = sub.add_parser(
       "bench-load", help="host memory while loading weights: streamed against whole-model",

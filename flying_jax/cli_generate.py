@@ -29,7 +29,7 @@ def run_generate(args) -> int:
     llm = LLM(model=args.model, mesh=args.mesh, width=width, partition=args.partition,
               widths="all" if args.all_widths else None,
               cache_dir=args.compile_cache, progress=sys.stderr.isatty(), policy=args.policy,
-              attention=args.attention)
+              attention=args.attention, overlap=not args.no_overlap)
   except (ValueError, ConfigError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

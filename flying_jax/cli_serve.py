@@ -24,7 +24,7 @@ def run_serve(args) -> int:
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
               widths="all" if every or args.all_widths else None, cache_dir=args.compile_cache,
               progress=sys.stderr.isatty(), policy=args.policy,
-              attention=args.attention)
+              attention=args.attention, overlap=not args.no_overlap)
     server = Server(llm.engine, llm.tokenizer, config, versions())
   except (ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -64,14 +64,15 @@ class LLM:
   `widths` says more. `policy` picks the partition every step: `"static:W"`, `"load"`,
   `"priority"`, `"memory"` or `"auto"` (None: stay where it started). `attention`: the
   paged-attention backend, `"auto"` (Pallas kernels on GPUs and TPUs, the XLA reference on
-  CPUs), `"pallas"` or `"xla"`.
+  CPUs), `"pallas"` or `"xla"`. `overlap`: pack step n+1 while the device runs step n
+  (`EngineConfig.overlap`).
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True,
                policy: str | None = None, partition: str | None = None,
-               attention: str = "auto"):
+               attention: str = "auto", overlap: bool = True):
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
@@ -91,7 +92,8 @@ class LLM:
       widths = (width,)
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
                           pages_per_device=pages_per_device, progress=progress,
-                          partitions=mixed if widths else None, attention=attention)
+                          partitions=mixed if widths else None, attention=attention,
+                          overlap=overlap)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)

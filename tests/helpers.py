@@ -8,26 +8,28 @@ import numpy as np
 
 @contextlib.contextmanager
 def captured_logits(engine):
-  """The float32 logits row of every sampled token, per seq_id, in sampling order."""
+  """The float32 logits row of every sampled token, per seq_id, in sampling order (a step
+  collected after its sequence finished, by overlap, adds none)."""
   got = collections.defaultdict(list)
-  original = engine.executor.run
+  original = engine.executor.collect
 
-  def run_and_keep(spans, work, banned_for):
-    res = original(spans, work, banned_for)
-    for g, w in enumerate(work):
+  def collect_and_keep(launched):
+    res = original(launched)
+    for g, w in enumerate(launched.work):
       logits = res.logits_of(g)
       for i, seq in enumerate(w.decode):
-        got[seq.seq_id].append(logits[res.row(g, i, prefill=False)])
+        if not seq.finished:
+          got[seq.seq_id].append(logits[res.row(g, i, prefill=False)])
       for j, pre in enumerate(w.prefills):
-        if pre.samples:
+        if pre.samples and not pre.seq.finished:
           got[pre.seq.seq_id].append(logits[res.row(g, j, prefill=True)])
     return res
 
-  engine.executor.run = run_and_keep
+  engine.executor.collect = collect_and_keep
   try:
     yield got
   finally:
-    del engine.executor.run
+    del engine.executor.collect
 
 
 # a partition switch at these steps of a run: (width, strategy)

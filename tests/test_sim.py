@@ -61,7 +61,8 @@ def test_policy_changes_simulated_outcomes_as_it_changes_real_ones():
   card = load_model_card("tiny")
   preset = dataclasses.replace(load_mesh_preset("cpu-8"), decode_buckets=(8,),
                                prefill_chunks=(32,), token_budget=40)
-  config = EngineConfig(widths=(1, 8), width=1, pages_per_device=8)
+  # one step at a time, as the simulator steps (with overlap a step's events come a call later)
+  config = EngineConfig(widths=(1, 8), width=1, pages_per_device=8, overlap=False)
   rng = np.random.default_rng(0)
   work = [(rng.integers(0, 512, size=int(n)).tolist(), int(m))
           for n, m in zip(rng.integers(5, 60, 12), rng.integers(2, 20, 12))]

@@ -81,14 +81,15 @@ def decode_steps(engine: Engine, batch: int, vocab: int) -> dict:
 
 
 def bench_mesh(card, preset, widths, prompts, output_tokens: int, batches=BATCHES,
-               measure_startup: bool = True, attention: str = "auto") -> dict:
+               measure_startup: bool = True, attention: str = "auto",
+               overlap: bool = True) -> dict:
   out = {"mesh": preset.name, "widths": {}}
   if measure_startup:
     with tempfile.TemporaryDirectory() as cache:
       out["startup_cold_s"] = startup.measure(card.name, preset.name, widths, cache)
       out["startup_warm_s"] = startup.measure(card.name, preset.name, widths, cache)
-  engine = Engine(card, preset, EngineConfig(widths=widths, attention=attention))
-  out["attention"] = engine.report.attention
+  engine = Engine(card, preset, EngineConfig(widths=widths, attention=attention, overlap=overlap))
+  out["attention"], out["overlap"] = engine.report.attention, engine.overlap
   biggest = max(preset.decode_buckets)
   for w in widths:
     engine.set_width(w)
@@ -123,7 +124,8 @@ def run_bench(args) -> int:
   print(f"bench-offline: {card.name}, {args.prompts} prompts x {args.output_tokens} output tokens, "
         f"greedy; machine: {platform.machine()} {platform.processor() or ''}".strip())
   print(f"mesh/width | output tok/s | decode step (median) at batch "
-        f"{' / '.join(map(str, batches))} (host share, blocked in dispatch)")
+        f"{' / '.join(map(str, batches))} (host share, blocked in dispatch); steps "
+        f"{'one at a time' if args.no_overlap else 'overlapped'}")
   result = {"model": card.name, "prompts": args.prompts, "output_tokens": args.output_tokens,
             "machine": platform.platform(), "runs": []}
   runs = [(preset, widths)]
@@ -132,7 +134,7 @@ def run_bench(args) -> int:
     runs.append((single, single.widths))
   for p, ws in runs:
     r = bench_mesh(card, p, ws, prompts, args.output_tokens, batches, not args.no_startup,
-                   args.attention)
+                   args.attention, not args.no_overlap)
     if not args.no_startup:
       print(f"{p.name}: start-up with widths {list(ws)} compiled: cold "
             f"{r['startup_cold_s']:.1f} s, warm {r['startup_warm_s']:.1f} s", flush=True)

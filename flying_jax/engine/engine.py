@@ -1,15 +1,15 @@
 """The engine: requests in, one step at a time, tokens and text out.
 
-`Engine.step()` asks the scheduler for each group's work, runs the width's compiled programs through
-the executor, appends the sampled tokens, applies stop ids, stop strings and length limits, and
-frees the pages of every sequence that finished. It is single-threaded by design: one controller
-owns the dispatch order (a server runs it on its own thread).
+`Engine.step()` asks the scheduler for each group's work, launches the partition's compiled programs
+through the executor, and collects the step before it (`engine.stepping`): appends the sampled
+tokens, applies stop ids, stop strings and length limits, and frees the pages of every sequence
+that finished. It is single-threaded by design: one controller owns the dispatch order (a server
+runs it on its own thread).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import logging
 import random
@@ -21,35 +21,19 @@ import jax
 from flying_jax.config import MeshPreset, ModelCard
 from flying_jax.engine import introspect
 from flying_jax.engine import setup as S
+from flying_jax.engine import stepping
 from flying_jax.engine.admission import RequestRejected, validate
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
+from flying_jax.engine.stepping import SeqEvent, StepTiming
 from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, check_switch,
                                         cut_over, label, migrate_sequence, requeue_paused)
 from flying_jax.parallel import Partition, PartitionError
 from flying_jax.sampling import SamplingParams
 
 log = logging.getLogger("flying_jax")
-
-
-@dataclasses.dataclass(slots=True)
-class SeqEvent:
-  seq: Sequence
-  new_ids: list[int]
-  text_delta: str
-  finished: bool
-
-
-@dataclasses.dataclass
-class StepTiming:
-  shape: object
-  host_s: float          # host work: scheduling, packing, token bookkeeping (not dispatch)
-  dispatch_s: float      # enqueueing the compiled programs
-  total_s: float         # until the sampled ids are on the host
-  tokens: int            # tokens processed (prefill + decode, real ones)
-  decoded: int           # decode slots used
 
 
 class Engine:
@@ -94,6 +78,9 @@ class Engine:
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self.pause_expired = 0                  # paused sequences given up on (recompute_paused)
+    self.overlap = config.overlap and getattr(self.executor, "overlaps", False)
+    self._inflight = None                   # (launched, work) of a step not collected yet
+    self._ready: list[SeqEvent] = []        # events collected outside `step()`
 
   def compiled_partition(self, target) -> Partition:
     """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition).
@@ -160,8 +147,9 @@ class Engine:
   def _checked_switch(self, target, strategy) -> tuple[Partition, Strategy]:
     """The partition and strategy of a switch to `target`, or ValueError / RuntimeError saying
     why it cannot happen now; changes nothing."""
-    return check_switch(self.compiled_partition(target), strategy, self.scheduler, self.setups,
-                        self.migrator is not None)
+    part = self.compiled_partition(target)
+    self.sync()                      # a switch reads what the sequences generated
+    return check_switch(part, strategy, self.scheduler, self.setups, self.migrator is not None)
 
   def _supersede_pending(self, by: str):
     """Give up a pending drain (its groups admit again): a later decision replaces it."""
@@ -253,6 +241,7 @@ class Engine:
 
   def _cut_over(self, record: SwitchRecord, strategy: Strategy):
     t0 = time.perf_counter()
+    self.sync()
     old = self.scheduler
     if strategy is Strategy.MIGRATE:
       self.resident.merge()                      # the migration programs see the whole mesh
@@ -269,6 +258,7 @@ class Engine:
   def set_width(self, width):
     """Serve another compiled partition from the next step on; only while nothing is in flight."""
     part = self.compiled_partition(width)
+    self.sync()
     if not self.no_leaks():
       raise RuntimeError(f"cannot switch to {part.name} while requests are running or waiting "
                          f"({self.scheduler.num_running()} running, "
@@ -316,69 +306,53 @@ class Engine:
     self._requests.pop(request_id, None)
 
   def has_unfinished(self) -> bool:
-    return self.scheduler.has_work() or len(self.paused) > 0
+    """Whether a `step()` has anything left to do: requests, a step in flight, events to hand
+    out."""
+    return (self.scheduler.has_work() or len(self.paused) > 0 or self._inflight is not None
+            or bool(self._ready))
 
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
+    """Schedule and launch the next step, then collect the step launched before it: returns the
+    events of what was collected. With `overlap` the host schedules and packs step n+1 while the
+    device runs step n, and a step's events come with the next call; the engine collects first
+    when the next step needs the previous one's tokens on the host (a sequence prefilling what it
+    generated, penalties over its history) or when it switches partitions."""
     t0, started = time.perf_counter(), self.clock()
     self._apply_policy()
     work = self.scheduler.schedule()
-    if all(w.empty for w in work):
-      return []
+    prev, self._inflight = self._inflight, None
+    events, self._ready = self._ready, []
+    if prev is not None and not (self.overlap and stepping.may_follow(work)):
+      events += stepping.collect(self, *prev)
+      prev = None
+      work = [stepping.unfinished(w) for w in work]
     t_sched = time.perf_counter() - t0
-    try:
-      result = self.executor.run(self._spans, work, self.outputs.banned_ids)
-    except Exception as e:  # a failed step fails its sequences, frees their pages, and is logged
-      log.exception("step failed")
-      return self._fail(work, f"{type(e).__name__}: {e}")
+    launched = stepping.launch(self, work, prev, started) if any(not w.empty for w in work) else None
     t1 = time.perf_counter()
-    events = []
-    tokens = result.tokens.tolist()
-    accept = self._accept
-    for g, w in enumerate(work):
-      row_tokens, cap = tokens[g], self.scheduler.groups[g].capacity
-      for i, seq in enumerate(w.decode):
-        seq.computed += 1
-        events.append(accept(seq, row_tokens[i], result, g, i, cap))
-      for j, pre in enumerate(w.prefills):
-        seq = pre.seq
-        seq.computed += pre.length
-        if seq.scheduled_time is None:
-          seq.scheduled_time = started             # the clock of arrival_time
-        if pre.samples:
-          row = result.row(g, j, prefill=True)
-          events.append(accept(seq, row_tokens[row], result, g, row, cap))
-    self.steps += 1
-    n_tok = sum(len(w.decode) + w.prefill_tokens for w in work)
-    sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
-    total_s = time.perf_counter() - t0
+    if prev is not None:
+      events += stepping.collect(self, *prev)
+    if launched is not None:
+      if self.overlap:
+        self._inflight = launched
+      else:
+        events += stepping.collect(self, *launched)
+      result, w = launched
+      n_tok = sum(len(g.decode) + g.prefill_tokens for g in w)
+      sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
+      self.timings.append(StepTiming(result.shapes[0], sched_s, result.dispatch_s,
+                                     time.perf_counter() - t0, n_tok,
+                                     sum(len(g.decode) for g in w)))
     self.seconds_per_partition[self.partition.name] += self.clock() - started
-    self.timings.append(StepTiming(result.shape, sched_s, result.dispatch_s, total_s, n_tok,
-                                   sum(len(w.decode) for w in work)))
     self._maybe_finish_drain()
+    events, self._ready = events + self._ready, []
     return events
 
-  def _fail(self, work, message: str) -> list[SeqEvent]:
-    events = []
-    for w in work:
-      for seq in w.decode + [p.seq for p in w.prefills]:
-        seq.error = message
-        self.scheduler.remove(seq)
-        self.outputs.finish(seq, "error")
-        events.append(SeqEvent(seq, [], "", True))
-    return events
-
-  def _accept(self, seq: Sequence, token: int, result, g: int, row: int,
-              capacity: int) -> SeqEvent:
-    lp = None
-    if result.logprob is not None and seq.params.logprobs is not None:
-      k = seq.params.logprobs
-      lp = (float(result.logprob[g, row]),
-            list(zip(result.top_ids[g, row, :k].tolist(), result.top_logprobs[g, row, :k].tolist())))
-    delta, finished = self.outputs.append(seq, token, lp, capacity)
-    if finished:
-      self.scheduler.remove(seq)
-    return SeqEvent(seq, [token], delta, finished)
+  def sync(self):
+    """Collect the step in flight, if any (its events come with the next `step()`)."""
+    if self._inflight is not None:
+      prev, self._inflight = self._inflight, None
+      self._ready += stepping.collect(self, *prev)
 
   # introspection -------------------------------------------------------------------------------
   def request(self, request_id: str) -> list[Sequence]:
@@ -396,4 +370,8 @@ class Engine:
     return max(sp.pool.used_share() for sp in self.scheduler.spaces)
 
   def no_leaks(self) -> bool:
-    return all(sp.pool.all_free() for sp in self.scheduler.spaces) and not self.has_unfinished()
+    """Every page free and nothing running, waiting, paused or in flight (events collected but
+    not handed out yet are no leak)."""
+    return (all(sp.pool.all_free() for sp in self.scheduler.spaces) and self._inflight is None
+            and not self.scheduler.has_work() and not len(self.paused))
+

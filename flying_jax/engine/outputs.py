@@ -22,7 +22,7 @@ class OutputProcessor:
 
   def banned_ids(self, seq: Sequence) -> list[int]:
     """Ids the device must not sample for this sequence now: its stop ids below min_tokens."""
-    if len(seq.output_ids) < seq.params.min_tokens:
+    if seq.generated < seq.params.min_tokens:
       return sorted(seq.stop_ids)
     return []
 

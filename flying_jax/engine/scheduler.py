@@ -48,11 +48,12 @@ class PrefillRow:
   seq: Sequence
   start: int
   length: int
+  samples: bool = dataclasses.field(init=False)
+  # ^ whether the chunk reaches the end of the sequence (its last token's logits are sampled), as
+  #   scheduled: a step in flight leaves the token it samples pending in the sequence's length
 
-  @property
-  def samples(self) -> bool:
-    """Whether the chunk reaches the end of the sequence (its last token's logits are sampled)."""
-    return self.start + self.length == self.seq.length
+  def __post_init__(self):
+    object.__setattr__(self, "samples", self.start + self.length == self.seq.length)
 
 
 @dataclasses.dataclass
@@ -242,11 +243,14 @@ class Scheduler:
 
   def _split(self, g: int) -> tuple[list[Sequence], list[Sequence]]:
     """Group g's decoding sequences (up to the decode slots, each with a page for the token it
-    writes) and its sequences still prefilling."""
-    slots = self.limits.max_decode
+    writes) and its sequences still prefilling; not those that the token a step in flight
+    samples ends by length."""
+    slots, capacity = self.limits.max_decode, self.groups[g].capacity
     decode, prefill = [], []
     for s in self.running[g]:
-      if s.prompt_len + len(s.output_ids) - s.computed == 1:
+      if s.ends_by_length(capacity):       # its token still on the device is its last
+        continue
+      if s.is_decoding:
         if len(decode) < slots:
           decode.append(s)
       else:

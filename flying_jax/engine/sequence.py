@@ -75,6 +75,8 @@ class Sequence:
   local: PageTable = dataclasses.field(default_factory=PageTable)
   # ^ a hybrid model's sliding-window layers: pages of their own pools, the window only
   computed: int = 0
+  pending: int = 0                            # sampled tokens still on the device (0 or 1)
+  feed_row: int = 0                           # the sampled row (in its group) of the pending one
   admitted_at: int = -1                       # admission order, for preemption choice
   preemptions: int = 0
   recomputes: int = 0                         # times a switch made it prefill again
@@ -94,7 +96,14 @@ class Sequence:
 
   @property
   def length(self) -> int:
-    return self.prompt_len + len(self.output_ids)
+    """Prompt, generated tokens and a token sampled by a step whose result the host has not read
+    yet (`pending`; the next step reads it on the device, `runtime.executor`)."""
+    return self.prompt_len + len(self.output_ids) + self.pending
+
+  @property
+  def generated(self) -> int:
+    """Tokens sampled so far, the pending one included (the sampler's step counter)."""
+    return len(self.output_ids) + self.pending
 
   def token_at(self, i: int) -> int:
     p = len(self.prompt_ids)
@@ -114,7 +123,12 @@ class Sequence:
 
   @property
   def is_decoding(self) -> bool:
-    return self.prompt_len + len(self.output_ids) - self.computed == 1
+    return self.length - self.computed == 1
+
+  def ends_by_length(self, capacity: int) -> bool:
+    """Whether its pending token ends it by a length limit (it must not be stepped again)."""
+    return self.pending > 0 and (self.generated >= self.params.max_tokens
+                                 or self.length >= capacity)
 
   @property
   def finished(self) -> bool:

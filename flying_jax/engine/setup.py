@@ -60,6 +60,9 @@ class EngineConfig:
   # ^ over blocks whose trip count is data), "pallas" (a Pallas kernel: Triton on GPUs, Mosaic on
   #   TPUs, interpret mode on CPUs as a correctness check) or "auto" (pallas on accelerators,
   #   where the reference's loop would return to the host every block; xla on CPUs)
+  overlap: bool = True                    # launch step n+1 before reading step n's sampled ids
+  # ^ (the host schedules and packs while the device runs; decode slots read their token from
+  #   the previous step on the device). Greedy ids are the same either way
 
   def __post_init__(self):
     from flying_jax.model.attention import BACKENDS

@@ -47,7 +47,7 @@ class StepShape:
     t, d, m, r = self.tokens, self.decode, self.max_pages, self.pre_rows
     return [("tokens", (t,)), ("positions", (t,)), ("write_base", (t,)),
             ("dec_table", (d, m)), ("dec_len", (d,)), ("pre_table", (r, m)), ("pre_len", (r,)),
-            ("n_blocks", (2,)), ("rows", (self.rows,))] + (
+            ("n_blocks", (2,)), ("rows", (self.rows,)), ("feed", (d,))] + (
                 [("local_write_base", (t,)), ("local_dec_table", (d, m)),
                  ("local_pre_table", (r, m))] if self.local_tables else [])
 
@@ -68,11 +68,24 @@ class StepMeta:
   pre_len: jax.Array      # [R] KV length after this step's chunk
   n_blocks: jax.Array     # [2] attention blocks to visit: decode, prefill
   rows: jax.Array         # [R] token index of each sampled row
+  feed: jax.Array         # [D] 0: the decode slot's token is in `tokens`; k > 0: it is the
+  #                         previous step's sampled row k - 1 (still on the device, `fed`)
   # a hybrid model's sliding layers read pools of their own through tables of their own (the
   # window only; entries before it point at the null page), same shapes as those above:
   local_write_base: jax.Array | None = None
   local_dec_table: jax.Array | None = None
   local_pre_table: jax.Array | None = None
+
+  def fed(self, prev_R) -> "StepMeta":
+    """The step with each decode slot whose token the previous step sampled (`feed`) reading
+    it from that step's sampled ids `prev_R`, which never went through the host."""
+    d = self.feed.shape[0]
+    if not d:
+      return self
+    feed = self.feed
+    from_prev = jnp.take(prev_R, jnp.maximum(feed - 1, 0), axis=0)
+    tokens = self.tokens.at[:d].set(jnp.where(feed > 0, from_prev, self.tokens[:d]))
+    return dataclasses.replace(self, tokens=tokens)
 
   def local_view(self) -> "StepMeta":
     """The step as a sliding layer of a hybrid model reads it: its own tables and slots."""

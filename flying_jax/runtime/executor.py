@@ -2,9 +2,13 @@
 
 The host builds one int32 row per group (tokens, positions, KV write slots, page tables; a hybrid
 model's sliding layers get their own tables and slots), packs the sampling fields, transfers three
-arrays, dispatches the step's program and the sampling program asynchronously and reads back only
-the sampled ids (and logprobs when a row asked for them). A mixed partition runs them per span,
-all dispatched before any result is read.
+arrays and dispatches the step's program and the sampling program asynchronously (`launch`); the
+sampled ids (and logprobs when a row asked for them) start their copy to the host at once and are
+read by `collect`. A mixed partition runs them per span, all dispatched before any result is read.
+
+A step may be launched before the previous one is collected (the engine overlaps the host's work
+with the device's): a decode slot whose token the previous step samples takes it from that step's
+sampled ids on the device (`StepMeta.feed`), so the host never waits for it to pack a step.
 """
 
 from __future__ import annotations
@@ -75,13 +79,32 @@ def pick_shape(ws: WidthSetup, work: list[GroupWork]) -> StepShape:
   return min(fits, key=lambda s: (s.tokens, s.pre_rows))
 
 
+@dataclasses.dataclass
+class Launched:
+  """A step dispatched and not yet collected: per span, its programs' outputs on the device."""
+  spans: tuple                        # the WidthSetups it ran on
+  work: list[GroupWork]
+  outs: list                          # per span (tokens, logprob, top ids, top logprobs, logits)
+  shapes: list[StepShape]
+  group_shapes: list[StepShape]
+  wants_logprobs: bool
+  host_s: float
+  dispatch_s: float
+
+
 class Executor:
+  overlaps = True                   # `launch` returns before the step's results are on the host
+
   def __init__(self, registry: ProgramRegistry, resident: Resident, hist_len: int, max_banned: int):
     self.registry, self.resident = registry, resident
     self.hist_len, self.max_banned = hist_len, max_banned
+    self._no_prev: dict = {}
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
+    """The packed step rows and sampling fields of one span's groups. A decoding sequence whose
+    last token is still on the device (`Sequence.pending`) reads it from the previous step's
+    sampled row `feed_row`."""
     g = len(work)
     hb = HostBatch(g, shape)
     f = hb.fields
@@ -97,7 +120,10 @@ class Executor:
       rows: list[RowSpec | None] = [None] * shape.rows
       for i, seq in enumerate(w.decode):
         pos = seq.computed
-        f["tokens"][gi, i] = seq.token_at(pos)
+        if seq.pending:
+          f["feed"][gi, i] = seq.feed_row + 1
+        else:
+          f["tokens"][gi, i] = seq.token_at(pos)
         f["positions"][gi, i] = pos
         f["dec_len"][gi, i] = pos + 1
         rows[i] = _row(seq, banned_for(seq))
@@ -122,12 +148,17 @@ class Executor:
     return hb.pack(), sf, si, wants_logprobs
 
   # device side ---------------------------------------------------------------------------------
-  def run(self, spans: list[WidthSetup], work: list[GroupWork], banned_for) -> StepResult:
-    """One step of a partition: `spans` in device order, `work` one entry per group of them."""
+  def launch(self, spans: list[WidthSetup], work: list[GroupWork], banned_for,
+             prev: Launched | None = None) -> Launched:
+    """Dispatch one step of a partition: `spans` in device order, `work` one entry per group of
+    them; `prev`: the step before it when that one is not collected yet (the same spans), whose
+    sampled ids feed decode slots on the device."""
+    if prev is not None and prev.spans != tuple(spans):
+      raise ValueError("a step can only follow an uncollected step of the same partition")
     host_s = dispatch_s = 0.0
     outs, shapes, group_shapes, wants = [], [], [], False
     first = 0
-    for ws in spans:
+    for k, ws in enumerate(spans):
       t0 = time.perf_counter()
       part = work[first:first + ws.specs.groups]
       first += ws.specs.groups
@@ -135,20 +166,44 @@ class Executor:
       meta, sf, si, wants_logprobs = self.build(ws, part, shape, banned_for)
       meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
       t1 = time.perf_counter()
-      outs.append(self.dispatch(ws, shape, meta, sf, si))
+      fed = prev.outs[k][0] if prev is not None else self.no_prev(ws)
+      out = self.dispatch(ws, shape, meta, sf, si, fed)
+      out[0].copy_to_host_async()
+      if wants_logprobs:
+        for x in out[1:4]:
+          x.copy_to_host_async()
+      outs.append(out)
       host_s += t1 - t0
       dispatch_s += time.perf_counter() - t1
       shapes.append(shape)
       group_shapes += [shape] * ws.specs.groups
       wants |= wants_logprobs
+    return Launched(tuple(spans), work, outs, shapes, group_shapes, wants, host_s, dispatch_s)
+
+  def collect(self, launched: Launched) -> StepResult:
+    """Wait for a launched step's sampled ids (and logprobs) on the host."""
+    outs = launched.outs
     if len(outs) == 1:
       fetch = lambda i: np.asarray(outs[0][i])
     else:
       fetch = lambda i: np.concatenate([np.asarray(o[i]) for o in outs])
     tokens = fetch(0)
+    wants = launched.wants_logprobs
     lp, ti, tl = (fetch(1), fetch(2), fetch(3)) if wants else (None, None, None)
-    return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], shapes, group_shapes, host_s,
-                      dispatch_s)
+    return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], launched.shapes,
+                      launched.group_shapes, launched.host_s, launched.dispatch_s)
+
+  def run(self, spans: list[WidthSetup], work: list[GroupWork], banned_for) -> StepResult:
+    """One step, launched and collected."""
+    return self.collect(self.launch(spans, work, banned_for))
+
+  def no_prev(self, ws: WidthSetup):
+    """Sampled ids of no previous step (no slot reads them), on the span's devices."""
+    got = self._no_prev.get(ws.span)
+    if got is None:
+      got = self._no_prev[ws.span] = jax.device_put(
+          np.zeros((ws.specs.groups, self.registry.rows), np.int32), ws.specs.per_group())
+    return got
 
   def warm_up(self, partitions, every_shape: bool = True) -> float:
     """Run programs once on an all-padding batch (KV writes go to the null page): first runs
@@ -174,18 +229,18 @@ class Executor:
         for shape in (ws.shapes if every_shape else ws.shapes[:1]):
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si))
+          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, self.no_prev(ws)))
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si):
+  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, fed):
     """Enqueue one span's step and sampling programs; returns (tokens, logprob, top ids, top
     logprobs, logits). The step's KV lands in place in the span's pools (donated and given
-    back)."""
+    back); `fed`: the previous step's sampled ids on the span (`StepMeta.feed`)."""
     reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
     logits, pools.k[:], pools.v[:] = reg[(span, "step", shape)](w, tuple(pools.k),
-                                                               tuple(pools.v), meta)
+                                                               tuple(pools.v), meta, fed)
     return reg[(span, "sample", None)](logits, sf, si) + (logits,)
 
 
@@ -207,5 +262,5 @@ def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, pr
 
 
 def _row(seq, banned) -> RowSpec:
-  return RowSpec(params=seq.params, seed=seq.seed, step=len(seq.output_ids),
+  return RowSpec(params=seq.params, seed=seq.seed, step=seq.generated,
                  prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, banned_ids=banned)

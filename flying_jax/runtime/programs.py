@@ -77,14 +77,16 @@ def _step_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decod
              walk: decoder.LayerWalk, weights_struct: ResidentWeights, rows: int,
              attention: str, platform: str):
   """One whole step on one span but sampling: embeddings, every layer (a loop over the stacked
-  layers) and the sampled rows' logits (padded to `rows`)."""
+  layers) and the sampled rows' logits (padded to `rows`). Decode slots may take their token
+  from the previous step's sampled ids, passed in as they came out of its sampling program
+  (`StepMeta.fed`): the host packs the next step before it knows them."""
   spaces = max(walk.spaces) + 1
   coll = Collectives(ws.width, ws.base)
   steps = tuple(Step(arch, shape, ws.plan, ws.geom, coll, space == 1, attention, platform)
                 for space in range(spaces))
 
-  def f(weights: ResidentWeights, k_pools, v_pools, meta_1xL):
-    meta = unpack(meta_1xL[0], shape)
+  def f(weights: ResidentWeights, k_pools, v_pools, meta_1xL, prev_1xR):
+    meta = unpack(meta_1xL[0], shape).fed(prev_1xR[0])
     x = decoder.embed(graphs, weights.embed, meta, steps[0])
     x, k_pools, v_pools = decoder.layers(graphs, weights.layers, k_pools, v_pools, x, meta,
                                          steps, walk)
@@ -95,7 +97,7 @@ def _step_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decod
   pools = (lead(s.per_device_spec),) * spaces
   weights = weight_shardings(weights_struct, arch, s.sharded_spec, s.replicated_spec,
                              ws.plan.reads.vocab)
-  return per_device(f, s, (weights, pools, pools, g), (g, pools, pools))
+  return per_device(f, s, (weights, pools, pools, g, g), (g, pools, pools))
 
 
 def _sample_fn(ws: WidthSetup, hist: int, banned: int):
@@ -183,7 +185,8 @@ class ProgramRegistry:
     platform = platforms[0] if platforms else ws.specs.mesh.devices.flat[0].platform
     fn = _step_fn(ws, shape, self.arch, self.graphs, self.walk, wa, self.rows, self.attention,
                   platform)
-    args = (weights, pools, pools, meta_struct(g, shape, s.per_group()))
+    args = (weights, pools, pools, meta_struct(g, shape, s.per_group()),
+            jax.ShapeDtypeStruct((g, self.rows), jnp.int32, sharding=s.per_group()))
     return lower(jax.jit(fn, donate_argnums=(1, 2)), args)
 
   def cache_key(self, ws: WidthSetup, shape: StepShape) -> tuple:

@@ -32,12 +32,13 @@ TOLERANCE = 0.25
 def record_steps(engine, costs: ModelCosts):
   """Wrap `engine` so each step's features and wall time are appended to the returned lists."""
   rows, seconds, last = [], [], []
-  run, step = engine.executor.run, engine.step
+  launch, step = engine.executor.launch, engine.step
   layers = engine.card.arch.n_layers
+  overlap, engine.overlap = engine.overlap, False      # a step's time is its own
 
-  def run_recorded(spans, work, banned_for):
+  def launch_recorded(spans, work, banned_for, prev=None):
     last[:] = [w for w, _, _ in step_work(costs, spans, work)]
-    return run(spans, work, banned_for)
+    return launch(spans, work, banned_for, prev)
 
   def step_recorded():
     last.clear()
@@ -50,9 +51,10 @@ def record_steps(engine, costs: ModelCosts):
     return events
 
   def restore():
-    del engine.executor.run, engine.step          # back to the class's methods
+    del engine.executor.launch, engine.step       # back to the class's methods
+    engine.overlap = overlap
 
-  engine.executor.run, engine.step = run_recorded, step_recorded
+  engine.executor.launch, engine.step = launch_recorded, step_recorded
   return rows, seconds, restore
 
 

@@ -71,6 +71,13 @@ class SimExecutor:
       tokens = self._tokens[key] = np.zeros(key, np.int32)
     return StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
 
+  def launch(self, spans, work, banned_for, prev=None) -> StepResult:
+    """The step runs to its end at once (the simulated engine does not overlap)."""
+    return self.run(spans, work, banned_for)
+
+  def collect(self, result: StepResult) -> StepResult:
+    return result
+
   def warm_up(self, partitions) -> float:
     return 0.0
 
