@@ -81,6 +81,7 @@ class Engine:
     self.overlap = config.overlap and getattr(self.executor, "overlaps", False)
     self._inflight = None                   # (launched, work) of a step not collected yet
     self._ready: list[SeqEvent] = []        # events collected outside `step()`
+    self.waited_s = 0.0
 
   def compiled_partition(self, target) -> Partition:
     """The compiled partition `target` names (a width, a name such as "4+1x4", a Partition).
@@ -319,6 +320,7 @@ class Engine:
     when the next step needs the previous one's tokens on the host (a sequence prefilling what it
     generated, penalties over its history) or when it switches partitions."""
     t0, started = time.perf_counter(), self.clock()
+    self.waited_s = 0.0                       # blocked on sampled ids (`stepping.collect`)
     self._apply_policy()
     work = self.scheduler.schedule()
     prev, self._inflight = self._inflight, None
@@ -339,7 +341,7 @@ class Engine:
         events += stepping.collect(self, *launched)
       result, w = launched
       n_tok = sum(len(g.decode) + g.prefill_tokens for g in w)
-      sched_s = t_sched + result.host_s + (time.perf_counter() - t1)
+      sched_s = t_sched + result.host_s + (time.perf_counter() - t1) - self.waited_s
       self.timings.append(StepTiming(result.shapes[0], sched_s, result.dispatch_s,
                                      time.perf_counter() - t0, n_tok,
                                      sum(len(g.decode) for g in w)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from flying_jax.engine.scheduler import GroupWork
 from flying_jax.engine.sequence import Sequence
@@ -31,7 +32,8 @@ class SeqEvent:
 @dataclasses.dataclass
 class StepTiming:
   shape: object
-  host_s: float          # host work: scheduling, packing, token bookkeeping (not dispatch)
+  host_s: float          # host work: scheduling, packing, token bookkeeping (not dispatch, not
+  #                        waiting for sampled ids)
   dispatch_s: float      # enqueueing the compiled programs
   total_s: float         # the engine's step call: with overlap, until the previous step's ids
   #                        are on the host and this one is running
@@ -89,11 +91,14 @@ def launch(engine, work: list[GroupWork], prev, started: float):
 def collect(engine, launched, work: list[GroupWork]) -> list[SeqEvent]:
   """Read a launched step's sampled ids and hand them to its sequences (those that finished
   meanwhile drop theirs)."""
+  t0 = time.perf_counter()
   try:
     result = engine.executor.collect(launched)
   except Exception as e:
     log.exception("step failed")
     return fail(engine, work, f"{type(e).__name__}: {e}")
+  finally:
+    engine.waited_s += time.perf_counter() - t0
   events = []
   tokens = result.tokens.tolist()
   for g, w in enumerate(work):

@@ -205,14 +205,12 @@ class Executor:
           np.zeros((ws.specs.groups, self.registry.rows), np.int32), ws.specs.per_group())
     return got
 
-  def warm_up(self, partitions, every_shape: bool = True) -> float:
+  def warm_up(self, partitions) -> float:
     """Run programs once on an all-padding batch (KV writes go to the null page): first runs
     set up what a device sets up lazily (collective communicators, kernels' modules).
 
     `partitions`: lists of spans that together cover every compiled span (the pools are arranged
-    for each list in turn). `every_shape` False: only the smallest step and the sampler of each
-    span over every device (on a CPU a step runs the whole model, and there is nothing lazy to
-    set up per program).
+    for each list in turn).
     """
     t0 = time.perf_counter()
     done = set()
@@ -223,10 +221,8 @@ class Executor:
       self.resident.arrange(tuple(ws.span for ws in spans))
       for ws in todo:
         done.add(ws.span)
-        if not every_shape and ws.span.devices < self.resident.devices:
-          continue
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
-        for shape in (ws.shapes if every_shape else ws.shapes[:1]):
+        for shape in ws.shapes:
           meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
           meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
           jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, self.no_prev(ws)))
