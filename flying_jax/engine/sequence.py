@@ -89,6 +89,7 @@ class Sequence:
   first_token_time: float | None = None
   finish_time: float | None = None
   text: str = ""                              # detokenized output (stop strings already cut)
+  sampling_row: tuple | None = None           # its packed sampling fields (`runtime.executor`)
   prompt_len: int = dataclasses.field(init=False)
 
   def __post_init__(self):

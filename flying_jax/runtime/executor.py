@@ -24,8 +24,8 @@ from flying_jax.engine.scheduler import GroupWork
 from flying_jax.model.batch import HostBatch, StepShape
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 from flying_jax.runtime.resident import Resident
-from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_rows, sample_i32_len
-from flying_jax.sampling import RowSpec, pack_sampling
+from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_one, set_dynamic
+from flying_jax.sampling import RowSpec
 
 
 @dataclasses.dataclass
@@ -99,6 +99,7 @@ class Executor:
     self.registry, self.resident = registry, resident
     self.hist_len, self.max_banned = hist_len, max_banned
     self._no_prev: dict = {}
+    self._pad = pack_one(None, hist_len, max_banned)     # a padding row's sampling fields
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
@@ -112,12 +113,11 @@ class Executor:
     tpp, slots = geom.tokens_per_page, geom.slots
     blk = geom.pages_per_block * tpp
     nrows = self.registry.rows
-    sf = np.zeros((g, nrows, SAMPLE_F32), np.float32)
-    si = np.zeros((g, nrows, sample_i32_len(self.hist_len, self.max_banned)), np.int32)
+    sf = np.broadcast_to(self._pad[0], (g, nrows, SAMPLE_F32)).copy()
+    si = np.broadcast_to(self._pad[1], (g, nrows, self._pad[1].size)).copy()
     wants_logprobs = False
     f["rows"][:] = np.arange(shape.rows)            # row i samples token i; prefill rows below
     for gi, w in enumerate(work):
-      rows: list[RowSpec | None] = [None] * shape.rows
       for i, seq in enumerate(w.decode):
         pos = seq.computed
         if seq.pending:
@@ -126,7 +126,7 @@ class Executor:
           f["tokens"][gi, i] = seq.token_at(pos)
         f["positions"][gi, i] = pos
         f["dec_len"][gi, i] = pos + 1
-        rows[i] = _row(seq, banned_for(seq))
+        wants_logprobs |= self._sampling_row(seq, banned_for(seq), sf[gi, i], si[gi, i])
       for j, pre in enumerate(w.prefills):
         seq, n, start = pre.seq, pre.length, pre.start
         at = shape.decode + j * shape.chunk
@@ -135,17 +135,27 @@ class Executor:
         f["pre_len"][gi, j] = start + n
         f["rows"][gi, shape.decode + j] = at + n - 1
         if pre.samples:
-          rows[shape.decode + j] = _row(seq, banned_for(seq))
+          r = shape.decode + j
+          wants_logprobs |= self._sampling_row(seq, banned_for(seq), sf[gi, r], si[gi, r])
       _tables(f, gi, w, shape, tpp, slots, "")
       if shape.local_tables:
         _tables(f, gi, w, shape, tpp, slots, "local_")
       f["n_blocks"][gi, 0] = -(-int(f["dec_len"][gi].max(initial=0)) // blk)
       f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi].max(initial=0)) // blk)
-      fields = pack_sampling(rows + [None] * (nrows - shape.rows), nrows, self.hist_len,
-                             self.max_banned)
-      pack_rows(fields, sf[gi], si[gi])
-      wants_logprobs |= any(r is not None and r.params.logprobs is not None for r in rows)
     return hb.pack(), sf, si, wants_logprobs
+
+  def _sampling_row(self, seq, banned, out_f: np.ndarray, out_i: np.ndarray) -> bool:
+    """Write `seq`'s sampling row (packed once per sequence, then its step counter, output
+    history and banned ids); returns whether it asks for logprobs."""
+    p = seq.params
+    if seq.sampling_row is None:
+      seq.sampling_row = pack_one(RowSpec(params=p, seed=seq.seed, step=0,
+                                          prompt_ids=seq.prompt_ids), self.hist_len,
+                                  self.max_banned)
+    out_f[:], out_i[:] = seq.sampling_row
+    set_dynamic(out_i, seq.generated, seq.output_ids, banned, self.hist_len, self.max_banned,
+                p.has_penalties)
+    return p.logprobs is not None
 
   # device side ---------------------------------------------------------------------------------
   def launch(self, spans: list[WidthSetup], work: list[GroupWork], banned_for,
@@ -256,7 +266,3 @@ def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, pr
     base[gi, at:at + p.length] = np.asarray(pages)[pos // tpp] * slots + pos % tpp
     pre[gi, j, :len(pages)] = pages
 
-
-def _row(seq, banned) -> RowSpec:
-  return RowSpec(params=seq.params, seed=seq.seed, step=seq.generated,
-                 prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, banned_ids=banned)
