@@ -215,7 +215,11 @@ def test_bench_peer_agrees_with_transformers(capsys, small_mesh):
   for row in rows:
     _, batch, theirs, ours, ratio, same, _ = [c.strip() for c in row.split("|")]
     assert float(theirs) > 0 and float(ours) > 0
-    assert float(ratio.rstrip("x")) == pytest.approx(float(ours) / float(theirs), rel=0.02)
+    # the rates are printed to 0.1 tok/s and the ratio to 0.01: it lies within what the
+    # rounded rates allow (on a busy machine rates of a few tok/s make that more than 2%)
+    lo = (float(ours) - 0.05) / (float(theirs) + 0.05) - 0.005
+    hi = (float(ours) + 0.05) / (float(theirs) - 0.05) + 0.005
+    assert lo <= float(ratio.rstrip("x")) <= hi, (ratio, ours, theirs)
     assert int(same.rstrip("%")) >= 80                 # same weights, same greedy tokens
   assert "transformers" in out and "PyTorch" in out
 
