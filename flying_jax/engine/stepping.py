@@ -75,7 +75,7 @@ def launch(engine, work: list[GroupWork], prev, started: float):
     for i, seq in enumerate(w.decode):
       seq.computed += 1
       seq.pending += 1
-      seq.feed_row = i
+      seq.feed_row = shape.sampled_row(i, prefill=False)
     for j, pre in enumerate(w.prefills):
       seq = pre.seq
       seq.computed += pre.length
@@ -83,7 +83,7 @@ def launch(engine, work: list[GroupWork], prev, started: float):
         seq.scheduled_time = started             # the clock of arrival_time
       if pre.samples:
         seq.pending += 1
-        seq.feed_row = shape.decode + j
+        seq.feed_row = shape.sampled_row(j, prefill=True)
   engine.steps += 1
   return launched, work
 

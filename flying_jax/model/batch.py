@@ -43,6 +43,10 @@ class StepShape:
     """Rows sampled: one per decode slot, plus the last token of each prefill row."""
     return self.decode + self.pre_rows
 
+  def sampled_row(self, i: int, prefill: bool) -> int:
+    """The sampled row of the i-th decode slot, or of the i-th prefill row."""
+    return self.decode + i if prefill else i
+
   def _fields(self) -> list[tuple[str, tuple[int, ...]]]:
     t, d, m, r = self.tokens, self.decode, self.max_pages, self.pre_rows
     return [("tokens", (t,)), ("positions", (t,)), ("write_base", (t,)),

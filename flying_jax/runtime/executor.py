@@ -46,7 +46,7 @@ class StepResult:
 
   def row(self, g: int, i: int, prefill: bool) -> int:
     """The sampled row of group g's i-th decode slot, or of its i-th prefill row."""
-    return self.group_shapes[g].decode + i if prefill else i
+    return self.group_shapes[g].sampled_row(i, prefill)
 
   def logits_of(self, g: int) -> np.ndarray:
     """[R, V] logits of group g (a device-to-host copy: for tests and diagnostics)."""
@@ -202,10 +202,6 @@ class Executor:
     lp, ti, tl = (fetch(1), fetch(2), fetch(3)) if wants else (None, None, None)
     return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], launched.shapes,
                       launched.group_shapes, launched.host_s, launched.dispatch_s)
-
-  def run(self, spans: list[WidthSetup], work: list[GroupWork], banned_for) -> StepResult:
-    """One step, launched and collected."""
-    return self.collect(self.launch(spans, work, banned_for))
 
   def no_prev(self, ws: WidthSetup):
     """Sampled ids of no previous step (no slot reads them), on the span's devices."""

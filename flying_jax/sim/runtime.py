@@ -56,7 +56,8 @@ class SimExecutor:
     self.record = record            # called with (span works, seconds) per step (calibration)
     self._tokens: dict[tuple[int, int], np.ndarray] = {}
 
-  def run(self, spans, work, banned_for) -> StepResult:
+  def launch(self, spans, work, banned_for, prev=None) -> StepResult:
+    """The step runs to its end at once (the simulated engine does not overlap)."""
     parts = step_work(self.costs, spans, work)
     works = [w for w, _, _ in parts]
     shapes = [shape for _, shape, _ in parts]
@@ -70,10 +71,6 @@ class SimExecutor:
     if tokens is None:
       tokens = self._tokens[key] = np.zeros(key, np.int32)
     return StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
-
-  def launch(self, spans, work, banned_for, prev=None) -> StepResult:
-    """The step runs to its end at once (the simulated engine does not overlap)."""
-    return self.run(spans, work, banned_for)
 
   def collect(self, result: StepResult) -> StepResult:
     return result
