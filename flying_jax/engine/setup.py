@@ -281,6 +281,7 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   setups = {w: span_setups[Span(0, n, w)] for w in widths}
   specs = setups[widths[0]].specs
   replicated = specs.replicated()
+  cache = ExecutableCache(os.path.join(cfg.cache_dir, "executables") if cfg.cache_dir else None)
   t0 = time.perf_counter()
   if host_weights is None and card.weights.format == "orbax":
     from flying_jax.checkpoints.orbax_store import restore_resident
@@ -293,8 +294,10 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   else:                                 # one tensor at a time: read, convert, place, next
     from flying_jax.checkpoints import iter_tensors
     put = lambda a, split: jax.device_put(a, specs.sharded() if split else replicated)
+    compiled = lambda key, jitted, structs, devs: cache.get_or_compile(
+        key, lambda: jitted.lower(*structs), devs)[0]
     weights = W.load_resident(iter_tensors(card), card.arch, dtype, rows,
-                              lambda a, split: put(a, split).block_until_ready())
+                              lambda a, split: put(a, split).block_until_ready(), compiled)
     jax.block_until_ready(weights)
     rep.load_s = time.perf_counter() - t0
   laid_out = W.rows_of(weights, card.arch.head_dim, rows.base)  # orbax may hold more rows
@@ -307,7 +310,6 @@ def build_runtime(card: ModelCard, preset: MeshPreset, cfg: EngineConfig, device
   device_pools = kv_pools(card, preset, spaces, n, dtype, specs.per_device())
   jax.block_until_ready((weights, device_pools.k, device_pools.v))
   rep.place_s = time.perf_counter() - t0
-  cache = ExecutableCache(os.path.join(cfg.cache_dir, "executables") if cfg.cache_dir else None)
   rep.attention = attention_for(cfg.attention, devices[0].platform)
   registry = ProgramRegistry(card.arch, dtype, span_setups,
                              [device_pools.device_struct(n, i) for i in range(len(spaces))],

@@ -195,12 +195,15 @@ def resident_layout(canonical: dict[str, np.ndarray], arch: Architecture, dtype,
               final_norm=conv("final_norm", canonical["final_norm"]), layers=layers)
 
 
-def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeights:
+def load_resident(tensors, arch: Architecture, dtype, rows, put, compiled=None) -> ResidentWeights:
   """Resident weights from a stream of canonical `Tensor`s (`checkpoints.iter_tensors`): each is
   converted and handed to `put(array, split)` (which places it on the devices, cut over an
   engine's devices when `split`) before the next is read, so the host holds about one tensor at
   a time. A layer's tensor is written in place into its name's stack (allocated on the devices
-  when the name is first seen), so the devices never hold a tensor twice."""
+  when the name is first seen), so the devices never hold a tensor twice. `compiled(key, jitted,
+  args, devices)`: the compiled `jitted` for `args` (structs), e.g. from the executable cache
+  (`runtime.exec_cache`) so a warm start compiles none of these small programs; default: jit's own
+  cache (one compile per shape in this process)."""
   from flying_jax.model.tables import is_split, layer_specs, spec_of
 
   blocks = _blocks(rows or (arch.n_heads, arch.n_kv_heads))
@@ -208,6 +211,7 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   consts = [layer_constants(arch, l) for l in range(arch.n_layers)]
   layers: dict = {k: put(np.stack([c[k] for c in consts]), False) for k in consts[0]}
   seen = {s.name: np.zeros(arch.n_layers, bool) for s in layer_specs(arch)}
+  makers = _StackMakers(compiled)
   for t in tensors:
     split = is_split(spec_of(arch, t.name), blocks)
     placed = put(resident_tensor(t.name, t.array, arch, dtype, rows), split)
@@ -215,8 +219,8 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
       top[t.name] = placed
       continue
     if t.name not in layers:
-      layers[t.name] = _empty_stack(arch.n_layers, placed)
-    layers[t.name] = _set_layer(layers[t.name], placed, np.int32(t.layer))
+      layers[t.name] = makers.empty(arch.n_layers, placed)
+    layers[t.name] = makers.set_layer(layers[t.name], placed, np.int32(t.layer))
     seen[t.name][t.layer] = True
   missing = [n for n in ("embed", "final_norm") if n not in top]
   missing += [f"{n} of layer {l}" for n, got in seen.items() for l in np.flatnonzero(~got)]
@@ -227,14 +231,37 @@ def load_resident(tensors, arch: Architecture, dtype, rows, put) -> ResidentWeig
   return from_named(top, layers, arch)
 
 
-def _empty_stack(n: int, like: jax.Array) -> jax.Array:
-  return _zeros((n,) + like.shape, jnp.dtype(like.dtype), lead(like.sharding))()
+class _StackMakers:
+  """The two small programs that build the stacked layer tensors on the devices, one per tensor
+  shape: zeros of a stack, and a stack with one layer replaced in place (donated)."""
+
+  def __init__(self, compiled=None):
+    self.compiled = compiled
+    self._made: dict = {}
+
+  def _get(self, key: tuple, jitted, args, devices):
+    if key not in self._made:
+      structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+                 for a in args]
+      self._made[key] = (jitted if self.compiled is None else
+                         self.compiled(key, jitted, structs, devices))
+    return self._made[key]
+
+  def empty(self, n: int, like: jax.Array) -> jax.Array:
+    shape, dtype, sharding = (n,) + like.shape, jnp.dtype(like.dtype), lead(like.sharding)
+    jitted = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+    return self._get(("stack_zeros", shape, str(dtype), _sharding_key(sharding)), jitted, (),
+                     sharding)()
+
+  def set_layer(self, stack: jax.Array, one: jax.Array, l) -> jax.Array:
+    key = ("stack_set_layer", stack.shape, str(stack.dtype), _sharding_key(stack.sharding),
+           one.shape, str(one.dtype), _sharding_key(one.sharding))
+    return self._get(key, _set_layer, (stack, one, l), stack.sharding)(stack, one, l)
 
 
-@functools.lru_cache(maxsize=64)
-def _zeros(shape: tuple, dtype, sharding):
-  """A compiled maker of zeros on the devices (one per shape: names of equal shape share it)."""
-  return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+def _sharding_key(sharding) -> tuple:
+  """A stable description of a named sharding (the devices are in the cache's file name)."""
+  return (tuple(sharding.mesh.shape.items()), tuple(sharding.spec))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
