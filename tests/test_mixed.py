@@ -119,6 +119,76 @@ def test_random_switches_over_uniform_and_mixed_partitions_keep_greedy_ids(engin
   assert engine.stats()["partition"] == "1x8"
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_spans_step_independently(engine, overlap):
+  """In 4+1x4 the TP4 span prefills a long prompt while the DP span decodes: the engine never
+  waits for the busy span. Each TP4 step is held "not done" until the DP span has completed three
+  steps after its launch (ordering and counts, not speed: the engine must keep stepping the DP
+  span meanwhile); greedy ids equal a uniform run's; no page leaks."""
+  engine.set_width(1)
+  rng = np.random.default_rng(5)
+  decode = [(rng.integers(0, 512, size=12).tolist(),
+             SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)) for _ in range(4)]
+  long_prompt = rng.integers(0, 512, size=150).tolist()      # five 32-token chunks
+  urgent = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+  reference = run(engine, decode + [(long_prompt, urgent)])
+  engine.set_width("4+1x4")
+  engine.overlap = overlap
+  tp, dp = Span(0, 4, 4), Span(4, 4, 1)
+  log = []                                           # ("launch" | "collect", span), in order
+  ex = engine.executor
+  launch, collect, ready = ex.launch, ex.collect, ex.ready
+
+  def logged_launch(spans, work, banned_for, prev=None):
+    out = launch(spans, work, banned_for, prev)
+    log.append(("launch", spans[0].span, id(out)))
+    return out
+
+  def logged_collect(launched):
+    log.append(("collect", launched.spans[0].span, id(launched)))
+    return collect(launched)
+
+  def gated_ready(launched):
+    if launched.spans[0].span == tp and engine._inflight[1]:
+      at = next(i for i, e in enumerate(log) if e[2] == id(launched))
+      if sum(e[:2] == ("collect", dp) for e in log[at:]) < 3:
+        return False
+    return ready(launched)
+
+  ex.launch, ex.collect, ex.ready = logged_launch, logged_collect, gated_ready
+  try:
+    tag = f"ind{overlap}"
+    for i, (p, sp) in enumerate(decode):
+      engine.add_request(f"{tag}-{i}", p, sp)
+    for _ in range(2):                               # the DP replicas are decoding
+      engine.step()
+    engine.add_request(f"{tag}-long", long_prompt, urgent, priority=1)   # to the TP4 group
+    for k in itertools.count():
+      assert k < 500, "the workload did not finish"
+      if not engine.has_unfinished():
+        break
+      engine.step()
+  finally:
+    del ex.launch, ex.collect, ex.ready
+  got = [[s.output_ids for s in engine.request(f"{tag}-{i}")] for i in range(len(decode))]
+  got.append([s.output_ids for s in engine.request(f"{tag}-long")])
+  assert got == reference
+  for rid in [f"{tag}-{i}" for i in range(len(decode))] + [f"{tag}-long"]:
+    engine.release(rid)
+  assert engine.no_leaks()
+  engine.overlap = True
+  # every TP4 step launched while the DP span still decoded saw three DP steps complete first
+  tp_steps = [e[2] for e in log if e[:2] == ("launch", tp)]
+  assert len(tp_steps) >= 5                          # five prefill chunks, then decode steps
+  overlapped = 0
+  for step in tp_steps:
+    at = next(i for i, e in enumerate(log) if e[2] == step and e[0] == "launch")
+    end = next(i for i, e in enumerate(log) if e[2] == step and e[0] == "collect")
+    overlapped += sum(e[:2] == ("collect", dp) for e in log[at:end]) >= 3
+  assert overlapped >= 4
+  engine.set_width(1)
+
+
 def test_mixed_partition_serves_priority_in_its_tp_group(engine):
   engine.set_width("4+1x4")
   assert engine.width is None and engine.partition.name == "4+1x4"

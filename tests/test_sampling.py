@@ -294,8 +294,8 @@ def test_a_row_packed_once_then_updated_equals_a_row_packed_whole():
   """The executor packs a sequence's sampling row once and writes only its step counter, output
   history and banned ids every step (`sampling_pack.pack_one`, `set_dynamic`): the same arrays as
   packing the whole row every step."""
-  from flying_jax.runtime.sampling_pack import (SAMPLE_F32, pack_one, pack_rows, sample_i32_len,
-                                                set_dynamic)
+  from flying_jax.runtime.sampling_pack import (pack_one, pack_rows, sample_len, set_dynamic,
+                                                unpack_sampling)
   hist, banned_max = 8, 4
   rng = np.random.default_rng(0)
   cases = [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, seed=3,
@@ -303,19 +303,22 @@ def test_a_row_packed_once_then_updated_equals_a_row_packed_whole():
            SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)]
   for params in cases:
     prompt = rng.integers(0, 100, size=12).tolist()
-    once_f, once_i = pack_one(RowSpec(params=params, seed=12345, step=0, prompt_ids=prompt), hist,
-                              banned_max)
+    once = pack_one(RowSpec(params=params, seed=12345, step=0, prompt_ids=prompt), hist,
+                    banned_max)
     for n_out in (0, 3, 20):
       out = rng.integers(0, 100, size=n_out).tolist()
       for banned in ([], [1, 2]):
-        whole_f = np.zeros((1, SAMPLE_F32), np.float32)
-        whole_i = np.zeros((1, sample_i32_len(hist, banned_max)), np.int32)
+        whole = np.zeros((1, sample_len(hist, banned_max)), np.int32)
         spec = RowSpec(params=params, seed=12345, step=n_out, prompt_ids=prompt, output_ids=out,
                        banned_ids=banned)
-        pack_rows(pack_sampling([spec], 1, hist, banned_max), whole_f, whole_i)
-        row_i = once_i.copy()
-        set_dynamic(row_i, n_out, out, banned, hist, banned_max, params.has_penalties)
-        np.testing.assert_array_equal(once_f, whole_f[0])
-        np.testing.assert_array_equal(row_i, whole_i[0])
+        packed = pack_sampling([spec], 1, hist, banned_max)
+        pack_rows(packed, whole)
+        row = once.copy()
+        set_dynamic(row, n_out, out, banned, hist, banned_max, params.has_penalties)
+        np.testing.assert_array_equal(row, whole[0])
+        # the words unpack (float32 fields from their bits) to the fields packed
+        back = unpack_sampling(jnp.asarray(row[None]), hist, banned_max)
+        for name, want in vars(packed).items():
+          np.testing.assert_array_equal(np.asarray(getattr(back, name)), want, err_msg=name)
   with pytest.raises(ValueError, match="max_banned=4"):
-    set_dynamic(once_i.copy(), 0, [], [1, 2, 3, 4, 5], hist, banned_max, False)
+    set_dynamic(once.copy(), 0, [], [1, 2, 3, 4, 5], hist, banned_max, False)

@@ -218,3 +218,40 @@ def test_the_plan_allocates_what_the_engine_allocates():
   assert (rep.weight_bytes, rep.device_weight_bytes) == (plan.weight_bytes,
                                                          plan.device_weight_bytes)
   assert rep.kv_bytes == plan.preset.devices * plan.pages * plan.page_bytes
+
+
+def test_each_span_keeps_its_own_clock():
+  """Llama-3-70B on 8xH200 in 2x2+4: a long prompt prefills in the TP4 span while the TP2
+  replicas decode. Their decode steps follow one another at their own pace (several per prefill
+  chunk); in lockstep they would get one token per chunk."""
+  card = model_card("llama-3-70b")
+  engine, clock, _ = simulated_engine(card, H.load_hardware("h200-8"), "static:2+2+4")
+  engine.step()                                       # the static policy's switch
+  assert engine.partition.name == "2x2+4"
+  rng = np.random.default_rng(0)
+  short = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+  for i in range(2):
+    engine.add_request(f"dp-{i}", rng.integers(0, 1000, size=64).tolist(), short)
+  engine.add_request("long", rng.integers(0, 1000, size=8000).tolist(),
+                     SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), priority=1)
+  launches = []
+  launch = engine.executor.launch
+
+  def logged(spans, work, banned_for, prev=None):
+    launches.append((spans[0].span.width, clock()))
+    return launch(spans, work, banned_for, prev)
+
+  engine.executor.launch = logged
+  dp_tokens, long_first = [], None
+  while engine.has_unfinished():
+    for ev in engine.step():
+      if ev.seq.request_id == "long" and long_first is None:
+        long_first = clock()
+      elif ev.seq.request_id.startswith("dp") and ev.new_ids:
+        dp_tokens.append(clock())
+  del engine.executor.launch
+  assert engine.no_leaks()
+  prefill_steps = sum(w == 4 and t < long_first for w, t in launches)
+  assert prefill_steps >= 3                           # the prompt came in several chunks
+  during = sum(t < long_first for t in dp_tokens) / 2   # tokens per DP sequence meanwhile
+  assert during >= 2 * prefill_steps, (during, prefill_steps)

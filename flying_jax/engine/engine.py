@@ -1,9 +1,10 @@
 """The engine: requests in, one step at a time, tokens and text out.
 
-`Engine.step()` asks the scheduler for each group's work, launches the partition's compiled programs
-through the executor, and collects the step before it (`engine.stepping`): appends the sampled
-tokens, applies stop ids, stop strings and length limits, and frees the pages of every sequence
-that finished. It is single-threaded by design: one controller owns the dispatch order (a server
+`Engine.step()` launches the next step of every span of the partition that has room for one (the
+scheduler plans each span's groups, the executor dispatches its compiled programs) and collects
+the steps that are done (`engine.stepping`): appends the sampled tokens, applies stop ids, stop
+strings and length limits, and frees the pages of every sequence that finished. Spans step
+independently. It is single-threaded by design: one controller owns the dispatch order (a server
 runs it on its own thread).
 """
 
@@ -72,15 +73,16 @@ class Engine:
     self._requests: dict[str, list[Sequence]] = {}
     self._seed_base = random.getrandbits(31)
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
-    self.steps = 0
+    self.steps = 0                          # steps launched (a span's step each)
+    self.collected = 0                      # steps collected
     self._facts = introspect.StaticFacts.of(self)
     self.paused = PausedSequences(clock)
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
     self.switches: list[SwitchRecord] = []
     self.pause_expired = 0                  # paused sequences given up on (recompute_paused)
     self.overlap = config.overlap and getattr(self.executor, "overlaps", False)
-    self._inflight = None                   # (launched, work) of a step not collected yet
     self._ready: list[SeqEvent] = []        # events collected outside `step()`
+    self._launched_now: list[stepping.InFlight] = []
     self.waited_s = 0.0
 
   def compiled_partition(self, target) -> Partition:
@@ -104,6 +106,11 @@ class Engine:
   def _partition(self, part: Partition):
     """Serve `part`: a scheduler over its groups, each with its span's layout and capacity."""
     self._spans = [self.span_setups[sp] for sp in part.spans]
+    starts = list(itertools.accumulate((ws.specs.groups for ws in self._spans), initial=0))
+    self._span_groups = [range(a, b) for a, b in zip(starts, starts[1:])]
+    # per span, its steps launched and not collected, oldest first (`engine.stepping`); empty
+    # whenever the partition changes (every switch collects first: `sync`)
+    self._inflight = [collections.deque() for _ in self._spans]
     groups = [Group(first, w, S.layout_of(self.setups[w]), self.setups[w].capacity)
               for first, w in part.groups]
     ws = self._spans[0]
@@ -309,52 +316,54 @@ class Engine:
   def has_unfinished(self) -> bool:
     """Whether a `step()` has anything left to do: requests, a step in flight, events to hand
     out."""
-    return (self.scheduler.has_work() or len(self.paused) > 0 or self._inflight is not None
+    return (self.scheduler.has_work() or len(self.paused) > 0 or any(self._inflight)
             or bool(self._ready))
 
   # one step ------------------------------------------------------------------------------------
   def step(self) -> list[SeqEvent]:
-    """Schedule and launch the next step, then collect the step launched before it: returns the
-    events of what was collected. With `overlap` the host schedules and packs step n+1 while the
-    device runs step n, and a step's events come with the next call; the engine collects first
-    when the next step needs the previous one's tokens on the host (a sequence prefilling what it
-    generated, penalties over its history) or when it switches partitions."""
+    """Launch the next step of every span with room for one, and collect what is done: returns
+    the events of what was collected (when nothing was done yet, it waits for the first span to
+    finish a step). With `overlap` a span's step n+1 is launched before its step n is collected,
+    so the host schedules and packs while the device runs; it waits for the collect when the
+    next step needs the previous one's tokens on the host (a sequence prefilling what it
+    generated, penalties over its history). A switch collects every span first."""
     t0, started = time.perf_counter(), self.clock()
     self.waited_s = 0.0                       # blocked on sampled ids (`stepping.collect`)
     self._apply_policy()
-    work = self.scheduler.schedule()
-    prev, self._inflight = self._inflight, None
     events, self._ready = self._ready, []
-    if prev is not None and not (self.overlap and stepping.may_follow(work)):
-      events += stepping.collect(self, *prev)
-      prev = None
-      work = [stepping.unfinished(w) for w in work]
-    t_sched = time.perf_counter() - t0
-    launched = stepping.launch(self, work, prev, started) if any(not w.empty for w in work) else None
-    t1 = time.perf_counter()
-    if prev is not None:
-      events += stepping.collect(self, *prev)
-    if launched is not None:
-      if self.overlap:
-        self._inflight = launched
-      else:
-        events += stepping.collect(self, *launched)
-      result, w = launched
-      n_tok = sum(len(g.decode) + g.prefill_tokens for g in w)
-      sched_s = t_sched + result.host_s + (time.perf_counter() - t1) - self.waited_s
-      self.timings.append(StepTiming(result.shapes[0], sched_s, result.dispatch_s,
-                                     time.perf_counter() - t0, n_tok,
-                                     sum(len(g.decode) for g in w)))
+    blocked = stepping.launch_spans(self, started)
+    # with overlap, a step launched now stays in flight while the host takes in the ones before
+    keep = {id(f) for f in self._launched_now} if self.overlap else set()
+    events += stepping.collect_ready(self, keep)
+    if not events:
+      events += stepping.collect_first(self, keep)
+    if blocked:                               # their steps in flight may be collected now
+      stepping.launch_spans(self, started, blocked)
+    self._time_launches(t0)
     self.seconds_per_partition[self.partition.name] += self.clock() - started
     self._maybe_finish_drain()
     events, self._ready = events + self._ready, []
     return events
 
+  def _time_launches(self, t0: float):
+    """A `StepTiming` per step launched in this call (the call's host time shared among them)."""
+    launched, self._launched_now = self._launched_now, []
+    if not launched:
+      return
+    total = time.perf_counter() - t0
+    dispatch = sum(f.launched.dispatch_s for f in launched)
+    host = max(0.0, total - self.waited_s - dispatch) / len(launched)
+    for f in launched:
+      w = f.work
+      self.timings.append(StepTiming(
+          f.launched.shapes[0], host, f.launched.dispatch_s, total,
+          sum(len(g.decode) + g.prefill_tokens for g in w), sum(len(g.decode) for g in w)))
+
   def sync(self):
-    """Collect the step in flight, if any (its events come with the next `step()`)."""
-    if self._inflight is not None:
-      prev, self._inflight = self._inflight, None
-      self._ready += stepping.collect(self, *prev)
+    """Collect every span's steps in flight (their events come with the next `step()`)."""
+    for queue in self._inflight:
+      while queue:
+        self._ready += stepping.collect(self, queue.popleft())
 
   # introspection -------------------------------------------------------------------------------
   def request(self, request_id: str) -> list[Sequence]:
@@ -374,6 +383,7 @@ class Engine:
   def no_leaks(self) -> bool:
     """Every page free and nothing running, waiting, paused or in flight (events collected but
     not handed out yet are no leak)."""
-    return (all(sp.pool.all_free() for sp in self.scheduler.spaces) and self._inflight is None
-            and not self.scheduler.has_work() and not len(self.paused))
+    return (all(sp.pool.all_free() for sp in self.scheduler.spaces)
+            and not any(self._inflight) and not self.scheduler.has_work()
+            and not len(self.paused))
 

@@ -150,14 +150,17 @@ class Scheduler:
     return self.spaces[0].pages_needed(seq, layout, computed)
 
   # one step ------------------------------------------------------------------------------------
-  def schedule(self) -> list[GroupWork]:
+  def schedule(self, groups: range | None = None) -> list[GroupWork]:
+    """The next step of `groups` (one span's, default every group), one GroupWork each; waiting
+    sequences are admitted to any group first."""
+    groups = range(len(self.groups)) if groups is None else groups
     for space in self._windowed:
-      for group in self.running:
-        for seq in group:
+      for g in groups:
+        for seq in self.running[g]:
           space.free_passed(seq)
     self._admit()
     work, waiting = [], []
-    for g in range(len(self.groups)):
+    for g in groups:
       decode, prefill = self._split(g)
       work.append(GroupWork(decode=decode))
       waiting.append(prefill)

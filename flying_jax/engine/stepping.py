@@ -1,12 +1,22 @@
 """A step's life on the host: launched (the sequences advance at once), collected (the sampled ids
-become tokens, text and finishes), or failed.
+become tokens, text and finishes), or failed; and the spans of a partition, each stepping on its
+own.
 
-With overlap (`EngineConfig.overlap`) the engine launches step n+1 before it collects step n: a
-decoding sequence then has a token still on the device (`Sequence.pending`), which step n+1 reads
-there (`StepMeta.feed`). The engine collects first when the next step needs that token on the
-host (`may_follow`). A sequence that finishes (a stop id or string, an abort) while a step that
-includes it is in flight gets nothing from that step; its pages, freed at once, may be written by
-that step, which runs on the device before any step that could give them to another sequence.
+Every span of the partition (all devices in a uniform one; a mixed one has several) has its own
+queue of launched steps: a span launches its next step as soon as its queue has room, whatever the
+other spans are doing, so a span of short decode steps runs several of them while another runs
+one long prefill. One controller (the engine's thread) owns the dispatch order: each
+`Engine.step()` collects what is done (`collect_ready`), launches every span with room
+(`launch_spans`), and when it collected nothing waits for the first span to finish
+(`collect_first`: a readiness poll, never a thread per span).
+
+With overlap (`EngineConfig.overlap`) a span's queue holds two steps: the engine launches step n+1
+before it collects step n, so a decoding sequence has a token still on the device
+(`Sequence.pending`), which step n+1 reads there (`StepMeta.feed`). A span whose next step needs
+that token on the host (`may_follow`) waits for its collect. A sequence that finishes (a stop id
+or string, an abort) while a step that includes it is in flight gets nothing from that step; its
+pages, freed at once, may be written by that step, which runs on the device before any step that
+could give them to another sequence (only the span's own steps use its devices' pages).
 """
 
 from __future__ import annotations
@@ -41,6 +51,14 @@ class StepTiming:
   decoded: int           # decode slots used
 
 
+@dataclasses.dataclass
+class InFlight:
+  """A span's step launched and not collected yet."""
+  launched: object                    # the executor's handle (`runtime.executor.Launched`)
+  work: list[GroupWork]               # one per group of the span
+  first: int                          # the scheduler's index of the span's first group
+
+
 def may_follow(work: list[GroupWork]) -> bool:
   """Whether `work` can be packed before the step in flight is collected: every token it reads
   is known on the host but decode slots' own last tokens, and no row's sampling reads a history
@@ -53,19 +71,59 @@ def may_follow(work: list[GroupWork]) -> bool:
   return True
 
 
-def unfinished(w: GroupWork) -> GroupWork:
-  """`w` without the sequences that finished since it was scheduled."""
-  return GroupWork([s for s in w.decode if not s.finished],
-                   [p for p in w.prefills if not p.seq.finished])
+def launch_spans(engine, started: float, only=None) -> list[int]:
+  """Schedule and launch the next step of every span (or those in `only`) whose queue has room;
+  returns the spans whose next step must wait for a collect (`may_follow`)."""
+  depth = 2 if engine.overlap else 1
+  blocked = []
+  for k in (range(len(engine._spans)) if only is None else only):
+    queue = engine._inflight[k]
+    if len(queue) >= depth:
+      continue
+    groups = engine._span_groups[k]
+    work = engine.scheduler.schedule(groups)
+    if all(w.empty for w in work):
+      continue
+    if queue and not may_follow(work):
+      blocked.append(k)                 # scheduled again once its step in flight is collected
+      continue
+    flight = launch(engine, k, work, queue[-1] if queue else None, started)
+    if flight is not None:
+      queue.append(flight)
+      engine._launched_now.append(flight)
+  return blocked
 
 
-def launch(engine, work: list[GroupWork], prev, started: float):
-  """Dispatch `work` after `prev` (a (launched, work) still in flight, or None); its sequences
+def collect_ready(engine, keep=frozenset()) -> list[SeqEvent]:
+  """Collect, oldest first, every span's steps that are done (no waiting) but those in `keep`
+  (ids of steps launched in this call)."""
+  events = []
+  for queue in engine._inflight:
+    while queue and id(queue[0]) not in keep and engine.executor.ready(queue[0].launched):
+      events += collect(engine, queue.popleft())
+  return events
+
+
+def collect_first(engine, keep=frozenset()) -> list[SeqEvent]:
+  """Wait for the first span whose oldest step (not in `keep`) finishes, and collect that step;
+  nothing when every step in flight is in `keep`."""
+  heads = [(k, q[0]) for k, q in enumerate(engine._inflight) if q and id(q[0]) not in keep]
+  if not heads:
+    return []
+  t0 = time.perf_counter()
+  i = engine.executor.wait_any([f.launched for _, f in heads]) if len(heads) > 1 else 0
+  engine.waited_s += time.perf_counter() - t0
+  return collect(engine, engine._inflight[heads[i][0]].popleft())
+
+
+def launch(engine, k: int, work: list[GroupWork], prev: InFlight | None,
+           started: float) -> InFlight | None:
+  """Dispatch span k's `work` after `prev` (its step still in flight, or None); its sequences
   advance at once, so that the host schedules the next step from where this one leaves them.
-  Returns (launched, work), or None when the dispatch failed (its sequences fail)."""
+  Returns None when the dispatch failed (its sequences fail)."""
   try:
-    launched = engine.executor.launch(engine._spans, work, engine.outputs.banned_ids,
-                                      prev[0] if prev is not None else None)
+    launched = engine.executor.launch([engine._spans[k]], work, engine.outputs.banned_ids,
+                                      prev.launched if prev is not None else None)
   except Exception as e:  # a failed step fails its sequences, frees their pages, and is logged
     log.exception("step failed")
     engine._ready += fail(engine, work, f"{type(e).__name__}: {e}")
@@ -85,12 +143,14 @@ def launch(engine, work: list[GroupWork], prev, started: float):
         seq.pending += 1
         seq.feed_row = shape.sampled_row(j, prefill=True)
   engine.steps += 1
-  return launched, work
+  return InFlight(launched, work, engine._span_groups[k].start)
 
 
-def collect(engine, launched, work: list[GroupWork]) -> list[SeqEvent]:
+def collect(engine, flight: InFlight) -> list[SeqEvent]:
   """Read a launched step's sampled ids and hand them to its sequences (those that finished
   meanwhile drop theirs)."""
+  launched, work = flight.launched, flight.work
+  engine.collected += 1
   t0 = time.perf_counter()
   try:
     result = engine.executor.collect(launched)
@@ -102,7 +162,7 @@ def collect(engine, launched, work: list[GroupWork]) -> list[SeqEvent]:
   events = []
   tokens = result.tokens.tolist()
   for g, w in enumerate(work):
-    row_tokens, cap = tokens[g], engine.scheduler.groups[g].capacity
+    row_tokens, cap = tokens[g], engine.scheduler.groups[flight.first + g].capacity
     for i, seq in enumerate(w.decode):
       seq.pending -= 1
       if not seq.finished:

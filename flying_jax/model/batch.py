@@ -3,8 +3,8 @@
 Prefill comes as `prefill_rows` rows of `chunk` tokens, one sequence per row (one long chunk, or
 several short prompts side by side).
 
-On the host it is packed into a single int32 row per group (one transfer per step); inside the
-program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
+On the host it is packed into a single int32 row per group (one transfer per step, the sampling
+fields in front: `HostBatch`); inside the program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
 A hybrid model's steps also carry its sliding layers' page tables and write slots
 (`StepShape.local_tables`), which those layers read instead (`StepMeta.local_view`).
 """
@@ -115,16 +115,19 @@ def unpack(packed_L, shape: StepShape) -> StepMeta:
 
 
 class HostBatch:
-  """Numpy builder of the packed rows of all groups for one step."""
+  """Numpy builder of the packed rows of all groups for one step: `lead` words in front of each
+  group's row (the executor's sampling fields), then the named fields (views into `packed`)."""
 
-  def __init__(self, groups: int, shape: StepShape):
+  def __init__(self, groups: int, shape: StepShape, lead: int = 0):
     self.shape = shape
-    self.fields = {name: np.zeros((groups,) + s, np.int32) for name, s in shape._fields()}
+    self.packed = np.zeros((groups, lead + shape.packed_len), np.int32)
+    self.lead = self.packed[:, :lead]
+    self.fields, at = {}, lead
+    for name, s in shape._fields():
+      n = int(np.prod(s))
+      self.fields[name] = self.packed[:, at:at + n].reshape((groups,) + s)
+      at += n
 
-  def pack(self) -> np.ndarray:
-    g = next(iter(self.fields.values())).shape[0]
-    return np.concatenate([v.reshape(g, -1) for v in self.fields.values()], axis=1)
 
-
-def meta_struct(groups: int, shape: StepShape, sharding) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((groups, shape.packed_len), jnp.int32, sharding=sharding)
+def meta_struct(groups: int, shape: StepShape, sharding, lead: int = 0) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((groups, lead + shape.packed_len), jnp.int32, sharding=sharding)

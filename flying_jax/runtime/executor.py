@@ -1,9 +1,9 @@
 """Turn one step's group work into packed arrays and run the partition's compiled programs.
 
-The host builds one int32 row per group (tokens, positions, KV write slots, page tables; a hybrid
-model's sliding layers get their own tables and slots), packs the sampling fields, transfers three
-arrays and dispatches the step's program and the sampling program asynchronously (`launch`); the
-sampled ids (and logprobs when a row asked for them) start their copy to the host at once and are
+The host builds one int32 row per group (the sampling fields of its rows, then tokens, positions,
+KV write slots, page tables; a hybrid model's sliding layers get their own tables and slots),
+transfers it (one array per span) and dispatches the step's program and the sampling program
+asynchronously (`launch`); the sampled ids (and logprobs when a row asked for them) start their copy to the host at once and are
 read by `collect`. A mixed partition runs them per span, all dispatched before any result is read.
 
 A step may be launched before the previous one is collected (the engine overlaps the host's work
@@ -24,7 +24,7 @@ from flying_jax.engine.scheduler import GroupWork
 from flying_jax.model.batch import HostBatch, StepShape
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 from flying_jax.runtime.resident import Resident
-from flying_jax.runtime.sampling_pack import SAMPLE_F32, pack_one, set_dynamic
+from flying_jax.runtime.sampling_pack import pack_one, sample_len, set_dynamic
 from flying_jax.sampling import RowSpec
 
 
@@ -100,21 +100,22 @@ class Executor:
     self.hist_len, self.max_banned = hist_len, max_banned
     self._no_prev: dict = {}
     self._pad = pack_one(None, hist_len, max_banned)     # a padding row's sampling fields
+    self.lead = registry.rows * sample_len(hist_len, max_banned)
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
-    """The packed step rows and sampling fields of one span's groups. A decoding sequence whose
-    last token is still on the device (`Sequence.pending`) reads it from the previous step's
-    sampled row `feed_row`."""
+    """The packed step rows of one span's groups ([G, words]: sampling fields, then the step's
+    metadata) and whether a row asks for logprobs. A decoding sequence whose last token is still
+    on the device (`Sequence.pending`) reads it from the previous step's sampled row
+    `feed_row`."""
     g = len(work)
-    hb = HostBatch(g, shape)
+    hb = HostBatch(g, shape, self.lead)
     f = hb.fields
     geom = ws.geom
     tpp, slots = geom.tokens_per_page, geom.slots
     blk = geom.pages_per_block * tpp
-    nrows = self.registry.rows
-    sf = np.broadcast_to(self._pad[0], (g, nrows, SAMPLE_F32)).copy()
-    si = np.broadcast_to(self._pad[1], (g, nrows, self._pad[1].size)).copy()
+    samp = hb.lead.reshape(g, self.registry.rows, self._pad.size)
+    samp[:] = self._pad
     wants_logprobs = False
     f["rows"][:] = np.arange(shape.rows)            # row i samples token i; prefill rows below
     for gi, w in enumerate(work):
@@ -126,7 +127,7 @@ class Executor:
           f["tokens"][gi, i] = seq.token_at(pos)
         f["positions"][gi, i] = pos
         f["dec_len"][gi, i] = pos + 1
-        wants_logprobs |= self._sampling_row(seq, banned_for(seq), sf[gi, i], si[gi, i])
+        wants_logprobs |= self._sampling_row(seq, banned_for(seq), samp[gi, i])
       for j, pre in enumerate(w.prefills):
         seq, n, start = pre.seq, pre.length, pre.start
         at = shape.decode + j * shape.chunk
@@ -136,15 +137,15 @@ class Executor:
         f["rows"][gi, shape.decode + j] = at + n - 1
         if pre.samples:
           r = shape.decode + j
-          wants_logprobs |= self._sampling_row(seq, banned_for(seq), sf[gi, r], si[gi, r])
+          wants_logprobs |= self._sampling_row(seq, banned_for(seq), samp[gi, r])
       _tables(f, gi, w, shape, tpp, slots, "")
       if shape.local_tables:
         _tables(f, gi, w, shape, tpp, slots, "local_")
       f["n_blocks"][gi, 0] = -(-int(f["dec_len"][gi].max(initial=0)) // blk)
       f["n_blocks"][gi, 1] = -(-int(f["pre_len"][gi].max(initial=0)) // blk)
-    return hb.pack(), sf, si, wants_logprobs
+    return hb.packed, wants_logprobs
 
-  def _sampling_row(self, seq, banned, out_f: np.ndarray, out_i: np.ndarray) -> bool:
+  def _sampling_row(self, seq, banned, out: np.ndarray) -> bool:
     """Write `seq`'s sampling row (packed once per sequence, then its step counter, output
     history and banned ids); returns whether it asks for logprobs."""
     p = seq.params
@@ -152,8 +153,8 @@ class Executor:
       seq.sampling_row = pack_one(RowSpec(params=p, seed=seq.seed, step=0,
                                           prompt_ids=seq.prompt_ids), self.hist_len,
                                   self.max_banned)
-    out_f[:], out_i[:] = seq.sampling_row
-    set_dynamic(out_i, seq.generated, seq.output_ids, banned, self.hist_len, self.max_banned,
+    out[:] = seq.sampling_row
+    set_dynamic(out, seq.generated, seq.output_ids, banned, self.hist_len, self.max_banned,
                 p.has_penalties)
     return p.logprobs is not None
 
@@ -173,11 +174,11 @@ class Executor:
       part = work[first:first + ws.specs.groups]
       first += ws.specs.groups
       shape = pick_shape(ws, part)
-      meta, sf, si, wants_logprobs = self.build(ws, part, shape, banned_for)
-      meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
+      packed, wants_logprobs = self.build(ws, part, shape, banned_for)
+      packed = jax.device_put(packed, ws.specs.per_group())
       t1 = time.perf_counter()
       fed = prev.outs[k][0] if prev is not None else self.no_prev(ws)
-      out = self.dispatch(ws, shape, meta, sf, si, fed)
+      out = self.dispatch(ws, shape, packed, fed)
       out[0].copy_to_host_async()
       if wants_logprobs:
         for x in out[1:4]:
@@ -202,6 +203,19 @@ class Executor:
     lp, ti, tl = (fetch(1), fetch(2), fetch(3)) if wants else (None, None, None)
     return StepResult(tokens, lp, ti, tl, [o[4] for o in outs], launched.shapes,
                       launched.group_shapes, launched.host_s, launched.dispatch_s)
+
+  def ready(self, launched: Launched) -> bool:
+    """Whether a launched step's sampled ids are computed (collecting it will not wait)."""
+    return all(out[0].is_ready() for out in launched.outs)
+
+  def wait_any(self, launched: list[Launched], poll_s: float = 1e-4) -> int:
+    """The index of the first of `launched` to be ready, waiting for it (spans run
+    independently: no one of them is waited for while another is done)."""
+    while True:
+      for i, one in enumerate(launched):
+        if self.ready(one):
+          return i
+      time.sleep(poll_s)
 
   def no_prev(self, ws: WidthSetup):
     """Sampled ids of no previous step (no slot reads them), on the span's devices."""
@@ -229,21 +243,23 @@ class Executor:
         done.add(ws.span)
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
         for shape in ws.shapes:
-          meta, sf, si, _ = self.build(ws, idle, shape, lambda seq: [])
-          meta, sf, si = jax.device_put((meta, sf, si), ws.specs.per_group())
-          jax.block_until_ready(self.dispatch(ws, shape, meta, sf, si, self.no_prev(ws)))
+          packed, _ = self.build(ws, idle, shape, lambda seq: [])
+          packed = jax.device_put(packed, ws.specs.per_group())
+          jax.block_until_ready(self.dispatch(ws, shape, packed, self.no_prev(ws)))
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, meta, sf, si, fed):
+  def dispatch(self, ws: WidthSetup, shape: StepShape, packed, fed):
     """Enqueue one span's step and sampling programs; returns (tokens, logprob, top ids, top
     logprobs, logits). The step's KV lands in place in the span's pools (donated and given
-    back); `fed`: the previous step's sampled ids on the span (`StepMeta.feed`)."""
+    back); `packed`: the step's rows (`build`), of which the step program hands the sampling
+    fields on to the sampling program; `fed`: the previous step's sampled ids on the span
+    (`StepMeta.feed`)."""
     reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
-    logits, pools.k[:], pools.v[:] = reg[(span, "step", shape)](w, tuple(pools.k),
-                                                               tuple(pools.v), meta, fed)
-    return reg[(span, "sample", None)](logits, sf, si) + (logits,)
+    logits, samp, pools.k[:], pools.v[:] = reg[(span, "step", shape)](
+        w, tuple(pools.k), tuple(pools.v), packed, fed)
+    return reg[(span, "sample", None)](logits, samp) + (logits,)
 
 
 def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, prefix: str):

@@ -31,7 +31,7 @@ from flying_jax.model.layers import Step
 from flying_jax.model.weights import ResidentWeights, lead, weight_shardings
 from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.exec_cache import ExecutableCache
-from flying_jax.runtime.sampling_pack import SAMPLE_F32, sample_i32_len, unpack_sampling
+from flying_jax.runtime.sampling_pack import sample_len, unpack_sampling
 from flying_jax.sampling import sample
 
 
@@ -74,41 +74,44 @@ class ProgramStats:
 
 
 def _step_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decoder.Graphs,
-             walk: decoder.LayerWalk, weights_struct: ResidentWeights, rows: int,
+             walk: decoder.LayerWalk, weights_struct: ResidentWeights, rows: int, words: int,
              attention: str, platform: str):
   """One whole step on one span but sampling: embeddings, every layer (a loop over the stacked
   layers) and the sampled rows' logits (padded to `rows`). Decode slots may take their token
   from the previous step's sampled ids, passed in as they came out of its sampling program
-  (`StepMeta.fed`): the host packs the next step before it knows them."""
+  (`StepMeta.fed`): the host packs the next step before it knows them. The packed rows start
+  with `words` words of sampling fields, handed on to the sampling program untouched."""
   spaces = max(walk.spaces) + 1
   coll = Collectives(ws.width, ws.base)
   steps = tuple(Step(arch, shape, ws.plan, ws.geom, coll, space == 1, attention, platform)
                 for space in range(spaces))
 
-  def f(weights: ResidentWeights, k_pools, v_pools, meta_1xL, prev_1xR):
-    meta = unpack(meta_1xL[0], shape).fed(prev_1xR[0])
+  def f(weights: ResidentWeights, k_pools, v_pools, packed_1xL, prev_1xR):
+    meta = unpack(packed_1xL[0, words:], shape).fed(prev_1xR[0])
     x = decoder.embed(graphs, weights.embed, meta, steps[0])
     x, k_pools, v_pools = decoder.layers(graphs, weights.layers, k_pools, v_pools, x, meta,
                                          steps, walk)
     logits_RxV = decoder.logits(graphs, weights.head_table, weights.final_norm, x, meta, steps[0])
-    return jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None], k_pools, v_pools
+    logits_1xRxV = jnp.pad(logits_RxV, ((0, rows - shape.rows), (0, 0)))[None]
+    return logits_1xRxV, packed_1xL[:, :words], k_pools, v_pools
   s = ws.specs
   g = s.per_group_spec
   pools = (lead(s.per_device_spec),) * spaces
   weights = weight_shardings(weights_struct, arch, s.sharded_spec, s.replicated_spec,
                              ws.plan.reads.vocab)
-  return per_device(f, s, (weights, pools, pools, g, g), (g, pools, pools))
+  return per_device(f, s, (weights, pools, pools, g, g), (g, g, pools, pools))
 
 
-def _sample_fn(ws: WidthSetup, hist: int, banned: int):
+def _sample_fn(ws: WidthSetup, rows: int, hist: int, banned: int):
   """On-device sampling of a step's logits (one program per span, every step shape's logits
-  padded to the same rows)."""
-  def f(logits_1xRxV, sf_1xRxF, si_1xRxI):
-    out = sample(logits_1xRxV[0], unpack_sampling(sf_1xRxF[0], si_1xRxI[0], hist, banned))
+  padded to the same rows); the rows' sampling fields as the step program handed them on."""
+  def f(logits_1xRxV, samp_1xN):
+    fields = unpack_sampling(samp_1xN[0].reshape(rows, -1), hist, banned)
+    out = sample(logits_1xRxV[0], fields)
     return out.tokens[None], out.logprob[None], out.top_ids[None], out.top_logprobs[None]
   s = ws.specs
   g = s.per_group_spec
-  return per_device(f, s, (g, g, g), (g, g, g, g))
+  return per_device(f, s, (g, g), (g, g, g, g))
 
 
 class ProgramRegistry:
@@ -126,6 +129,7 @@ class ProgramRegistry:
     self.rows = rows                    # sampled rows per group, every shape padded to it
     self.pool_structs, self.hist, self.banned = tuple(pool_structs), hist, banned
     self.walk, self.attention = walk, attention
+    self.lead = rows * sample_len(hist, banned)    # sampling words in front of a step's rows
     self._programs: dict[tuple, Callable] = {}
     self.stats: list[ProgramStats] = []
     self.graphs: decoder.Graphs | None = None     # set by `build`
@@ -173,7 +177,8 @@ class ProgramRegistry:
     lower = lambda jitted, args: (jitted.lower(*args) if not platforms else
                                   jitted.trace(*args).lower(lowering_platforms=tuple(platforms)))
     if shape is None:
-      return lower(jax.jit(_sample_fn(ws, self.hist, self.banned)), self.sample_structs(ws))
+      return lower(jax.jit(_sample_fn(ws, self.rows, self.hist, self.banned)),
+                   self.sample_structs(ws))
     s, g = ws.specs, ws.specs.groups
     retarget = lambda x, to: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=to)
     sh = weight_shardings(wa, self.arch, s.sharded(), s.replicated(), ws.plan.reads.vocab)
@@ -183,9 +188,9 @@ class ProgramRegistry:
                                        + one.shape[2:], one.dtype, sharding=stacked)
                   for one in self.pool_structs)
     platform = platforms[0] if platforms else ws.specs.mesh.devices.flat[0].platform
-    fn = _step_fn(ws, shape, self.arch, self.graphs, self.walk, wa, self.rows, self.attention,
-                  platform)
-    args = (weights, pools, pools, meta_struct(g, shape, s.per_group()),
+    fn = _step_fn(ws, shape, self.arch, self.graphs, self.walk, wa, self.rows, self.lead,
+                  self.attention, platform)
+    args = (weights, pools, pools, meta_struct(g, shape, s.per_group(), self.lead),
             jax.ShapeDtypeStruct((g, self.rows), jnp.int32, sharding=s.per_group()))
     return lower(jax.jit(fn, donate_argnums=(1, 2)), args)
 
@@ -198,7 +203,7 @@ class ProgramRegistry:
       return ("sample", self.arch.vocab_size, mesh, self.rows, self.hist, self.banned)
     pools = tuple((tuple(p.shape), str(p.dtype)) for p in self.pool_structs)
     return ("step", self.arch, str(self.dtype), self.blocks, ws.span, mesh, ws.geom, shape,
-            self.walk, self.rows, self.attention, pools)
+            self.walk, self.rows, self.hist, self.banned, self.attention, pools)
 
   def _compile(self, ws: WidthSetup, shape: StepShape | None, wa: ResidentWeights):
     t0 = time.perf_counter()
@@ -216,6 +221,4 @@ class ProgramRegistry:
   def sample_structs(self, ws: WidthSetup):
     g, r, sh = ws.specs.groups, self.rows, ws.specs.per_group()
     return (jax.ShapeDtypeStruct((g, r, self.arch.vocab_size), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((g, r, SAMPLE_F32), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((g, r, sample_i32_len(self.hist, self.banned)), jnp.int32,
-                                 sharding=sh))
+            jax.ShapeDtypeStruct((g, self.lead), jnp.int32, sharding=sh))

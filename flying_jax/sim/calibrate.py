@@ -37,13 +37,16 @@ def record_steps(engine, costs: ModelCosts):
   overlap, engine.overlap = engine.overlap, False      # a step's time is its own
 
   def launch_recorded(spans, work, banned_for, prev=None):
-    last[:] = [w for w, _, _ in step_work(costs, spans, work)]
+    last.extend(w for w, _, _ in step_work(costs, spans, work))
     return launch(spans, work, banned_for, prev)
 
   def step_recorded():
+    # every span's step launched in this call, all collected: one lockstep step of the
+    # partition (on the shared CPU cores, spans running at once slow each other down)
     last.clear()
     t0 = time.perf_counter()
     events = step()
+    engine.sync()                    # its events come with the next call
     dt = time.perf_counter() - t0
     if last:
       rows.append(features(last, layers))

@@ -122,7 +122,7 @@ def drive(engine, arrivals: list[Arrival], wait_until=None, sample_every: float 
       except ValueError:                    # RequestRejected: longer than anything holds
         rejected += 1
       i += 1
-    before = engine.steps
+    before = (engine.steps, engine.collected)
     events = engine.step()
     for ev in events:
       seq = ev.seq
@@ -138,7 +138,7 @@ def drive(engine, arrivals: list[Arrival], wait_until=None, sample_every: float 
       sch = engine.scheduler
       timeline.append((now, len(sch.waiting), sch.num_running(), engine.partition.name))
       next_sample = now + sample_every
-    if engine.steps == before:              # nothing to run now
+    if (engine.steps, engine.collected) == before:     # nothing launched or done: idle
       if i < n:
         wait_until(t0 + arrivals[i].at)
       elif len(engine.paused) and not engine.scheduler.has_work():

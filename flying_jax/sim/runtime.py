@@ -48,6 +48,24 @@ class SimClock:
     self.now = max(self.now, t)
 
 
+@dataclasses.dataclass
+class SimLaunched:
+  result: StepResult
+  end: float                        # when the step finishes on the simulated clock
+
+  @property
+  def shapes(self):
+    return self.result.shapes
+
+  @property
+  def group_shapes(self):
+    return self.result.group_shapes
+
+  @property
+  def dispatch_s(self) -> float:
+    return 0.0
+
+
 class SimExecutor:
   """Runs a step by advancing the clock; every sampled token is id 0 (requests ignore EOS)."""
 
@@ -56,24 +74,34 @@ class SimExecutor:
     self.record = record            # called with (span works, seconds) per step (calibration)
     self._tokens: dict[tuple[int, int], np.ndarray] = {}
 
-  def launch(self, spans, work, banned_for, prev=None) -> StepResult:
-    """The step runs to its end at once (the simulated engine does not overlap)."""
+  def launch(self, spans, work, banned_for, prev=None) -> "SimLaunched":
+    """The step starts now and ends after the cost model's time for it (each span its own
+    clock: the engine waits for the first span to end, `wait_any`)."""
     parts = step_work(self.costs, spans, work)
     works = [w for w, _, _ in parts]
     shapes = [shape for _, shape, _ in parts]
     group_shapes = [shape for _, shape, groups in parts for _ in range(groups)]
     seconds = self.model.step_time(works)
-    self.clock.advance(seconds)
     if self.record is not None:
       self.record(works, seconds)
     key = (len(work), max(s.rows for s in shapes))
     tokens = self._tokens.get(key)
     if tokens is None:
       tokens = self._tokens[key] = np.zeros(key, np.int32)
-    return StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
+    result = StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
+    return SimLaunched(result, self.clock() + seconds)
 
-  def collect(self, result: StepResult) -> StepResult:
-    return result
+  def ready(self, launched: "SimLaunched") -> bool:
+    return self.clock() >= launched.end
+
+  def wait_any(self, launched: list) -> int:
+    i = min(range(len(launched)), key=lambda i: launched[i].end)
+    self.clock.wait_until(launched[i].end)
+    return i
+
+  def collect(self, launched: "SimLaunched") -> StepResult:
+    self.clock.wait_until(launched.end)
+    return launched.result
 
   def warm_up(self, partitions) -> float:
     return 0.0
