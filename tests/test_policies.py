@@ -54,6 +54,32 @@ def test_load_policy_goes_tp_only_when_the_running_requests_fit_a_tp_group():
   assert p.decide(obs(width=8, running=30, prefilling=9)).strategy == "migrate"
 
 
+def test_load_policy_leaves_tp_only_for_a_queue_that_waits():
+  """A queue the partition in force serves as fast as it comes (its oldest request without a
+  first token is younger than `busy_steps` steps) is no reason to go DP; one that waits is."""
+  p = LoadPolicy(high=8, hold_steps=1, busy_steps=16)
+  keeping_up = obs(width=8, waiting=6, running=4, prefilling=4, step_s=0.005,
+                   oldest_unstarted_s=0.05)
+  assert all(p.decide(keeping_up) is None for _ in range(5))
+  falling_behind = dataclasses.replace(keeping_up, oldest_unstarted_s=0.09)
+  assert p.decide(falling_behind).reason == "load:busy"
+
+
+def test_auto_leaves_a_wide_group_that_cannot_keep_up_despite_priority():
+  """Priority requests hold the engine in a wide group only while the queue keeps up: once the
+  load policy's busy signal has held, auto goes DP (no suppression without a bound), and it
+  follows priority again when the queue is served as fast as it comes."""
+  p = AutoPolicy(load=LoadPolicy(high=8, hold_steps=2, busy_steps=16))
+  behind = obs(width=8, waiting=12, running=30, prefilling=4, max_priority=1,
+               priority_inflight=1, step_s=0.01, oldest_unstarted_s=1.0)
+  assert p.decide(behind) is None                          # a priority request holds TP8 ...
+  d = p.decide(behind)                                     # ... until the queue has waited
+  assert (d.partition, d.reason) == (1, "load:busy")
+  keeping_up = dataclasses.replace(behind, width=1, waiting=2, prefilling=1,
+                                   oldest_unstarted_s=0.02)
+  assert p.decide(keeping_up).reason == "priority"
+
+
 def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
   p = LoadPolicy(high=100, max_wait_s=1.0)
   assert p.decide(obs(width=8, waiting=1, oldest_wait_s=0.5)) is None
@@ -146,7 +172,7 @@ def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine, pol
 def test_load_policy_goes_dp_under_a_burst_and_back_to_tp_when_quiet(engine):
   engine.policy = make_policy(None)
   engine.set_width(8)
-  engine.policy = LoadPolicy(high=6, low=1, hold_steps=2)
+  engine.policy = LoadPolicy(high=6, low=1, hold_steps=2, busy_steps=2)
   rng = np.random.default_rng(5)
   params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
   for i in range(12):

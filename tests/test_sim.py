@@ -255,3 +255,27 @@ def test_each_span_keeps_its_own_clock():
   assert prefill_steps >= 3                           # the prompt came in several chunks
   during = sum(t < long_first for t in dp_tokens) / 2   # tokens per DP sequence meanwhile
   assert during >= 2 * prefill_steps, (during, prefill_steps)
+
+
+def test_sim_sweep_cli_table_json_plot(tmp_path, capsys):
+  from flying_jax import cli
+  from flying_jax.sim import sweep
+
+  rc = cli.main(["sim", "sweep", "--model", "llama-3-8b", "--hardware", "h100-sxm-8",
+                 "--rates", "10,320", "--requests", "60", "--no-progress",
+                 "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+  out = capsys.readouterr().out
+  assert rc == 0
+  rows = [line for line in out.splitlines() if line.startswith("| llama-3-8b on h100-sxm-8")]
+  assert len(rows) == 4 and {r.split("|")[2].strip() for r in rows} == {"0%", "5%"}
+  points = [sweep.Point(**p) for p in json.load(open(tmp_path / "s.json"))["points"]]
+  assert len(points) == 2 * 2 * 3 and {p.rate for p in points} == {10.0, 320.0}
+  for v in sweep.verdicts(points):                 # auto judged against the lower static TTFT
+    best = v[v["best"]]
+    assert best.p90_ttft_s == min(v["DP"].p90_ttft_s, v["TP"].p90_ttft_s)
+    assert v["ttft_ratio"] == pytest.approx(v["auto"].p90_ttft_s / best.p90_ttft_s)
+  heavy = {p.policy: p for p in points if p.rate == 320.0 and p.priority_share == 0.0}
+  assert heavy["TP"].p90_ttft_s > heavy["DP"].p90_ttft_s    # beyond TP8's capacity
+  assert open(tmp_path / "s.png", "rb").read(4) == b"\x89PNG"
+  assert cli.main(["sim", "sweep", "--model", "llama-3-70b", "--no-progress"]) == 2
+  assert "needs --rates" in capsys.readouterr().out

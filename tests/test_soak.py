@@ -56,8 +56,9 @@ def test_soak_with_switches_cancellations_and_auto_policy(engine):
   reqs = requests(42)
   expected = reference(engine, reqs)
   rng = random.Random(42)
-  # no wall-clock rule (max_wait_s): the run is the same on any machine
-  engine.policy = AutoPolicy(load=LoadPolicy(high=24, low=4, hold_steps=3, max_wait_s=1e9))
+  # no wall-clock rule (max_wait_s, busy_steps): the run is the same on any machine
+  engine.policy = AutoPolicy(load=LoadPolicy(high=24, low=4, hold_steps=3, max_wait_s=1e9,
+                                             busy_steps=0))
   pending = list(reqs)
   cancelled, added, step = set(), [], 0
   switches_before = len(engine.switches)

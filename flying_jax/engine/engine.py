@@ -75,6 +75,8 @@ class Engine:
     self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
     self.steps = 0                          # steps launched (a span's step each)
     self.collected = 0                      # steps collected
+    self.step_s = 0.0                       # time per busy step() call on the engine's clock
+    #                                         (moving average; policies weigh delays by it)
     self._facts = introspect.StaticFacts.of(self)
     self.paused = PausedSequences(clock)
     self.seconds_per_partition: collections.Counter[str] = collections.Counter()
@@ -339,8 +341,12 @@ class Engine:
       events += stepping.collect_first(self, keep)
     if blocked:                               # their steps in flight may be collected now
       stepping.launch_spans(self, started, blocked)
+    busy = bool(self._launched_now) or bool(events)
     self._time_launches(t0)
-    self.seconds_per_partition[self.partition.name] += self.clock() - started
+    took = self.clock() - started
+    self.seconds_per_partition[self.partition.name] += took
+    if busy:
+      self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
     self._maybe_finish_drain()
     events, self._ready = events + self._ready, []
     return events

@@ -31,11 +31,12 @@ class StaticFacts:
 
 def observe(engine, facts: StaticFacts) -> Observation:
   sch, now = engine.scheduler, engine.clock()
-  waiting_longest, oldest_arrival, prio, urgent, _ = _scan(sch.waiting, now)
+  waiting_longest, oldest_arrival, prio, urgent, _, unstarted = _scan(sch.waiting, now)
   running_longest, running, running_prio, running_urgent, prefilling = 0, 0, None, 0, 0
   for group in sch.running:
     running += len(group)
-    longest, _, p, u, pre = _scan(group, now)
+    longest, _, p, u, pre, first = _scan(group, now)
+    unstarted = min(unstarted, first)
     running_longest = max(running_longest, longest)
     running_urgent += u
     prefilling += pre
@@ -53,14 +54,15 @@ def observe(engine, facts: StaticFacts) -> Observation:
       oldest_wait_s=now - oldest_arrival if sch.waiting else 0.0,
       oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
       kv_usage=engine.kv_usage(), step=engine.steps, prefilling=prefilling,
-      decode_slots=facts.decode_slots)
+      decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
+      step_s=engine.step_s)
 
 
 def _scan(seqs, now: float):
   """(longest prompt + max_tokens, earliest arrival, highest priority or None, how many have
-  priority > 0, how many have not had their first token) of `seqs`, in one pass: a policy looks
-  every step."""
-  longest, earliest, prio, urgent, before_first = 0, now, None, 0, 0
+  priority > 0, how many have not had their first token, the earliest arrival of those) of
+  `seqs`, in one pass: a policy looks every step."""
+  longest, earliest, prio, urgent, before_first, unstarted = 0, now, None, 0, 0, now
   for s in seqs:
     n = s.prompt_len + s.params.max_tokens
     if n > longest:
@@ -74,7 +76,9 @@ def _scan(seqs, now: float):
       urgent += 1
     if s.first_token_time is None:
       before_first += 1
-  return longest, earliest, prio, urgent, before_first
+      if s.arrival_time < unstarted:
+        unstarted = s.arrival_time
+  return longest, earliest, prio, urgent, before_first, unstarted
 
 
 def stats(engine) -> dict:

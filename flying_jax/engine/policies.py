@@ -9,7 +9,10 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
   load      TP (the widest width) while the engine is quiet, for latency; DP (the narrowest) when
             the queue builds, for throughput: merge before the queue builds, split once it has.
             The queue is the requests that have not had their first token (waiting, or admitted
-            and still prefilling). Hysteresis so it does not flap; TP only while the running
+            and still prefilling); it counts as built when it is long AND its oldest request has
+            waited `busy_steps` steps' time (the engine's own recent step time: a delay signal
+            that adapts to the hardware), so a long queue that TP serves as fast as it comes does
+            not move the engine. Hysteresis so it does not flap; TP only while the running
             requests fit in half a TP group's decode slots; a limit on how long a TP episode may
             keep a request waiting; running requests migrate their KV;
   priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
@@ -21,7 +24,10 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
   memory    a request longer than the current partition's widest group holds moves the engine to
             a mixed partition with a group that holds it (when other work is in flight), else to
             the narrowest width that holds it (instead of refusing it);
-  auto      memory, then priority (with its return to paused sequences' layout), then load.
+  auto      memory, then priority (with its return to paused sequences' layout), then load;
+            while the queue is overloaded (the load policy's busy signal has held), load decides
+            even with priority requests in flight: a TP group that cannot keep up is left for DP
+            (no suppression without a bound).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Observation:
   oldest_paused_s: float = 0.0
   prefilling: int = 0                # running requests that have not had their first token
   decode_slots: int = 0              # decode slots of one group (0: unknown)
+  oldest_unstarted_s: float = 0.0    # age of the oldest request without its first token
+  step_s: float = 0.0                # the engine's recent time per step (0: not known yet)
 
   @property
   def others(self) -> int:
@@ -86,7 +94,10 @@ class StaticPolicy(Policy):
 
 @dataclasses.dataclass
 class LoadPolicy(Policy):
-  high: int = 8                  # queued (waiting + prefilling) at or above this: go DP
+  high: int = 8                  # queued (waiting + prefilling) at or above this: go DP, when
+  busy_steps: float = 16.0        # ... the oldest of them has waited this many steps' time: a
+  #                                queue that the partition in force serves as fast as it comes
+  #                                is not a reason to leave it
   low: int = 1                   # at or below this (and few running): go TP
   hold_steps: int = 4            # the condition must hold this many steps (hysteresis)
   max_wait_s: float = 2.0        # a request waiting this long ends a TP episode
@@ -98,11 +109,17 @@ class LoadPolicy(Policy):
   def __post_init__(self):
     self._busy = self._quiet = 0
 
+  @property
+  def overloaded(self) -> bool:
+    """The queue has been long and waiting for `hold_steps` steps up to the last decision."""
+    return self._busy >= self.hold_steps
+
   def decide(self, obs):
     queued = obs.waiting + obs.prefilling
     dp, tp = obs.widths[0], obs.widths[-1]
     fits = not obs.decode_slots or obs.running <= self.tp_running * obs.decode_slots
-    self._busy = self._busy + 1 if queued >= self.high else 0
+    delayed = obs.oldest_unstarted_s >= self.busy_steps * obs.step_s
+    self._busy = self._busy + 1 if queued >= self.high and delayed else 0
     self._quiet = self._quiet + 1 if queued <= self.low and fits else 0
     if obs.width != dp and (self._busy >= self.hold_steps or
                             (obs.waiting and obs.oldest_wait_s >= self.max_wait_s)):
@@ -166,14 +183,21 @@ class AutoPolicy(Policy):
   dynamic = True
 
   def decide(self, obs):
-    for p in (self.memory, self.priority):
-      d = p.decide(obs)
-      if d is not None:
-        return d
+    load = self.load.decide(obs)           # every step: its hysteresis counts every step
+    d = self.memory.decide(obs)
+    if d is not None:
+      return d
+    if self.load.overloaded:
+      # the queue waits: priority requests are served where the rest are (a wide group that
+      # cannot keep up would hold everyone back), until the queue keeps up again
+      return load if obs.waiting_max_length <= obs.capacity[obs.widths[0]] else None
+    d = self.priority.decide(obs)
+    if d is not None:
+      return d
     if obs.waiting_max_length > obs.capacity[obs.widths[0]] or obs.max_priority >= \
         self.priority.threshold:
       return None                  # a wide group is needed now: load does not narrow it
-    return self.load.decide(obs)
+    return load
 
 
 def make_policy(spec: str | Policy | None) -> Policy:

@@ -2,6 +2,8 @@
 
   flying-jax sim                      one workload, one policy: vLLM's table
   flying-jax sim compare              the same workload under static DP, static TP and auto
+  flying-jax sim sweep                static DP, static TP and auto from light load to beyond
+                                      saturation, with and without priority traffic
   flying-jax sim --scenario paper     the paper's experiment beside the paper's numbers
   flying-jax sim calibrate            fit the local CPU's cost model to the real engine
   flying-jax sim validate             a trace on the real engine and on the simulator: the error
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -18,8 +21,11 @@ from flying_jax.bench import report, traces
 
 def add_arguments(p):
   p.add_argument("mode", nargs="?", default="run",
-                 choices=["run", "compare", "calibrate", "validate"],
+                 choices=["run", "compare", "sweep", "calibrate", "validate"],
                  help="run (default): one policy; compare: static DP, static TP and auto; "
+                      "sweep: static DP, static TP and auto at five Poisson rates, with and "
+                      "without 5%% priority requests (Llama-3-8B on h100-sxm-8 and Llama-3-70B "
+                      "on h200-8 unless --model/--hardware and --rates are given); "
                       "calibrate: measure the real engine here and fit the cpu preset; "
                       "validate: the same trace on the real engine and simulated, with the error")
   p.add_argument("--scenario", default=None, choices=["paper"],
@@ -46,6 +52,8 @@ def add_arguments(p):
                  help="validate: use the stored cpu preset instead of fitting it again first")
   p.add_argument("--json", default=None, help="write every figure and request timing here")
   p.add_argument("--plot", default=None, help="write the timeline PNG here")
+  p.add_argument("--rates", default=None,
+                 help="sweep: comma-separated Poisson rates (req/s) for --model on --hardware")
   p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -81,6 +89,8 @@ def run_sim(args) -> int:
   try:
     if args.scenario == "paper":
       return _paper(args)
+    if args.mode == "sweep":
+      return _sweep(args)
     if args.mode in ("calibrate", "validate"):
       from flying_jax.sim import calibrate
       return calibrate.run(args)
@@ -165,4 +175,28 @@ def _paper(args) -> int:
     with open(args.json, "w") as f:
       json.dump({"rows": result.rows, "runs": {k: v.to_json() for k, v in result.bursty.items()}},
                 f)
+  return 0
+
+
+def _sweep(args) -> int:
+  from flying_jax.sim import sweep
+
+  pairs = dict(sweep.PAIRS)
+  if args.rates or args.model != DEFAULTS["sim"][0] or args.hardware != DEFAULTS["sim"][1]:
+    if not args.rates:
+      raise ValueError("sweep with --model or --hardware needs --rates, e.g. --rates 1,4,16")
+    pairs = {(args.model, args.hardware): tuple(float(r) for r in args.rates.split(","))}
+  shares = (0.0, args.priority_share or 0.05)
+  total = sum(len(r) for r in pairs.values()) * len(shares) * 3
+  bar = _bar(total, args.progress, "sweep runs")
+  points = sweep.run_sweep(pairs, args.requests, shares, args.seed, bar)
+  if bar is not None:
+    bar.close()
+  print(sweep.table(points))
+  if args.plot:
+    print(f"plot: {sweep.plot(points, args.plot)}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+                 "points": [dataclasses.asdict(p) for p in points]}, f)
   return 0
