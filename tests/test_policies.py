@@ -76,8 +76,27 @@ def test_auto_leaves_a_wide_group_that_cannot_keep_up_despite_priority():
   d = p.decide(behind)                                     # ... until the queue has waited
   assert (d.partition, d.reason) == (1, "load:busy")
   keeping_up = dataclasses.replace(behind, width=1, waiting=2, prefilling=1,
-                                   oldest_unstarted_s=0.02)
-  assert p.decide(keeping_up).reason == "priority"
+                                   oldest_unstarted_s=0.02, step=50)
+  assert p.decide(keeping_up) is None                      # backing off: 100 steps ...
+  again = p.decide(dataclasses.replace(keeping_up, step=100))
+  assert (again.partition, again.reason) == (8, "priority")       # ... then wide again
+  p.decide(dataclasses.replace(behind, step=101))
+  d = p.decide(dataclasses.replace(behind, step=102))             # a second failure ...
+  assert d.reason == "load:busy"
+  assert p.decide(dataclasses.replace(keeping_up, step=250)) is None   # ... backs off 200 steps
+  assert p.decide(dataclasses.replace(keeping_up, step=302)).reason == "priority"
+
+
+def test_priority_moves_everyone_to_tp_when_they_fit_and_keeps_replicas_that_carry_the_rest():
+  p = PriorityPolicy()
+  few = obs(width=1, running=5, waiting=1, max_priority=1, priority_inflight=1, decode_slots=32,
+            mixed={"4+1x4": 4}, mixed_slots={"4+1x4": 128})
+  d = p.decide(few)                        # all fit one TP group's slots: all migrate, none paused
+  assert (d.partition, d.strategy, d.reason) == (8, "migrate", "priority")
+  many = dataclasses.replace(few, running=100, waiting=20)
+  assert p.decide(many).partition == "4+1x4"          # the replicas hold the other 119
+  too_many = dataclasses.replace(many, running=200)
+  assert p.decide(too_many) is None                   # they would not: served where it is
 
 
 def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
@@ -149,21 +168,30 @@ def test_memory_policy_serves_what_static_dp_refuses(engine):
 
 
 @pytest.mark.parametrize("policy", ["auto", "priority"])
-def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine, policy):
+@pytest.mark.parametrize("n_bg,strategy", [(6, "migrate"), (12, "pause")])
+def test_priority_request_moves_the_engine_to_tp_and_nothing_is_lost(engine, policy, n_bg,
+                                                                     strategy):
+  """Everyone fits one TP group's decode slots (8): all migrate there; more than that: the
+  others pause and resume in their own layout once the priority request is done."""
   engine.policy = make_policy(None)
   engine.set_width(1)
   engine.policy = make_policy(policy)
   rng = np.random.default_rng(4)
   params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-  for i in range(6):
-    engine.add_request(f"bg-{policy}-{i}", rng.integers(0, 512, size=20).tolist(), params)
+  tag = f"{policy}-{n_bg}"
+  for i in range(n_bg):
+    engine.add_request(f"bg-{tag}-{i}", rng.integers(0, 512, size=20).tolist(), params)
   engine.step()
-  engine.add_request(f"urgent-{policy}", rng.integers(0, 512, size=20).tolist(), params, priority=1)
+  engine.add_request(f"urgent-{tag}", rng.integers(0, 512, size=20).tolist(), params, priority=1)
+  before = len(engine.switches)
   engine.step()
-  assert engine.width == 8 and engine.switches[-1].reason == "priority"
+  last = engine.switches[-1]
+  assert engine.width == 8 and (last.reason, last.strategy) == ("priority", strategy)
+  assert (last.paused > 0) == (strategy == "pause")
   drain(engine)
-  assert any(r.reason == "resume" for r in engine.switches)   # the paused ones came back
-  for rid in [f"bg-{policy}-{i}" for i in range(6)] + [f"urgent-{policy}"]:
+  if strategy == "pause":
+    assert any(r.reason == "resume" for r in engine.switches[before:])   # the paused came back
+  for rid in [f"bg-{tag}-{i}" for i in range(n_bg)] + [f"urgent-{tag}"]:
     seq, = engine.request(rid)
     assert seq.finished and len(seq.output_ids) == 24
   assert engine.no_leaks()

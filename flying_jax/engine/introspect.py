@@ -19,6 +19,7 @@ class StaticFacts:
   capacity: dict                   # width -> longest sequence one group holds
   mixed: dict                      # compiled mixed partition -> its widest group's width
   decode_slots: int                # decode slots of one group
+  mixed_slots: dict                # compiled mixed partition -> decode slots of its replicas
 
   @staticmethod
   def of(engine) -> "StaticFacts":
@@ -26,7 +27,10 @@ class StaticFacts:
         widths=tuple(sorted(engine.setups)),
         capacity={w: ws.capacity for w, ws in engine.setups.items()},
         mixed={n: max(p.widths) for n, p in engine.partitions.items() if p.uniform_width is None},
-        decode_slots=max(engine.preset.decode_buckets))
+        decode_slots=max(engine.preset.decode_buckets),
+        mixed_slots={n: max(engine.preset.decode_buckets) * sum(w < max(p.widths)
+                                                                for w in p.widths)
+                     for n, p in engine.partitions.items() if p.uniform_width is None})
 
 
 def observe(engine, facts: StaticFacts) -> Observation:
@@ -55,7 +59,7 @@ def observe(engine, facts: StaticFacts) -> Observation:
       oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
       kv_usage=engine.kv_usage(), step=engine.steps, prefilling=prefilling,
       decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
-      step_s=engine.step_s)
+      step_s=engine.step_s, mixed_slots=facts.mixed_slots)
 
 
 def _scan(seqs, now: float):

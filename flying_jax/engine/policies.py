@@ -16,9 +16,12 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             requests fit in half a TP group's decode slots; a limit on how long a TP episode may
             keep a request waiting; running requests migrate their KV;
   priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
-            when other work is in flight and a mixed partition is compiled, by its TP group while
-            its DP replicas keep serving the rest (moved sequences migrate); otherwise by the
-            widest width, the others paused, to resume in their own layout once no
+            when every request in flight fits one TP group's decode slots, by the widest width,
+            all of them migrated; else, when a mixed partition is compiled and its replicas'
+            slots hold the rest, by its TP group while its DP replicas keep serving the rest
+            (moved sequences migrate); otherwise by the widest width, the others paused (or,
+            when not even the replicas would hold them, where it is), to resume in their own
+            layout once no
             latency-critical request is left. Paused sequences never wait longer than
             `max_pause_s`: then they are recomputed in the partition in force (no starvation);
   memory    a request longer than the current partition's widest group holds moves the engine to
@@ -27,7 +30,8 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
   auto      memory, then priority (with its return to paused sequences' layout), then load;
             while the queue is overloaded (the load policy's busy signal has held), load decides
             even with priority requests in flight: a TP group that cannot keep up is left for DP
-            (no suppression without a bound).
+            (no suppression without a bound), and priority requests are then served where the
+            rest are for `backoff_steps` steps, doubling at each such failure.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Observation:
   decode_slots: int = 0              # decode slots of one group (0: unknown)
   oldest_unstarted_s: float = 0.0    # age of the oldest request without its first token
   step_s: float = 0.0                # the engine's recent time per step (0: not known yet)
+  mixed_slots: dict = dataclasses.field(default_factory=dict)
+  # ^ compiled mixed partition -> decode slots of its replicas (the groups narrower than its widest)
 
   @property
   def others(self) -> int:
@@ -144,8 +150,14 @@ class PriorityPolicy(Policy):
     if obs.max_priority >= self.threshold:
       if obs.width == tp or obs.partition in obs.mixed:
         return None                  # a wide group serves them already
+      if obs.others > 0 and obs.decode_slots and obs.waiting + obs.running <= obs.decode_slots:
+        return Decision(tp, "migrate", "priority")     # everyone fits one TP group: all move
       if self.mixed and obs.mixed and obs.others > 0:
-        return Decision(next(iter(obs.mixed)), "migrate", "priority")
+        name = next(iter(obs.mixed))
+        room = obs.mixed_slots.get(name, 0)
+        if room and obs.others > room:
+          return None                # its replicas could not carry the rest: serve it here
+        return Decision(name, "migrate", "priority")
       return Decision(tp, "pause", "priority")
     if obs.paused_widths and obs.width not in obs.paused_widths:
       return Decision(obs.paused_widths[0], "pause", "resume")   # back to what it paused
@@ -179,8 +191,13 @@ class AutoPolicy(Policy):
   load: LoadPolicy = dataclasses.field(default_factory=LoadPolicy)
   priority: PriorityPolicy = dataclasses.field(default_factory=PriorityPolicy)
   memory: MemoryPolicy = dataclasses.field(default_factory=MemoryPolicy)
+  backoff_steps: int = 100        # after a wide group could not keep up, priority requests
+  #                                 stay where the rest are this many steps (doubling each time)
   name = "auto"
   dynamic = True
+
+  def __post_init__(self):
+    self._failures, self._blocked_until = 0, -1
 
   def decide(self, obs):
     load = self.load.decide(obs)           # every step: its hysteresis counts every step
@@ -190,9 +207,14 @@ class AutoPolicy(Policy):
     if self.load.overloaded:
       # the queue waits: priority requests are served where the rest are (a wide group that
       # cannot keep up would hold everyone back), until the queue keeps up again
+      if load is not None and obs.max_priority >= self.priority.threshold:
+        self._failures += 1
+        self._blocked_until = obs.step + self.backoff_steps * 2 ** (self._failures - 1)
       return load if obs.waiting_max_length <= obs.capacity[obs.widths[0]] else None
     d = self.priority.decide(obs)
-    if d is not None:
+    if d is not None and d.reason in ("priority:done", "resume"):
+      self._failures = 0                   # a wide episode that ended as it should
+    if d is not None and not (d.reason == "priority" and obs.step < self._blocked_until):
       return d
     if obs.waiting_max_length > obs.capacity[obs.widths[0]] or obs.max_priority >= \
         self.priority.threshold:
