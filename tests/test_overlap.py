@@ -166,3 +166,25 @@ def test_switches_collect_the_step_in_flight(engine):
               on_step=lambda k: engine.switch(*plan[k], reason="test") if k in plan else None)
   assert len(engine.switches) >= 4
   assert outputs(got) == outputs(ref)
+
+
+def test_stream_items_read_each_event_as_of_that_event(engine):
+  """A call may hand out several events of one sequence (a span's queue holds two steps, a switch
+  collects first), and the server turns them into stream items after the last one: each item
+  must say what its own event did (finish reason on the last only, its own logprobs and count),
+  not the sequence's state by then."""
+  from flying_jax.serving.loop import _item
+
+  engine.set_width(1)
+  params = dataclasses.replace(GREEDY, max_tokens=6, logprobs=2)
+  seq, = engine.add_request("items-0", prompts(9, [20])[0], params)
+  events = []
+  while engine.has_unfinished():
+    events += [ev for ev in engine.step() if ev.seq is seq]
+  items = [_item(ev, 0.0) for ev in events]            # all delivered after the finish
+  assert [it.finish_reason for it in items] == [None] * 5 + ["length"]
+  assert [it.token_ids for it in items] == [[t] for t in seq.output_ids]
+  assert [it.logprobs for it in items] == [[lp] for lp in seq.logprobs]
+  assert [it.completion_tokens for it in items] == list(range(1, 7))
+  engine.release("items-0")
+  assert engine.no_leaks()

@@ -33,10 +33,14 @@ log = logging.getLogger("flying_jax")
 
 @dataclasses.dataclass(slots=True)
 class SeqEvent:
+  """What one collected step did to one sequence. A call may hand out several events of a
+  sequence (spans' queues hold two steps, a switch collects first): read its state as of the
+  event from here, not from the sequence."""
   seq: Sequence
   new_ids: list[int]
   text_delta: str
   finished: bool
+  outputs: int = 0                    # the sequence's output tokens after this event
 
 
 @dataclasses.dataclass
@@ -187,7 +191,7 @@ def fail(engine, work: list[GroupWork], message: str) -> list[SeqEvent]:
       seq.error = message
       engine.scheduler.remove(seq)
       engine.outputs.finish(seq, "error")
-      events.append(SeqEvent(seq, [], "", True))
+      events.append(SeqEvent(seq, [], "", True, len(seq.output_ids)))
   return events
 
 
@@ -201,4 +205,4 @@ def _accept(engine, seq: Sequence, token: int, result, g: int, row: int,
   delta, finished = engine.outputs.append(seq, token, lp, capacity)
   if finished:
     engine.scheduler.remove(seq)
-  return SeqEvent(seq, [token], delta, finished)
+  return SeqEvent(seq, [token], delta, finished, len(seq.output_ids))

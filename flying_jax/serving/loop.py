@@ -17,7 +17,8 @@ import time
 from typing import Callable
 
 from flying_jax.engine.engine import Engine, RequestRejected
-from flying_jax.engine.sequence import Sequence, TokenLogprob
+from flying_jax.engine.sequence import TokenLogprob
+from flying_jax.engine.stepping import SeqEvent
 from flying_jax.sampling import SamplingParams
 
 log = logging.getLogger("flying_jax")
@@ -194,7 +195,7 @@ class EngineLoop:
       stream = self._streams.get(seq.request_id)
       if stream is None:
         continue
-      stream.sink(_item(seq, ev.new_ids, ev.text_delta, now))
+      stream.sink(_item(ev, now))
       if self.metrics is not None:
         if ev.new_ids:
           self.metrics.on_token(seq, now)
@@ -207,14 +208,17 @@ class EngineLoop:
           self._forget(engine, seq.request_id, abort=False)
 
 
-def _item(seq: Sequence, new_ids: list[int], text: str, now: float) -> StreamItem:
-  lps = seq.logprobs[len(seq.logprobs) - len(new_ids):] if seq.params.logprobs is not None else []
+def _item(ev: SeqEvent, now: float) -> StreamItem:
+  """The stream item of one event, as of that event (one delivery may hold several events of a
+  sequence: its finish reason and count belong to the last of them only)."""
+  seq, new_ids, n = ev.seq, ev.new_ids, ev.outputs
+  lps = seq.logprobs[n - len(new_ids):n] if seq.params.logprobs is not None else []
   queue_s = None if seq.scheduled_time is None else seq.scheduled_time - seq.arrival_time
   ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
-  return StreamItem(seq.index, list(new_ids), text, list(lps),
-                    seq.finish_reason if seq.finished else None, seq.stop_reason,
-                    len(seq.prompt_ids), len(seq.output_ids), queue_s, ttft,
-                    now - seq.arrival_time, seq.error)
+  return StreamItem(seq.index, list(new_ids), ev.text_delta, list(lps),
+                    seq.finish_reason if ev.finished else None,
+                    seq.stop_reason if ev.finished else None, len(seq.prompt_ids), n, queue_s,
+                    ttft, now - seq.arrival_time, seq.error if ev.finished else None)
 
 
 __all__ = ["DONE", "Draining", "EngineLoop", "QueueFull", "RequestRejected", "StreamItem",
