@@ -84,7 +84,6 @@ class Engine:
     self.pause_expired = 0                  # paused sequences given up on (recompute_paused)
     self.overlap = config.overlap and getattr(self.executor, "overlaps", False)
     self._ready: list[SeqEvent] = []        # events collected outside `step()`
-    self._launched_now: list[stepping.InFlight] = []
     self.waited_s = 0.0
 
   def compiled_partition(self, target) -> Partition:
@@ -333,16 +332,16 @@ class Engine:
     self.waited_s = 0.0                       # blocked on sampled ids (`stepping.collect`)
     self._apply_policy()
     events, self._ready = self._ready, []
-    blocked = stepping.launch_spans(self, started)
+    launched, blocked = stepping.launch_spans(self, started)
     # with overlap, a step launched now stays in flight while the host takes in the ones before
-    keep = {id(f) for f in self._launched_now} if self.overlap else set()
+    keep = {id(f) for f in launched} if self.overlap else set()
     events += stepping.collect_ready(self, keep)
     if not events:
       events += stepping.collect_first(self, keep)
     if blocked:                               # their steps in flight may be collected now
-      stepping.launch_spans(self, started, blocked)
-    busy = bool(self._launched_now) or bool(events)
-    self._time_launches(t0)
+      launched += stepping.launch_spans(self, started, blocked)[0]
+    busy = bool(launched) or bool(events)
+    self._time_launches(t0, launched)
     took = self.clock() - started
     self.seconds_per_partition[self.partition.name] += took
     if busy:
@@ -351,9 +350,8 @@ class Engine:
     events, self._ready = events + self._ready, []
     return events
 
-  def _time_launches(self, t0: float):
+  def _time_launches(self, t0: float, launched: list[stepping.InFlight]):
     """A `StepTiming` per step launched in this call (the call's host time shared among them)."""
-    launched, self._launched_now = self._launched_now, []
     if not launched:
       return
     total = time.perf_counter() - t0

@@ -23,14 +23,14 @@ class StaticFacts:
 
   @staticmethod
   def of(engine) -> "StaticFacts":
+    slots = max(engine.preset.decode_buckets)
+    mixed = {n: p for n, p in engine.partitions.items() if p.uniform_width is None}
     return StaticFacts(
         widths=tuple(sorted(engine.setups)),
         capacity={w: ws.capacity for w, ws in engine.setups.items()},
-        mixed={n: max(p.widths) for n, p in engine.partitions.items() if p.uniform_width is None},
-        decode_slots=max(engine.preset.decode_buckets),
-        mixed_slots={n: max(engine.preset.decode_buckets) * sum(w < max(p.widths)
-                                                                for w in p.widths)
-                     for n, p in engine.partitions.items() if p.uniform_width is None})
+        mixed={n: max(p.widths) for n, p in mixed.items()},
+        decode_slots=slots,
+        mixed_slots={n: slots * sum(w < max(p.widths) for w in p.widths) for n, p in mixed.items()})
 
 
 def observe(engine, facts: StaticFacts) -> Observation:

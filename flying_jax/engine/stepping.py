@@ -75,11 +75,12 @@ def may_follow(work: list[GroupWork]) -> bool:
   return True
 
 
-def launch_spans(engine, started: float, only=None) -> list[int]:
+def launch_spans(engine, started: float, only=None) -> tuple[list[InFlight], list[int]]:
   """Schedule and launch the next step of every span (or those in `only`) whose queue has room;
-  returns the spans whose next step must wait for a collect (`may_follow`)."""
+  returns the steps launched and the spans whose next step must wait for a collect
+  (`may_follow`)."""
   depth = 2 if engine.overlap else 1
-  blocked = []
+  launched, blocked = [], []
   for k in (range(len(engine._spans)) if only is None else only):
     queue = engine._inflight[k]
     if len(queue) >= depth:
@@ -94,8 +95,8 @@ def launch_spans(engine, started: float, only=None) -> list[int]:
     flight = launch(engine, k, work, queue[-1] if queue else None, started)
     if flight is not None:
       queue.append(flight)
-      engine._launched_now.append(flight)
-  return blocked
+      launched.append(flight)
+  return launched, blocked
 
 
 def collect_ready(engine, keep=frozenset()) -> list[SeqEvent]:

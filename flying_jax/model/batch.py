@@ -4,7 +4,8 @@ Prefill comes as `prefill_rows` rows of `chunk` tokens, one sequence per row (on
 several short prompts side by side).
 
 On the host it is packed into a single int32 row per group (one transfer per step, the sampling
-fields in front: `HostBatch`); inside the program `unpack` cuts it into named arrays. `StepShape` is the static part (the program bucket).
+fields in front: `HostBatch`); inside the program `unpack` cuts it into named arrays.
+`StepShape` is the static part (the program bucket).
 A hybrid model's steps also carry its sliding layers' page tables and write slots
 (`StepShape.local_tables`), which those layers read instead (`StepMeta.local_view`).
 """

@@ -3,8 +3,9 @@
 The host builds one int32 row per group (the sampling fields of its rows, then tokens, positions,
 KV write slots, page tables; a hybrid model's sliding layers get their own tables and slots),
 transfers it (one array per span) and dispatches the step's program and the sampling program
-asynchronously (`launch`); the sampled ids (and logprobs when a row asked for them) start their copy to the host at once and are
-read by `collect`. A mixed partition runs them per span, all dispatched before any result is read.
+asynchronously (`launch`); the sampled ids (and logprobs when a row asked for them) start their
+copy to the host at once and are read by `collect`; `ready` and `wait_any` tell the engine which
+span's step is done (each span of a mixed partition is launched and collected on its own).
 
 A step may be launched before the previous one is collected (the engine overlaps the host's work
 with the device's): a decode slot whose token the previous step samples takes it from that step's
@@ -24,7 +25,7 @@ from flying_jax.engine.scheduler import GroupWork
 from flying_jax.model.batch import HostBatch, StepShape
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 from flying_jax.runtime.resident import Resident
-from flying_jax.runtime.sampling_pack import pack_one, sample_len, set_dynamic
+from flying_jax.runtime.sampling_pack import pack_one, set_dynamic
 from flying_jax.sampling import RowSpec
 
 
@@ -100,7 +101,6 @@ class Executor:
     self.hist_len, self.max_banned = hist_len, max_banned
     self._no_prev: dict = {}
     self._pad = pack_one(None, hist_len, max_banned)     # a padding row's sampling fields
-    self.lead = registry.rows * sample_len(hist_len, max_banned)
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
@@ -109,7 +109,7 @@ class Executor:
     on the device (`Sequence.pending`) reads it from the previous step's sampled row
     `feed_row`."""
     g = len(work)
-    hb = HostBatch(g, shape, self.lead)
+    hb = HostBatch(g, shape, self.registry.lead)
     f = hb.fields
     geom = ws.geom
     tpp, slots = geom.tokens_per_page, geom.slots

@@ -16,7 +16,7 @@ import numpy as np
 
 from flying_jax.engine import setup as S
 from flying_jax.parallel import Span
-from flying_jax.runtime.executor import StepResult, pick_shape
+from flying_jax.runtime.executor import Launched, StepResult, pick_shape
 from flying_jax.sim.cost import ModelCosts, span_work
 
 
@@ -49,21 +49,9 @@ class SimClock:
 
 
 @dataclasses.dataclass
-class SimLaunched:
-  result: StepResult
+class SimLaunched(Launched):
+  result: StepResult                # what collecting it returns
   end: float                        # when the step finishes on the simulated clock
-
-  @property
-  def shapes(self):
-    return self.result.shapes
-
-  @property
-  def group_shapes(self):
-    return self.result.group_shapes
-
-  @property
-  def dispatch_s(self) -> float:
-    return 0.0
 
 
 class SimExecutor:
@@ -89,7 +77,8 @@ class SimExecutor:
     if tokens is None:
       tokens = self._tokens[key] = np.zeros(key, np.int32)
     result = StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
-    return SimLaunched(result, self.clock() + seconds)
+    return SimLaunched(tuple(spans), work, [], shapes, group_shapes, False, 0.0, 0.0, result,
+                       self.clock() + seconds)
 
   def ready(self, launched: "SimLaunched") -> bool:
     return self.clock() >= launched.end
