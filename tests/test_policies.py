@@ -215,6 +215,11 @@ def test_load_policy_goes_dp_under_a_burst_and_back_to_tp_when_quiet(engine):
   assert engine.width == 8
   assert all(engine.request(f"burst-{i}")[0].finished for i in range(12))
   assert engine.no_leaks()
+  # the live cost model timed both widths' steps and predicts every candidate's prefill rate
+  assert {1, 8} <= set(engine.demand.fits)
+  seen = engine.observe()
+  assert seen.prompt_tok_s > 0 and set(seen.capacity_tok_s) == {1, 8}
+  assert all(rate > 0 for rate in seen.capacity_tok_s.values())
   engine.policy = make_policy(None)
 
 

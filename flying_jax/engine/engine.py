@@ -24,6 +24,7 @@ from flying_jax.engine import introspect
 from flying_jax.engine import setup as S
 from flying_jax.engine import stepping
 from flying_jax.engine.admission import RequestRejected, validate
+from flying_jax.engine.demand import Demand
 from flying_jax.engine.outputs import OutputProcessor
 from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_policy
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
@@ -67,6 +68,7 @@ class Engine:
     vars(self).update(vars(runtime(card, preset, config, devices, self.partitions, widths,
                                    host_weights, self.report)))
     self.outputs = OutputProcessor(tokenizer, clock)
+    self.demand = Demand()                  # arrival rate and step times, measured live
     self._partition(first)
     self.resident.arrange(first.spans)
     self._ids = itertools.count()
@@ -112,6 +114,7 @@ class Engine:
     # per span, its steps launched and not collected, oldest first (`engine.stepping`); empty
     # whenever the partition changes (every switch collects first: `sync`)
     self._inflight = [collections.deque() for _ in self._spans]
+    self.demand.new_partition()
     groups = [Group(first, w, S.layout_of(self.setups[w]), self.setups[w].capacity)
               for first, w in part.groups]
     ws = self._spans[0]
@@ -292,6 +295,7 @@ class Engine:
     seqs = [Sequence(next(self._ids), request_id, i, list(prompt_ids), params, base + i,
                      frozenset(stop), priority, arrival_time=arrived) for i in range(params.n)]
     self._requests[request_id] = seqs
+    self.demand.arrived(arrived, len(prompt_ids) * params.n)
     for s in seqs:
       self.scheduler.add(s)
     return seqs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from flying_jax.engine.demand import capacity_of
 from flying_jax.engine.policies import Observation
 
 
@@ -59,7 +60,10 @@ def observe(engine, facts: StaticFacts) -> Observation:
       oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
       kv_usage=engine.kv_usage(), step=engine.steps, prefilling=prefilling,
       decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
-      step_s=engine.step_s, mixed_slots=facts.mixed_slots)
+      step_s=engine.step_s, mixed_slots=facts.mixed_slots,
+      prompt_tok_s=engine.demand.prompt_tok_s(now),
+      capacity_tok_s=capacity_of(engine.demand, engine.partitions, running - running_urgent,
+                                 sch.limits))
 
 
 def _scan(seqs, now: float):

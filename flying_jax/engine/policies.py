@@ -21,17 +21,22 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             slots hold the rest, by its TP group while its DP replicas keep serving the rest
             (moved sequences migrate); otherwise by the widest width, the others paused (or,
             when not even the replicas would hold them, where it is), to resume in their own
-            layout once no
-            latency-critical request is left. Paused sequences never wait longer than
-            `max_pause_s`: then they are recomputed in the partition in force (no starvation);
+            layout once no latency-critical request is left. A layout is only chosen when the
+            groups that would carry the ordinary requests keep up with the arriving prompts by
+            prediction (`Observation.share`: the live arrival rate over the prefill rate the
+            live cost model predicts for those groups, `engine.demand`; at most `max_share`).
+            Paused sequences never wait longer than `max_pause_s`: then they are recomputed in
+            the partition in force (no starvation);
   memory    a request longer than the current partition's widest group holds moves the engine to
             a mixed partition with a group that holds it (when other work is in flight), else to
             the narrowest width that holds it (instead of refusing it);
   auto      memory, then priority (with its return to paused sequences' layout), then load;
-            while the queue is overloaded (the load policy's busy signal has held), load decides
-            even with priority requests in flight: a TP group that cannot keep up is left for DP
-            (no suppression without a bound), and priority requests are then served where the
-            rest are for `backoff_steps` steps, doubling at each such failure.
+            a wide layout held for priority requests that is predicted not to keep up with the
+            arriving prompts (share above 1) is left for DP at once; while the queue is
+            overloaded (the load policy's busy signal has held), load decides even with priority
+            requests in flight: a TP group that cannot keep up is left for DP (no suppression
+            without a bound), and priority requests are then served where the rest are for
+            `backoff_steps` steps, doubling at each such failure.
 """
 
 from __future__ import annotations
@@ -66,11 +71,21 @@ class Observation:
   step_s: float = 0.0                # the engine's recent time per step (0: not known yet)
   mixed_slots: dict = dataclasses.field(default_factory=dict)
   # ^ compiled mixed partition -> decode slots of its replicas (the groups narrower than its widest)
+  prompt_tok_s: float = 0.0          # prompt tokens arriving per second (`engine.demand`)
+  capacity_tok_s: dict = dataclasses.field(default_factory=dict)
+  # ^ width or mixed partition -> predicted prefill rate of the groups that would carry the
+  #   ordinary requests there (`demand.capacity_of`; empty until a full step was timed)
 
   @property
   def others(self) -> int:
     """Requests in flight that are not latency-critical."""
     return self.waiting + self.running - self.priority_inflight
+
+  def share(self, partition) -> float:
+    """The share of `partition`'s predicted prefill rate (for the ordinary requests) that the
+    arriving prompts would use: above 1 it builds a queue (0: not known yet)."""
+    capacity = self.capacity_tok_s.get(partition, 0.0)
+    return self.prompt_tok_s / capacity if capacity > 0 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +156,9 @@ class PriorityPolicy(Policy):
   threshold: int = 1
   max_pause_s: float = 10.0          # a paused sequence waits at most this long, then recomputes
   mixed: bool = True                 # serve priority in a mixed partition's TP group when busy
+  max_share: float = 0.8             # a layout whose groups for the ordinary requests would need
+  #                                    more of their predicted prefill rate than this (the
+  #                                    arriving prompts': `Observation.share`) is not chosen
   name = "priority"
 
   def decide(self, obs):
@@ -150,14 +168,18 @@ class PriorityPolicy(Policy):
     if obs.max_priority >= self.threshold:
       if obs.width == tp or obs.partition in obs.mixed:
         return None                  # a wide group serves them already
-      if obs.others > 0 and obs.decode_slots and obs.waiting + obs.running <= obs.decode_slots:
+      tp_keeps_up = obs.share(tp) <= self.max_share
+      if obs.others > 0 and obs.decode_slots and obs.waiting + obs.running <= \
+          obs.decode_slots and tp_keeps_up:
         return Decision(tp, "migrate", "priority")     # everyone fits one TP group: all move
       if self.mixed and obs.mixed and obs.others > 0:
         name = next(iter(obs.mixed))
         room = obs.mixed_slots.get(name, 0)
-        if room and obs.others > room:
+        if (room and obs.others > room) or obs.share(name) > self.max_share:
           return None                # its replicas could not carry the rest: serve it here
         return Decision(name, "migrate", "priority")
+      if not tp_keeps_up:
+        return None                  # TP would queue the arrivals while the rest wait
       return Decision(tp, "pause", "priority")
     if obs.paused_widths and obs.width not in obs.paused_widths:
       return Decision(obs.paused_widths[0], "pause", "resume")   # back to what it paused
@@ -211,6 +233,12 @@ class AutoPolicy(Policy):
         self._failures += 1
         self._blocked_until = obs.step + self.backoff_steps * 2 ** (self._failures - 1)
       return load if obs.waiting_max_length <= obs.capacity[obs.widths[0]] else None
+    here = obs.width if obs.width is not None else obs.partition
+    if obs.max_priority >= self.priority.threshold and here != obs.widths[0] and \
+        obs.share(here) > 1.0 and obs.waiting_max_length <= obs.capacity[obs.widths[0]]:
+      # the wide layout cannot keep up with the arriving prompts (predicted from the live
+      # rates): the ordinary requests go back to DP before the queue shows it
+      return Decision(obs.widths[0], "migrate", "priority:overloaded")
     d = self.priority.decide(obs)
     if d is not None and d.reason in ("priority:done", "resume"):
       self._failures = 0                   # a wide episode that ended as it should

@@ -61,6 +61,7 @@ class InFlight:
   launched: object                    # the executor's handle (`runtime.executor.Launched`)
   work: list[GroupWork]               # one per group of the span
   first: int                          # the scheduler's index of the span's first group
+  at: float = 0.0                     # launched at (the engine's clock)
 
 
 def may_follow(work: list[GroupWork]) -> bool:
@@ -148,7 +149,7 @@ def launch(engine, k: int, work: list[GroupWork], prev: InFlight | None,
         seq.pending += 1
         seq.feed_row = shape.sampled_row(j, prefill=True)
   engine.steps += 1
-  return InFlight(launched, work, engine._span_groups[k].start)
+  return InFlight(launched, work, engine._span_groups[k].start, engine.clock())
 
 
 def collect(engine, flight: InFlight) -> list[SeqEvent]:
@@ -164,6 +165,8 @@ def collect(engine, flight: InFlight) -> list[SeqEvent]:
     return fail(engine, work, f"{type(e).__name__}: {e}")
   finally:
     engine.waited_s += time.perf_counter() - t0
+  engine.demand.collected(flight.first, engine.scheduler.groups[flight.first].width, work,
+                          flight.at, engine.clock())
   events = []
   tokens = result.tokens.tolist()
   for g, w in enumerate(work):
