@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flying_jax.engine.demand import Demand, StepFit, capacity_of
+from flying_jax.engine.demand import Demand, Prediction, StepFit, predict
 from flying_jax.engine.policies import AutoPolicy, Observation, PriorityPolicy
 from flying_jax.engine.scheduler import GroupWork, SchedulerLimits
 from flying_jax.parallel import Partition
@@ -67,52 +67,79 @@ def test_prompt_rate_is_measured_from_arrivals_and_falls_when_they_stop():
   assert d.prompt_tok_s(15.0) == pytest.approx(16 * 500 / 15.0)   # nothing since: it falls
 
 
-def test_capacity_of_predicts_every_candidate_from_the_widths_timed():
+def test_predict_gives_every_candidate_from_the_widths_timed():
   d = Demand()
   for tokens in (100, 400, 700, 1000, 200, 600, 900, 300):   # width 1: 2 ms + 20 us per token
     d.collected(0, 1, [_work(0, tokens)], launched_at=0.0, now=0.002 + 2e-5 * tokens)
     d.new_partition()
+  for i in range(10):
+    d.arrived(0.01 * i, 512)                                 # prompts of 512 tokens
   limits = SchedulerLimits(max_decode=64, prefill_modes=((1, 1024), (4, 256)), token_budget=1280)
   parts = {p.name: p for p in (Partition.uniform(8, 1), Partition.uniform(8, 8),
                                Partition.parse("4+1x4", 8))}
-  cap = capacity_of(d, parts, others_running=80, limits=limits)
-  one = 1024 / (0.002 + 2e-5 * (10 + 1024))            # a width-1 group carrying 10 decodes
-  assert cap[1] == pytest.approx(8 * one, rel=1e-6)
-  # width 8 not timed: one device does an eighth of the work, so its step takes an eighth
-  assert cap[8] == pytest.approx(1024 / ((0.002 + 2e-5 * (80 + 1024)) / 8), rel=1e-6)
+  pred = predict(d, parts, others_running=80, limits=limits)
+  one = 0.002 + 2e-5 * (10 + 1024)                         # a width-1 group carrying 10 decodes
+  assert pred[1].tok_s == pytest.approx(8 * 1024 / one, rel=1e-6)
+  assert pred[1].service_s == pytest.approx(0.002 + 2e-5 * (10 + 512), rel=1e-6)
+  # width 8 not timed: one device does an eighth of the per-token work; the fixed cost stays
+  eight = 0.002 + 2e-5 / 8 * (80 + 1024)
+  assert pred[8].tok_s == pytest.approx(1024 / eight, rel=1e-6)
   # the mixed partition's four replicas carry the ordinary requests, 20 decodes each
-  assert cap["4+1x4"] == pytest.approx(4 * 1024 / (0.002 + 2e-5 * (20 + 1024)), rel=1e-6)
-  assert capacity_of(Demand(), parts, 80, limits) == {}        # nothing timed: no prediction
+  assert pred["4+1x4"].tok_s == pytest.approx(4 * 1024 / (0.002 + 2e-5 * 1044), rel=1e-6)
+  # first-token time: the service time stretched by the queue, infinite past the rate
+  p = pred["4+1x4"]
+  assert p.ttft_s(0.5 * p.tok_s) == pytest.approx(2 * p.service_s)
+  assert p.ttft_s(p.tok_s) == float("inf")
+  assert predict(Demand(), parts, 80, limits) == {}           # nothing timed: no prediction
 
 
-def test_priority_chooses_a_layout_that_keeps_up_with_the_arrivals():
-  p = PriorityPolicy(max_share=0.8)
+def _pred(ttft_ms: float, share: float, demand: float = 100e3):
+  """A Prediction whose ttft_s(demand) and share(demand) are the given ones."""
+  rate = demand / share
+  return Prediction(rate, ttft_ms * 1e-3 * (1 - share))
+
+
+def test_priority_moves_only_where_the_others_do_not_wait_longer():
+  p = PriorityPolicy()
   base = obs(width=1, running=100, waiting=20, max_priority=1, priority_inflight=1,
              decode_slots=32, mixed={"4+1x4": 4}, mixed_slots={"4+1x4": 128},
-             capacity_tok_s={1: 300e3, 8: 150e3, "4+1x4": 150e3})
-  light = dataclasses.replace(base, prompt_tok_s=100e3)
-  assert p.decide(light).partition == "4+1x4"           # replicas at 67% of their rate
-  heavy = dataclasses.replace(base, prompt_tok_s=140e3)
-  assert p.decide(heavy) is None                       # 93%: served where the rest are
-  few = dataclasses.replace(base, running=5, waiting=1,
-                            capacity_tok_s={1: 300e3, 8: 120e3, "4+1x4": 150e3})
-  assert p.decide(dataclasses.replace(few, prompt_tok_s=90e3)).partition == 8
-  # everyone fits TP8's slots, but TP8 would not keep up: not TP8, the replicas carry them
-  assert p.decide(dataclasses.replace(few, prompt_tok_s=110e3)).partition == "4+1x4"
+             prompt_tok_s=100e3)
+  def at(**ttft_share):
+    return dataclasses.replace(base, predicted={int(k[1:]) if k != "mixed" else "4+1x4":
+                                                _pred(*v) for k, v in ttft_share.items()})
+  # the replicas would keep the ordinary requests' first token within 10%: mixed
+  assert p.decide(at(w1=(100, 0.3), w8=(300, 0.9), mixed=(108, 0.6))).partition == "4+1x4"
+  # 30% slower there, or too busy: served where the rest are
+  assert p.decide(at(w1=(100, 0.3), w8=(300, 0.9), mixed=(130, 0.6))) is None
+  assert p.decide(at(w1=(100, 0.3), w8=(300, 0.9), mixed=(105, 0.85))) is None
+  few = dataclasses.replace(base, running=5, waiting=1)
+  assert p.decide(dataclasses.replace(few, predicted=at(
+      w1=(100, 0.3), w8=(90, 0.5), mixed=(200, 0.6)).predicted)).partition == 8
+  # everyone fits TP8's slots, but TP8 would make them wait: the replicas carry them instead
+  assert p.decide(dataclasses.replace(few, predicted=at(
+      w1=(100, 0.3), w8=(150, 0.7), mixed=(105, 0.6)).predicted)).partition == "4+1x4"
   no_mixed = dataclasses.replace(base, mixed={}, mixed_slots={})
-  assert p.decide(dataclasses.replace(no_mixed, prompt_tok_s=100e3)).strategy == "pause"
-  assert p.decide(dataclasses.replace(no_mixed, prompt_tok_s=130e3)) is None   # no pause either
-  unknown = dataclasses.replace(few, capacity_tok_s={}, prompt_tok_s=1e9)
-  assert p.decide(unknown).partition == 8               # nothing timed yet: as before
+  assert p.decide(dataclasses.replace(no_mixed, predicted=at(
+      w1=(100, 0.3), w8=(95, 0.5)).predicted)).strategy == "pause"
+  assert p.decide(dataclasses.replace(no_mixed, predicted=at(
+      w1=(100, 0.3), w8=(400, 0.95)).predicted)) is None          # no pause into that either
+  assert p.decide(dataclasses.replace(few, predicted={})).partition == 8   # not known: as before
 
 
-def test_auto_leaves_a_wide_layout_predicted_not_to_keep_up():
+def test_auto_leaves_a_wide_layout_predicted_to_make_the_others_wait_and_backs_off():
   p = AutoPolicy()
   in_tp = obs(width=8, running=40, waiting=2, max_priority=1, priority_inflight=1,
-              capacity_tok_s={1: 300e3, 8: 150e3, "4+1x4": 150e3})
-  assert p.decide(dataclasses.replace(in_tp, prompt_tok_s=140e3)) is None
-  d = p.decide(dataclasses.replace(in_tp, prompt_tok_s=160e3))
+              prompt_tok_s=100e3, decode_slots=64)
+  fine = {1: _pred(100, 0.3), 8: _pred(120, 0.6)}
+  assert p.decide(dataclasses.replace(in_tp, predicted=fine)) is None       # 1.2x: within 1.25
+  slow = {1: _pred(100, 0.3), 8: _pred(140, 0.7)}
+  d = p.decide(dataclasses.replace(in_tp, predicted=slow, step=10))
   assert (d.partition, d.strategy, d.reason) == (1, "migrate", "priority:overloaded")
-  mixed = dataclasses.replace(in_tp, width=None, partition="4+1x4", widest=4, mixed={"4+1x4": 4},
-                              prompt_tok_s=160e3)
+  # back on DP, a priority move would now look fine, but it waits out the back-off (100 steps)
+  on_dp = dataclasses.replace(in_tp, width=1, running=10, predicted={1: _pred(100, 0.3),
+                                                                     8: _pred(80, 0.4)})
+  assert p.decide(dataclasses.replace(on_dp, step=50)) is None
+  assert p.decide(dataclasses.replace(on_dp, step=111)).reason == "priority"
+  mixed = dataclasses.replace(in_tp, width=None, partition="4+1x4", widest=4,
+                              mixed={"4+1x4": 4}, predicted={**slow, "4+1x4": _pred(200, 0.8)})
   assert p.decide(mixed).reason == "priority:overloaded"

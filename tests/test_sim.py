@@ -279,3 +279,47 @@ def test_sim_sweep_cli_table_json_plot(tmp_path, capsys):
   assert open(tmp_path / "s.png", "rb").read(4) == b"\x89PNG"
   assert cli.main(["sim", "sweep", "--model", "llama-3-70b", "--no-progress"]) == 2
   assert "needs --rates" in capsys.readouterr().out
+
+
+def test_gpu_preset_predicts_the_step_times_measured_on_an_h200(capsys):
+  """h200-8's shares were set from the steps measured on one H200: its prediction of each
+  fitted point is within the tolerance, and `sim validate --hardware` says so."""
+  from flying_jax import cli
+  from flying_jax.sim import reference
+
+  hw = H.load_hardware("h200-8")
+  pts = reference.points(hw)
+  assert len([p for p in pts if p.fit]) >= 4 and not hw.overlap
+  cards = {p.model: model_card(p.model) for p in pts}
+  _, errors = reference.table(hw, cards)
+  assert max(abs(e) for e in errors) <= reference.TOLERANCE
+  assert cli.main(["sim", "validate", "--hardware", "h200-8"]) == 0
+  out = capsys.readouterr().out
+  assert "| llama-3-8b | decode b64 | 28 | 11.00 |" in out and "worst error" in out
+  assert cli.main(["sim", "validate", "--hardware", "tpu-v5e-8"]) == 2   # nothing measured
+
+
+def test_fit_shares_recovers_the_shares_that_made_the_points():
+  from flying_jax.sim import reference
+
+  card = model_card("llama-3-8b")
+  truth = dataclasses.replace(H.load_hardware("h200-8"), mfu=0.45, step_overhead_ms=2.5)
+  shapes = [dict(batch=b, context=c) for b, c in ((1, 10), (16, 200), (64, 50), (256, 30))]
+  shapes.append(dict(chunk=1024, context=512))
+  pts = [reference.Point("llama-3-8b", 0.0, **s) for s in shapes]
+  pts = [dataclasses.replace(p, ms=reference.predict(truth, card, p)) for p in pts]
+  guess = dataclasses.replace(truth, mfu=0.7, step_overhead_ms=0.0)
+  best = reference.fit_shares(guess, {"llama-3-8b": card}, pts)
+  assert best["mfu"] == pytest.approx(0.45, rel=1e-2)
+  assert best["step_overhead_ms"] == pytest.approx(2.5, abs=0.02)
+  # compute and memory overlapped: their max is not linear in the shares, nothing is fitted
+  assert reference.fit_shares(dataclasses.replace(guess, overlap=True),
+                              {"llama-3-8b": card}, pts) == {}
+  # added, a step costs both: a b256 decode's compute is no longer hidden under its weights
+  work = reference.work_of(card, pts[3], 2)
+  added = Roofline.of(truth, card.arch.n_layers)
+  compute = work.flops / added.peak_flops
+  memory = work.bytes / added.bandwidth
+  assert added.span_time(work) == pytest.approx(compute + memory)
+  assert dataclasses.replace(added, overlap=True).span_time(work) == pytest.approx(
+      max(compute, memory))

@@ -10,24 +10,26 @@ The policies predict from two measured rates instead of raw counts:
              its busiest group, decode rows + prefill), a least-squares fit over the recent
              steps (older ones weigh less). A group of that width carrying `d` decode rows
              prefills `p = min(prefill per step, budget - d)` tokens a step, so `p / (a + b (d +
-             p))` per second. A width whose steps were not timed yet is predicted from the
-             nearest one that was, by the share of the model's work one device of it does
-             (time x w0 / w).
+             p))` per second, and prefills a prompt of the recent mean length L in
+             `max(1, L / p)` such steps. A width whose steps were not timed yet is predicted
+             from the nearest one that was: its per-token cost scaled by the share of the
+             model's work one device does (b x w0 / w), its fixed cost kept.
 
 A step is timed when it is collected: from its launch, or from the collect of its span's step
 before it if that was later (with overlap the device runs a span's steps back to back), until
 its sampled ids are on the host.
 
-`capacity_of` gives the prediction for the groups that would carry the ordinary requests in each
+`predict` gives a `Prediction` for the groups that would carry the ordinary requests in each
 candidate partition: every group of a uniform width, the replicas of a mixed partition (its wide
-group is kept for latency-critical requests). A policy compares `demand / capacity` (the share of
-the layout's prefill rate the arriving prompts would use) with a bound: above it the layout
-would build a queue.
+group is kept for latency-critical requests): their prefill rate, the share of it the arriving
+prompts would use, and an ordinary request's first-token time, the service time stretched by the
+queue (service / (1 - share)). A policy compares candidates by it.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 
@@ -92,37 +94,59 @@ class Demand:
     if now > start and tokens:
       self.fits.setdefault(width, StepFit()).add(tokens, now - start)
 
+  def mean_prompt(self) -> float:
+    """Mean prompt tokens of the last arrivals (0: none yet)."""
+    return sum(n for _, n in self._arrivals) / len(self._arrivals) if self._arrivals else 0.0
+
   def step_model(self, width: int) -> tuple[float, float] | None:
-    """(a, b) of a step's time at `width`: fitted, or scaled from the nearest width fitted
-    (None: none yet)."""
+    """(a, b) of a step's time at `width`: fitted, or from the nearest width fitted, its per
+    token cost scaled by the share of the work one device does (w0 / w) and its fixed cost kept
+    (None: none fitted yet)."""
     fitted = {w: f for w, f in self.fits.items() if f.steps >= MIN_STEPS}
     if not fitted:
       return None
     w0 = width if width in fitted else min(fitted, key=lambda w: (abs(w - width), w))
     a, b = fitted[w0].coefficients()
-    return a * w0 / width, b * w0 / width
+    return a, b * w0 / width
 
-  def prefill_tok_s(self, widths, decodes: float, budget: int, per_step: int) -> float:
-    """Prompt tokens per second groups of `widths` prefill while they carry `decodes` decode rows
-    in all, each prefilling up to `per_step` tokens within `budget` a step (0: not known yet)."""
-    total = 0.0
+  def serve(self, widths, decodes: float, budget: int, per_step: int) -> Prediction | None:
+    """What groups of `widths` give prompts while they carry `decodes` decode rows in all, each
+    prefilling up to `per_step` tokens within `budget` a step (None: not known yet)."""
+    rate = service = 0.0
     d = decodes / max(1, len(widths))
+    prompt = max(1.0, self.mean_prompt())
     for w in widths:
       model = self.step_model(w)
       if model is None:
-        return 0.0
+        return None
       a, b = model
-      p = max(0.0, min(per_step, budget - d))
-      t = a + b * (d + p)
-      total += p / t if t > 0 else 0.0
-    return total
+      p = max(1.0, min(per_step, budget - d))
+      rate += p / (a + b * (d + p))
+      service = max(service, max(1.0, prompt / p) * (a + b * (d + min(prompt, p))))
+    return Prediction(rate, service) if rate > 0 else None
 
 
-def capacity_of(demand: Demand, partitions: dict, others_running: int, limits) -> dict:
-  """Predicted prefill rate (prompt tokens/s) for the ordinary requests in each candidate
-  partition: uniform widths keyed by width, mixed partitions by name (their replicas only), for
-  `others_running` ordinary sequences decoding; `limits` the scheduler's. Empty until a width's
-  steps were fitted."""
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """What a set of groups gives the ordinary requests, predicted from the live cost model."""
+  tok_s: float             # prompt tokens per second they prefill
+  service_s: float         # time to prefill one prompt of the mean length with no queue
+
+  def share(self, demand_tok_s: float) -> float:
+    return demand_tok_s / self.tok_s
+
+  def ttft_s(self, demand_tok_s: float) -> float:
+    """The first-token time of an ordinary request under `demand_tok_s` arriving: the service
+    time stretched by the queue, service / (1 - share) (a single-server queue's sojourn), inf
+    at or beyond the rate."""
+    share = self.share(demand_tok_s)
+    return self.service_s / (1.0 - share) if share < 1.0 else float("inf")
+
+
+def predict(demand: Demand, partitions: dict, others_running: int, limits) -> dict:
+  """A `Prediction` for the ordinary requests in each candidate partition: uniform widths keyed
+  by width, mixed partitions by name (their replicas only), for `others_running` ordinary
+  sequences decoding; `limits` the scheduler's. Empty until a width's steps were fitted."""
   if not demand.fits:
     return {}
   per_step = max(rows * chunk for rows, chunk in limits.prefill_modes)
@@ -130,7 +154,7 @@ def capacity_of(demand: Demand, partitions: dict, others_running: int, limits) -
   for name, part in partitions.items():
     w = part.uniform_width
     carriers = part.widths if w is not None else [x for x in part.widths if x < max(part.widths)]
-    rate = demand.prefill_tok_s(carriers, others_running, limits.token_budget, per_step)
-    if rate > 0:
-      out[w if w is not None else name] = rate
+    pred = demand.serve(carriers, others_running, limits.token_budget, per_step)
+    if pred is not None:
+      out[w if w is not None else name] = pred
   return out

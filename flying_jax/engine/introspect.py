@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from flying_jax.engine.demand import capacity_of
+from flying_jax.engine.demand import predict
 from flying_jax.engine.policies import Observation
 
 
@@ -62,8 +62,7 @@ def observe(engine, facts: StaticFacts) -> Observation:
       decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
       step_s=engine.step_s, mixed_slots=facts.mixed_slots,
       prompt_tok_s=engine.demand.prompt_tok_s(now),
-      capacity_tok_s=capacity_of(engine.demand, engine.partitions, running - running_urgent,
-                                 sch.limits))
+      predicted=predict(engine.demand, engine.partitions, running - running_urgent, sch.limits))
 
 
 def _scan(seqs, now: float):

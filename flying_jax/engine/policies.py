@@ -22,17 +22,19 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             (moved sequences migrate); otherwise by the widest width, the others paused (or,
             when not even the replicas would hold them, where it is), to resume in their own
             layout once no latency-critical request is left. A layout is only chosen when the
-            groups that would carry the ordinary requests keep up with the arriving prompts by
-            prediction (`Observation.share`: the live arrival rate over the prefill rate the
-            live cost model predicts for those groups, `engine.demand`; at most `max_share`).
+            ordinary requests' predicted first-token time there is within `slack` of where they
+            are (`Observation.ttft_s`: the live cost model's prefill time for the groups that
+            would carry them, stretched by the queue the live arrival rate makes there,
+            `engine.demand`): the few latency-critical requests do not buy their latency with
+            everyone else's.
             Paused sequences never wait longer than `max_pause_s`: then they are recomputed in
             the partition in force (no starvation);
   memory    a request longer than the current partition's widest group holds moves the engine to
             a mixed partition with a group that holds it (when other work is in flight), else to
             the narrowest width that holds it (instead of refusing it);
   auto      memory, then priority (with its return to paused sequences' layout), then load;
-            a wide layout held for priority requests that is predicted not to keep up with the
-            arriving prompts (share above 1) is left for DP at once; while the queue is
+            a wide layout held for priority requests where the ordinary requests' predicted
+            first-token time is `leave` times DP's is left for DP at once; while the queue is
             overloaded (the load policy's busy signal has held), load decides even with priority
             requests in flight: a TP group that cannot keep up is left for DP (no suppression
             without a bound), and priority requests are then served where the rest are for
@@ -72,20 +74,30 @@ class Observation:
   mixed_slots: dict = dataclasses.field(default_factory=dict)
   # ^ compiled mixed partition -> decode slots of its replicas (the groups narrower than its widest)
   prompt_tok_s: float = 0.0          # prompt tokens arriving per second (`engine.demand`)
-  capacity_tok_s: dict = dataclasses.field(default_factory=dict)
-  # ^ width or mixed partition -> predicted prefill rate of the groups that would carry the
-  #   ordinary requests there (`demand.capacity_of`; empty until a full step was timed)
+  predicted: dict = dataclasses.field(default_factory=dict)
+  # ^ width or mixed partition -> `demand.Prediction` for the groups that would carry the
+  #   ordinary requests there (empty until steps were timed)
 
   @property
   def others(self) -> int:
     """Requests in flight that are not latency-critical."""
     return self.waiting + self.running - self.priority_inflight
 
+  @property
+  def here(self) -> int | str:
+    """The partition in force as `predicted` keys it: its width, or a mixed one's name."""
+    return self.width if self.width is not None else self.partition
+
   def share(self, partition) -> float:
     """The share of `partition`'s predicted prefill rate (for the ordinary requests) that the
     arriving prompts would use: above 1 it builds a queue (0: not known yet)."""
-    capacity = self.capacity_tok_s.get(partition, 0.0)
-    return self.prompt_tok_s / capacity if capacity > 0 else 0.0
+    p = self.predicted.get(partition)
+    return p.share(self.prompt_tok_s) if p is not None else 0.0
+
+  def ttft_s(self, partition) -> float | None:
+    """An ordinary request's predicted first-token time in `partition` (None: not known)."""
+    p = self.predicted.get(partition)
+    return p.ttft_s(self.prompt_tok_s) if p is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +168,11 @@ class PriorityPolicy(Policy):
   threshold: int = 1
   max_pause_s: float = 10.0          # a paused sequence waits at most this long, then recomputes
   mixed: bool = True                 # serve priority in a mixed partition's TP group when busy
-  max_share: float = 0.8             # a layout whose groups for the ordinary requests would need
-  #                                    more of their predicted prefill rate than this (the
-  #                                    arriving prompts': `Observation.share`) is not chosen
+  slack: float = 0.1                 # a move for them is only made when the ordinary requests'
+  #                                    predicted first-token time there is at most this much
+  #                                    worse than where they are (`Observation.ttft_s`) ...
+  max_share: float = 0.8             # ... and the arriving prompts would use at most this share
+  #                                    of the target's predicted prefill rate (`share`)
   name = "priority"
 
   def decide(self, obs):
@@ -168,14 +182,14 @@ class PriorityPolicy(Policy):
     if obs.max_priority >= self.threshold:
       if obs.width == tp or obs.partition in obs.mixed:
         return None                  # a wide group serves them already
-      tp_keeps_up = obs.share(tp) <= self.max_share
+      tp_keeps_up = self.affordable(obs, tp)
       if obs.others > 0 and obs.decode_slots and obs.waiting + obs.running <= \
           obs.decode_slots and tp_keeps_up:
         return Decision(tp, "migrate", "priority")     # everyone fits one TP group: all move
       if self.mixed and obs.mixed and obs.others > 0:
         name = next(iter(obs.mixed))
         room = obs.mixed_slots.get(name, 0)
-        if (room and obs.others > room) or obs.share(name) > self.max_share:
+        if (room and obs.others > room) or not self.affordable(obs, name):
           return None                # its replicas could not carry the rest: serve it here
         return Decision(name, "migrate", "priority")
       if not tp_keeps_up:
@@ -187,6 +201,15 @@ class PriorityPolicy(Policy):
         obs.capacity[dp]:
       return Decision(dp, "migrate", "priority:done")            # the TP group's work is over
     return None
+
+  def affordable(self, obs, target) -> bool:
+    """Whether the ordinary requests' predicted first-token time in `target` is within `slack`
+    of where they are and the target keeps up with the arriving prompts with room (`max_share`)
+    (true while either is not known)."""
+    now, there = obs.ttft_s(obs.here), obs.ttft_s(target)
+    if now is None or there is None:
+      return True
+    return obs.share(target) <= self.max_share and there <= (1 + self.slack) * now
 
 
 @dataclasses.dataclass
@@ -213,6 +236,10 @@ class AutoPolicy(Policy):
   load: LoadPolicy = dataclasses.field(default_factory=LoadPolicy)
   priority: PriorityPolicy = dataclasses.field(default_factory=PriorityPolicy)
   memory: MemoryPolicy = dataclasses.field(default_factory=MemoryPolicy)
+  leave: float = 1.25             # a wide layout held for priority requests is left for DP
+  #                                 when the ordinary requests' predicted first-token time
+  #                                 there is this many times DP's (above the priority policy's
+  #                                 slack: no flapping at the bound)
   backoff_steps: int = 100        # after a wide group could not keep up, priority requests
   #                                 stay where the rest are this many steps (doubling each time)
   name = "auto"
@@ -230,15 +257,17 @@ class AutoPolicy(Policy):
       # the queue waits: priority requests are served where the rest are (a wide group that
       # cannot keep up would hold everyone back), until the queue keeps up again
       if load is not None and obs.max_priority >= self.priority.threshold:
-        self._failures += 1
-        self._blocked_until = obs.step + self.backoff_steps * 2 ** (self._failures - 1)
+        self._fail(obs.step)
       return load if obs.waiting_max_length <= obs.capacity[obs.widths[0]] else None
-    here = obs.width if obs.width is not None else obs.partition
-    if obs.max_priority >= self.priority.threshold and here != obs.widths[0] and \
-        obs.share(here) > 1.0 and obs.waiting_max_length <= obs.capacity[obs.widths[0]]:
-      # the wide layout cannot keep up with the arriving prompts (predicted from the live
-      # rates): the ordinary requests go back to DP before the queue shows it
-      return Decision(obs.widths[0], "migrate", "priority:overloaded")
+    dp = obs.widths[0]
+    now, there = obs.ttft_s(obs.here), obs.ttft_s(dp)
+    if obs.max_priority >= self.priority.threshold and obs.here != dp and None not in (
+        now, there) and now > self.leave * there and obs.waiting_max_length <= obs.capacity[dp]:
+      # the wide layout makes the ordinary requests wait (predicted from the live rates): they
+      # go back to DP before the queue shows it, and priority requests stay where the rest are
+      # for a while (a failure, as below)
+      self._fail(obs.step)
+      return Decision(dp, "migrate", "priority:overloaded")
     d = self.priority.decide(obs)
     if d is not None and d.reason in ("priority:done", "resume"):
       self._failures = 0                   # a wide episode that ended as it should
@@ -248,6 +277,10 @@ class AutoPolicy(Policy):
         self.priority.threshold:
       return None                  # a wide group is needed now: load does not narrow it
     return load
+
+  def _fail(self, step: int):
+    self._failures += 1
+    self._blocked_until = step + self.backoff_steps * 2 ** (self._failures - 1)
 
 
 def make_policy(spec: str | Policy | None) -> Policy:

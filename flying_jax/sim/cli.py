@@ -7,6 +7,8 @@
   flying-jax sim --scenario paper     the paper's experiment beside the paper's numbers
   flying-jax sim calibrate            fit the local CPU's cost model to the real engine
   flying-jax sim validate             a trace on the real engine and on the simulator: the error
+  flying-jax sim validate --hardware h200-8
+                                      the preset's step times against those measured on it
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def add_arguments(p):
                       "without 5%% priority requests (Llama-3-8B on h100-sxm-8 and Llama-3-70B "
                       "on h200-8 unless --model/--hardware and --rates are given); "
                       "calibrate: measure the real engine here and fit the cpu preset; "
-                      "validate: the same trace on the real engine and simulated, with the error")
+                      "validate: the same trace on the real engine and simulated, with the error "
+                      "(with --hardware other than cpu: the preset's model against the step "
+                      "times measured on that hardware, and the shares that fit them)")
   p.add_argument("--scenario", default=None, choices=["paper"],
                  help="paper: Llama-3-70B on 8xH200 under bursts, priority and saturation, "
                       "static DP vs static TP vs auto, beside the paper's figures")
@@ -91,6 +95,8 @@ def run_sim(args) -> int:
       return _paper(args)
     if args.mode == "sweep":
       return _sweep(args)
+    if args.mode == "validate" and args.hardware != DEFAULTS["cpu"][1]:
+      return _reference(args)
     if args.mode in ("calibrate", "validate"):
       from flying_jax.sim import calibrate
       return calibrate.run(args)
@@ -157,6 +163,30 @@ def _run(args) -> int:
       json.dump({"model": card.name, "hardware": hw.name, "machine": platform.platform(),
                  "date": time.strftime("%Y-%m-%d"), "runs": dump}, f)
   return 0
+
+
+def _reference(args) -> int:
+  """`sim validate --hardware NAME`: the preset's model against the step times measured on it."""
+  from flying_jax.sim import hardware as H
+  from flying_jax.sim import reference
+  from flying_jax.sim.simulate import model_card
+
+  hw = H.load_hardware(args.hardware)
+  pts = reference.points(hw)
+  if not pts:
+    raise ValueError(f"hardware {hw.name} has no measured step times ([[measured]] in its "
+                     f"preset); validate the local CPU with --hardware cpu")
+  cards = {p.model: model_card(p.model) for p in pts}
+  text, errors = reference.table(hw, cards)
+  print(text)
+  worst = max(abs(e) for e in errors) if errors else 0.0
+  print(f"fitted points: worst error {100 * worst:.0f}% (target within "
+        f"{100 * reference.TOLERANCE:.0f}%)")
+  best = reference.fit_shares(hw, cards, pts)
+  if best:
+    print("shares that fit them best (mbu kept): " +
+          ", ".join(f"{k} = {v}" for k, v in best.items()))
+  return 0 if worst <= reference.TOLERANCE else 1
 
 
 def _paper(args) -> int:

@@ -6,9 +6,10 @@ matmul FLOPs, attention FLOPs, bytes read (weights once, the KV the busiest grou
 all-reduce traffic of tensor parallelism (two per layer).
 
   Roofline   accelerators: per span, the larger of compute time (FLOPs over achievable peak) and
-             memory time (bytes over achievable bandwidth), plus per-layer all-reduces (latency +
-             ring traffic over the link); spans run side by side, so a step takes its slowest
-             span, plus the host's overhead;
+             memory time (bytes over achievable bandwidth), or their sum where the preset says
+             they do not overlap (as measured on an H200: `sim.reference`), plus per-layer
+             all-reduces (latency + ring traffic over the link); spans run side by side, so a
+             step takes its slowest span, plus the host's overhead;
   Measured   the local CPU: a linear model of the same quantities whose coefficients are fitted
              to measured step times of the real engine (`calibrate`); the simulated devices share
              the host's cores, so spans add up.
@@ -91,15 +92,17 @@ class Roofline:
   latency: float           # seconds per all-reduce
   overhead: float          # seconds of host work per step
   layers: int
+  overlap: bool = True     # compute and memory time overlap (max) or add up (sum)
 
   @staticmethod
   def of(hw, layers: int) -> "Roofline":
     return Roofline(hw.peak_tflops * 1e12 * hw.mfu, hw.hbm_gbps * 1e9 * hw.mbu,
                     hw.link_gbps * 1e9, hw.collective_latency_us * 1e-6,
-                    hw.step_overhead_ms * 1e-3, layers)
+                    hw.step_overhead_ms * 1e-3, layers, hw.overlap)
 
   def span_time(self, s: SpanWork) -> float:
-    t = max(s.flops / self.peak_flops, s.bytes / self.bandwidth)
+    compute, memory = s.flops / self.peak_flops, s.bytes / self.bandwidth
+    t = max(compute, memory) if self.overlap else compute + memory
     if s.width > 1:
       ring = 2.0 * (s.width - 1) / s.width * s.allreduce_bytes / self.link
       t += 2 * self.layers * (self.latency + ring)

@@ -43,10 +43,13 @@ class Hardware:
   mbu: float = 0.8
   memory_utilization: float = 0.9
   step_overhead_ms: float = 0.0      # host work per step
+  overlap: bool = True               # a span's compute and memory traffic overlap (its time is
+  #                                    the larger of the two) or not (their sum)
   switch_ms: float = 0.2             # host work per partition switch
   shared_cores: bool = False         # simulated devices share the host's cores (the CPU mesh)
   fitted: tuple = ()                 # measured cost coefficients (see cost.Measured)
   calibrated: str = ""               # where and when `fitted` was measured
+  measured: tuple = ()               # step times measured on one chip (`sim.reference.Point`)
 
   def __post_init__(self):
     if self.devices < 1:
