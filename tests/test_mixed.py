@@ -254,7 +254,10 @@ def test_paused_sequences_are_not_starved_by_an_endless_priority_stream():
   engine = Engine(load_model_card("tiny"), preset(partitions=()),
                   EngineConfig(widths=(1, 8), width=1, partitions=()),
                   policy=AutoPolicy(priority=PriorityPolicy(max_pause_s=0.3),
-                                    load=LoadPolicy(high=10**6, low=-1)))
+                                    load=LoadPolicy(high=10**6, low=-1, max_wait_s=1e9),
+                                    leave=float("inf")))
+  # (the pause bound, not the predictions: auto would otherwise leave TP8 on what the tiny
+  # model's CPU steps predict, tests/test_demand.py)
   (p, sp), = workload(6, n=1)
   slow = dataclasses.replace(sp, max_tokens=30)
   for i in range(8):
@@ -279,7 +282,7 @@ def test_memory_policy_picks_a_mixed_partition_when_others_run():
   """A request too long for a DP group arrives while DP work runs: a TP4 group takes it."""
   engine = Engine(load_model_card("tiny"), preset(partitions=("4+1x4",)),
                   EngineConfig(widths=(1, 4), width=1, pages_per_device=4),
-                  policy=AutoPolicy(load=LoadPolicy(high=10**6, low=-1)))
+                  policy=AutoPolicy(load=LoadPolicy(high=10**6, low=-1, max_wait_s=1e9)))
   requests = [(p, dataclasses.replace(sp, max_tokens=30)) for p, sp in workload(8, n=6)
               if len(p) + 30 <= engine.setups[1].capacity]
   for i, (p, sp) in enumerate(requests):

@@ -104,6 +104,11 @@ def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
   p = LoadPolicy(high=100, max_wait_s=1.0)
   assert p.decide(obs(width=8, waiting=1, oldest_wait_s=0.5)) is None
   assert p.decide(obs(width=8, waiting=1, oldest_wait_s=1.5)).partition == 1
+  # admitted and still prefilling counts too (a slow machine's TP8 admits a burst at once) ...
+  prefilling = obs(width=8, running=6, prefilling=3, oldest_unstarted_s=1.5)
+  assert p.decide(prefilling).reason == "load:busy"
+  # ... but a lone long prompt is not a queue
+  assert p.decide(dataclasses.replace(prefilling, prefilling=1)) is None
 
 
 def test_priority_and_memory_policies():

@@ -14,7 +14,8 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             that adapts to the hardware), so a long queue that TP serves as fast as it comes does
             not move the engine. Hysteresis so it does not flap; TP only while the running
             requests fit in half a TP group's decode slots; a limit on how long a TP episode may
-            keep a request waiting; running requests migrate their KV;
+            keep requests without their first token (`max_wait_s`, whatever the step time: on a
+            slow machine 16 steps may outlast a burst); running requests migrate their KV;
   priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
             when every request in flight fits one TP group's decode slots, by the widest width,
             all of them migrated; else, when a mixed partition is compiled and its replicas'
@@ -133,7 +134,8 @@ class LoadPolicy(Policy):
   #                                is not a reason to leave it
   low: int = 1                   # at or below this (and few running): go TP
   hold_steps: int = 4            # the condition must hold this many steps (hysteresis)
-  max_wait_s: float = 2.0        # a request waiting this long ends a TP episode
+  max_wait_s: float = 2.0        # a request waiting this long for its first token (queued or
+  #                                admitted and prefilling) ends a TP episode
   tp_running: float = 0.5        # TP only while running <= this share of a group's decode slots
   strategy: str = "migrate"
   name = "load"
@@ -155,12 +157,18 @@ class LoadPolicy(Policy):
     self._busy = self._busy + 1 if queued >= self.high and delayed else 0
     self._quiet = self._quiet + 1 if queued <= self.low and fits else 0
     if obs.width != dp and (self._busy >= self.hold_steps or
-                            (obs.waiting and obs.oldest_wait_s >= self.max_wait_s)):
+                            self._waited_too_long(obs, queued)):
       return Decision(dp, self.strategy, "load:busy")
     if obs.width != tp and self._quiet >= self.hold_steps and obs.waiting_max_length <= \
         obs.capacity[tp]:
       return Decision(tp, self.strategy, "load:quiet")
     return None
+
+  def _waited_too_long(self, obs, queued: int) -> bool:
+    """A queued request, or one of several without their first token (a lone long prompt
+    is not a queue), has waited `max_wait_s`."""
+    return (obs.waiting > 0 and obs.oldest_wait_s >= self.max_wait_s) or (
+        queued > 1 and obs.oldest_unstarted_s >= self.max_wait_s)
 
 
 @dataclasses.dataclass
