@@ -6,19 +6,10 @@ import numpy as np
 import pytest
 
 from flying_jax.engine.demand import Demand, Prediction, StepFit, predict
-from flying_jax.engine.policies import AutoPolicy, Observation, PriorityPolicy
+from flying_jax.engine.policies import AutoPolicy, PriorityPolicy
 from flying_jax.engine.scheduler import GroupWork, SchedulerLimits
 from flying_jax.parallel import Partition
-
-CAP = {1: 192, 2: 384, 4: 768, 8: 1536}
-
-
-def obs(**kw):
-  base = dict(width=1, widths=(1, 2, 4, 8), capacity=CAP, waiting=0, running=0, paused=0,
-              paused_widths=(), waiting_max_length=0, max_priority=0, oldest_wait_s=0.0,
-              kv_usage=0.0, step=0)
-  base.update(kw)
-  return Observation(**base)
+from helpers import obs
 
 
 def test_step_fit_recovers_a_linear_step_time_and_forgets_old_steps():

@@ -8,20 +8,11 @@ import pytest
 from flying_jax.config import load_mesh_preset, load_model_card
 from flying_jax.engine.demand import Demand
 from flying_jax.engine.engine import Engine, RequestRejected
-from flying_jax.engine.policies import (AutoPolicy, LoadPolicy, MemoryPolicy, Observation,
-                                        PriorityPolicy, make_policy)
+from flying_jax.engine.policies import (AutoPolicy, LoadPolicy, MemoryPolicy, PriorityPolicy,
+                                        make_policy)
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
-
-CAP = {1: 192, 2: 384, 4: 768, 8: 1536}
-
-
-def obs(**kw):
-  base = dict(width=1, widths=(1, 2, 4, 8), capacity=CAP, waiting=0, running=0, paused=0,
-              paused_widths=(),
-              waiting_max_length=0, max_priority=0, oldest_wait_s=0.0, kv_usage=0.0, step=0)
-  base.update(kw)
-  return Observation(**base)
+from helpers import obs
 
 
 def test_make_policy_parses_and_refuses():

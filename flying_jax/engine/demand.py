@@ -31,8 +31,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-import numpy as np
-
 FORGET = 0.98         # weight left to the steps before each new one, per width
 MIN_STEPS = 8         # steps of a width before its fit is used
 
@@ -41,17 +39,26 @@ class StepFit:
   """`seconds = a + b x tokens` by least squares over steps weighed FORGET^age."""
 
   def __init__(self):
-    self.sums = np.zeros(5)                      # n, x, y, xx, xy (weighted)
+    self.sums = [0.0] * 5                        # n, x, y, xx, xy (weighted)
     self.steps = 0
+    self._coefficients: tuple[float, float] | None = None
 
   def add(self, tokens: float, seconds: float):
-    self.sums = FORGET * self.sums + np.array(
-        [1.0, tokens, seconds, tokens * tokens, tokens * seconds])
+    n, x, y, xx, xy = self.sums
+    f = FORGET
+    self.sums = [f * n + 1.0, f * x + tokens, f * y + seconds, f * xx + tokens * tokens,
+                 f * xy + tokens * seconds]
     self.steps += 1
+    self._coefficients = None
 
   def coefficients(self) -> tuple[float, float]:
     """(a, b); steps all alike (no spread of tokens to fit a slope on) count as all per token,
-    as compute-bound prefill steps are."""
+    as compute-bound prefill steps are. Computed once per step added."""
+    if self._coefficients is None:
+      self._coefficients = self._solve()
+    return self._coefficients
+
+  def _solve(self) -> tuple[float, float]:
     n, x, y, xx, xy = self.sums
     var = n * xx - x * x
     if var <= 1e-6 * n * xx:
@@ -98,32 +105,33 @@ class Demand:
     """Mean prompt tokens of the last arrivals (0: none yet)."""
     return sum(n for _, n in self._arrivals) / len(self._arrivals) if self._arrivals else 0.0
 
-  def step_model(self, width: int) -> tuple[float, float] | None:
-    """(a, b) of a step's time at `width`: fitted, or from the nearest width fitted, its per
-    token cost scaled by the share of the work one device does (w0 / w) and its fixed cost kept
-    (None: none fitted yet)."""
-    fitted = {w: f for w, f in self.fits.items() if f.steps >= MIN_STEPS}
+  def step_models(self, widths) -> dict[int, tuple[float, float]]:
+    """(a, b) of a step's time at each of `widths`: fitted, or from the nearest width fitted,
+    its per-token cost scaled by the share of the work one device does (w0 / w) and its fixed
+    cost kept (empty: none fitted yet)."""
+    fitted = {w: f.coefficients() for w, f in self.fits.items() if f.steps >= MIN_STEPS}
     if not fitted:
-      return None
-    w0 = width if width in fitted else min(fitted, key=lambda w: (abs(w - width), w))
-    a, b = fitted[w0].coefficients()
-    return a, b * w0 / width
+      return {}
+    out = {}
+    for w in widths:
+      w0 = w if w in fitted else min(fitted, key=lambda v: (abs(v - w), v))
+      a, b = fitted[w0]
+      out[w] = (a, b * w0 / w)
+    return out
 
-  def serve(self, widths, decodes: float, budget: int, per_step: int) -> Prediction | None:
+  def serve(self, models: dict, widths, decodes: float, budget: int,
+            per_step: int) -> Prediction:
     """What groups of `widths` give prompts while they carry `decodes` decode rows in all, each
-    prefilling up to `per_step` tokens within `budget` a step (None: not known yet)."""
+    prefilling up to `per_step` tokens within `budget` a step; `models` from `step_models`."""
     rate = service = 0.0
     d = decodes / max(1, len(widths))
     prompt = max(1.0, self.mean_prompt())
+    p = max(1.0, min(per_step, budget - d))
     for w in widths:
-      model = self.step_model(w)
-      if model is None:
-        return None
-      a, b = model
-      p = max(1.0, min(per_step, budget - d))
+      a, b = models[w]
       rate += p / (a + b * (d + p))
       service = max(service, max(1.0, prompt / p) * (a + b * (d + min(prompt, p))))
-    return Prediction(rate, service) if rate > 0 else None
+    return Prediction(rate, service)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +155,15 @@ def predict(demand: Demand, partitions: dict, others_running: int, limits) -> di
   """A `Prediction` for the ordinary requests in each candidate partition: uniform widths keyed
   by width, mixed partitions by name (their replicas only), for `others_running` ordinary
   sequences decoding; `limits` the scheduler's. Empty until a width's steps were fitted."""
-  if not demand.fits:
+  models = demand.step_models({w for part in partitions.values() for w in part.widths})
+  if not models:
     return {}
   per_step = max(rows * chunk for rows, chunk in limits.prefill_modes)
   out = {}
   for name, part in partitions.items():
     w = part.uniform_width
     carriers = part.widths if w is not None else [x for x in part.widths if x < max(part.widths)]
-    pred = demand.serve(carriers, others_running, limits.token_budget, per_step)
-    if pred is not None:
+    pred = demand.serve(models, carriers, others_running, limits.token_budget, per_step)
+    if pred.tok_s > 0:
       out[w if w is not None else name] = pred
   return out

@@ -79,9 +79,11 @@ def fit_shares(hw, cards: dict, pts: list[Point], dtype_bytes: int = 2) -> dict:
     return {}
   rows, rest = [], []
   for p in use:
-    w = work_of(cards[p.model], p, dtype_bytes)
-    rows.append([1e-3, w.flops / (hw.peak_tflops * 1e12)])
-    rest.append(p.ms * 1e-3 - w.bytes / (hw.hbm_gbps * 1e9 * hw.mbu))
+    card = cards[p.model]
+    peak = Roofline.of(dataclasses.replace(hw, mfu=1.0), card.arch.n_layers)   # mfu left out
+    w = work_of(card, p, dtype_bytes)
+    rows.append([1e-3, w.flops / peak.peak_flops])
+    rest.append(p.ms * 1e-3 - w.bytes / peak.bandwidth)
   seconds = np.array([p.ms * 1e-3 for p in use])
   coef, _ = nnls(np.array(rows) / seconds[:, None], np.array(rest) / seconds)
   overhead_ms, inv_mfu = coef
