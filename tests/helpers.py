@@ -85,11 +85,13 @@ CAP = {1: 192, 2: 384, 4: 768, 8: 1536}      # longest sequence a group of each 
 
 
 def obs(**kw):
-  """A policy's `Observation` of a quiet engine on widths 1-8, with `kw` changed."""
+  """A policy's `Observation` of a quiet engine on widths 1-8, with `kw` changed (a priority
+  request in it has not had its first token unless `max_priority_unstarted` says otherwise)."""
   from flying_jax.engine.policies import Observation
 
   base = dict(width=1, widths=(1, 2, 4, 8), capacity=CAP, waiting=0, running=0, paused=0,
               paused_widths=(), waiting_max_length=0, max_priority=0, oldest_wait_s=0.0,
               kv_usage=0.0, step=0)
   base.update(kw)
+  base.setdefault("max_priority_unstarted", base["max_priority"])
   return Observation(**base)

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flying_jax.engine.demand import Demand, Prediction, StepFit, predict
+from flying_jax.engine.demand import Demand, Prediction, StepFit, alone_s, predict
 from flying_jax.engine.policies import AutoPolicy, PriorityPolicy
 from flying_jax.engine.scheduler import GroupWork, SchedulerLimits
 from flying_jax.parallel import Partition
@@ -56,6 +56,10 @@ def test_prompt_rate_is_measured_from_arrivals_and_falls_when_they_stop():
     d.arrived(0.1 * i, 500)
   assert d.prompt_tok_s(1.5) == pytest.approx(16 * 500 / 1.5)
   assert d.prompt_tok_s(15.0) == pytest.approx(16 * 500 / 15.0)   # nothing since: it falls
+  assert d.urgent_per_s(15.0) == 0.0                                # none was latency-critical
+  for i in range(4):
+    d.arrived(16.0 + i, 500, urgent=True)
+  assert d.urgent_per_s(20.0) == pytest.approx(4 / 4.0)
 
 
 def test_predict_gives_every_candidate_from_the_widths_timed():
@@ -82,6 +86,10 @@ def test_predict_gives_every_candidate_from_the_widths_timed():
   assert p.ttft_s(0.5 * p.tok_s) == pytest.approx(2 * p.service_s)
   assert p.ttft_s(p.tok_s) == float("inf")
   assert predict(Demand(), parts, 80, limits) == {}           # nothing timed: no prediction
+  # one prompt alone in a group of each width (a pause for one prefill): no decodes beside it
+  alone = alone_s(d, (1, 8), limits)
+  assert alone[1] == pytest.approx(0.002 + 2e-5 * 512, rel=1e-6)
+  assert alone[8] == pytest.approx(0.002 + 2e-5 / 8 * 512, rel=1e-6)
 
 
 def _pred(ttft_ms: float, share: float, demand: float = 100e3):
@@ -91,7 +99,7 @@ def _pred(ttft_ms: float, share: float, demand: float = 100e3):
 
 
 def test_priority_moves_only_where_the_others_do_not_wait_longer():
-  p = PriorityPolicy()
+  p = PriorityPolicy(until_first_token=False)        # a wide layout held to the request's end
   base = obs(width=1, running=100, waiting=20, max_priority=1, priority_inflight=1,
              decode_slots=32, mixed={"4+1x4": 4}, mixed_slots={"4+1x4": 128},
              prompt_tok_s=100e3)
@@ -115,6 +123,18 @@ def test_priority_moves_only_where_the_others_do_not_wait_longer():
   assert p.decide(dataclasses.replace(no_mixed, predicted=at(
       w1=(100, 0.3), w8=(400, 0.95)).predicted)) is None          # no pause into that either
   assert p.decide(dataclasses.replace(few, predicted={})).partition == 8   # not known: as before
+  # held only until the first token (the default), a pause into TP8 lasts one prefill: made even
+  # where TP8 would not keep up with the arrivals for long
+  brief = PriorityPolicy()
+  for busy in (at(w1=(100, 0.3), w8=(300, 0.9), mixed=(130, 0.6)),
+               dataclasses.replace(no_mixed, predicted=at(w1=(100, 0.3), w8=(400, 0.95)).predicted)):
+    d = brief.decide(busy)
+    assert (d.partition, d.strategy) == (8, "pause")
+    # ... while the rest would be paused at most 10% of the time (0.5/s x 0.1 s: 5%; 2/s: 20%)
+    rare = dataclasses.replace(busy, alone_s={8: 0.1}, urgent_per_s=0.5)
+    assert brief.decide(rare).strategy == "pause"
+    assert brief.decide(dataclasses.replace(rare, urgent_per_s=2.0)) is None
+  assert brief.decide(at(w1=(100, 0.3), w8=(300, 0.9), mixed=(108, 0.6))).partition == "4+1x4"
 
 
 def test_auto_leaves_a_wide_layout_predicted_to_make_the_others_wait_and_backs_off():

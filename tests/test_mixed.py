@@ -236,13 +236,14 @@ def test_priority_policy_uses_a_mixed_partition_when_busy_and_returns():
   base = dict(width=1, widths=(1, 2, 4, 8), capacity={1: 192, 2: 384, 4: 768, 8: 1536},
               waiting=0, running=6, paused=0, paused_widths=(), waiting_max_length=0,
               max_priority=1, oldest_wait_s=0.0, kv_usage=0.0, step=0, partition="1x8",
-              widest=1, mixed={"4+1x4": 4}, priority_inflight=1)
+              widest=1, mixed={"4+1x4": 4}, priority_inflight=1, max_priority_unstarted=1)
   d = p.decide(Observation(**base))
   assert (d.partition, d.strategy, d.reason) == ("4+1x4", "migrate", "priority")
   quiet = p.decide(Observation(**{**base, "running": 1}))      # nothing else: all of TP
   assert (quiet.partition, quiet.strategy) == (8, "pause")
   done = p.decide(Observation(**{**base, "width": None, "partition": "4+1x4", "widest": 4,
-                                 "max_priority": 0, "priority_inflight": 0}))
+                                 "max_priority": 0, "priority_inflight": 0,
+                                 "max_priority_unstarted": 0}))
   assert (done.partition, done.reason) == (1, "priority:done")
   starving = p.decide(Observation(**{**base, "width": 8, "partition": "8", "paused": 3,
                                      "paused_widths": (1,), "oldest_paused_s": 11.0}))

@@ -61,7 +61,8 @@ def test_auto_leaves_a_wide_group_that_cannot_keep_up_despite_priority():
   """Priority requests hold the engine in a wide group only while the queue keeps up: once the
   load policy's busy signal has held, auto goes DP (no suppression without a bound), and it
   follows priority again when the queue is served as fast as it comes."""
-  p = AutoPolicy(load=LoadPolicy(high=8, hold_steps=2, busy_steps=16))
+  p = AutoPolicy(load=LoadPolicy(high=8, hold_steps=2, busy_steps=16),
+                 priority=PriorityPolicy(until_first_token=False))
   behind = obs(width=8, waiting=12, running=30, prefilling=4, max_priority=1,
                priority_inflight=1, step_s=0.01, oldest_unstarted_s=1.0)
   assert p.decide(behind) is None                          # a priority request holds TP8 ...
@@ -77,6 +78,13 @@ def test_auto_leaves_a_wide_group_that_cannot_keep_up_despite_priority():
   assert d.reason == "load:busy"
   assert p.decide(dataclasses.replace(keeping_up, step=250)) is None   # ... backs off 200 steps
   assert p.decide(dataclasses.replace(keeping_up, step=302)).reason == "priority"
+  # held only until the first token (the default), a pause into TP8 ends by itself: made even
+  # while backing off from a wide layout that could not keep up
+  brief = AutoPolicy(load=LoadPolicy(high=8, hold_steps=2, busy_steps=16))
+  brief.decide(behind)
+  assert brief.decide(behind).reason == "load:busy"
+  d = brief.decide(keeping_up)
+  assert (d.partition, d.strategy, d.reason) == (8, "pause", "priority")
 
 
 def test_priority_moves_everyone_to_tp_when_they_fit_and_keeps_replicas_that_carry_the_rest():
@@ -88,7 +96,10 @@ def test_priority_moves_everyone_to_tp_when_they_fit_and_keeps_replicas_that_car
   many = dataclasses.replace(few, running=100, waiting=20)
   assert p.decide(many).partition == "4+1x4"          # the replicas hold the other 119
   too_many = dataclasses.replace(many, running=200)
-  assert p.decide(too_many) is None                   # they would not: served where it is
+  # they would not: paused for the priority request's prefill in TP8 (held to its end: served
+  # where it is)
+  assert (p.decide(too_many).partition, p.decide(too_many).strategy) == (8, "pause")
+  assert PriorityPolicy(until_first_token=False).decide(too_many) is None
 
 
 def test_load_policy_ends_a_tp_episode_for_a_request_waiting_too_long():
@@ -107,8 +118,13 @@ def test_priority_and_memory_policies():
       PriorityPolicy().decide(obs(max_priority=1)), partition=8, strategy="pause")
   assert PriorityPolicy().decide(obs(width=8, max_priority=1)) is None
   back = PriorityPolicy().decide(obs(width=8, paused=2, paused_widths=(1,)))
-  assert (back.partition, back.strategy, back.reason) == (1, "pause", "resume")
+  assert (back.partition, back.strategy, back.reason) == (1, "migrate", "resume")
   assert PriorityPolicy().decide(obs(width=8, max_priority=1, paused_widths=(1,))) is None
+  # a priority request holds the wide group until its first token; then its decode goes on
+  # where the paused ones return (or, with until_first_token off, the group is held to its end)
+  started = obs(width=8, max_priority=1, max_priority_unstarted=0, paused=2, paused_widths=(1,))
+  assert PriorityPolicy().decide(started).reason == "resume"
+  assert PriorityPolicy(until_first_token=False).decide(started) is None
   assert MemoryPolicy().decide(obs(waiting_max_length=500)).partition == 4   # narrowest that holds it
   assert MemoryPolicy().decide(obs(waiting_max_length=100)) is None
   assert MemoryPolicy().decide(obs(waiting_max_length=10**6)) is None    # nothing holds it
@@ -121,7 +137,7 @@ def test_auto_policy_orders_memory_priority_load():
   assert p.decide(obs(width=4, waiting=20, waiting_max_length=500)) is None  # keep the wide group
   assert p.decide(obs(width=8, waiting=20, running=8)).reason == "load:busy"
   back = p.decide(obs(width=8, paused=3, paused_widths=(1,)))
-  assert (back.partition, back.strategy, back.reason) == (1, "pause", "resume")
+  assert (back.partition, back.strategy, back.reason) == (1, "migrate", "resume")
 
 
 # ---------------------------------------------------------------- on the engine

@@ -150,13 +150,16 @@ def test_fit_recovers_known_coefficients():
 
 
 def test_paper_scenario_table(tmp_path):
-  sc = scenario.PaperScenario(phase_s=20.0, saturated_requests=300, priority_requests=200)
+  sc = scenario.PaperScenario(phase_s=20.0, saturated_requests=300, priority_requests=200,
+                              low_requests=30)
   result = scenario.run_paper(sc)
-  names = [r[0] for r in result.rows]
-  assert names[0].startswith("P90 TTFT under bursts") and len(result.rows) == 7
-  burst_gain = float(result.rows[0][1].split("x")[0])
-  assert burst_gain > 1.0                  # auto leaves TP for DP when the burst comes
-  assert "4.0x" in result.rows[5][1]       # DP group (TP2) -> TP8 holds 4x the tokens
+  rows = {r[0].split(",")[0].split(" (")[0]: r[1] for r in result.rows}
+  assert len(result.rows) == 9
+  gain = {k: float(v.split("x")[0]) for k, v in rows.items() if "TTFT" in k}
+  assert gain["P90 TTFT under bursts"] > 1.0     # auto leaves TP for DP when the burst comes
+  assert gain["P90 TTFT at low load"] > 2.0      # ... and serves a quiet engine from TP8
+  assert "4.0x" in result.rows[6][1] and "llama-3-70b" in result.rows[6][0]  # TP2 -> TP8
+  assert "8.0x" in result.rows[7][1] and "llama-3-8b" in result.rows[7][0]   # one chip -> 8
   text = scenario.table(result)
   assert "4.79x" in text and "| P90 TTFT at low load" in text
   path = scenario.plot(result, str(tmp_path / "paper.png"))

@@ -71,14 +71,25 @@ class StepFit:
 
 
 class Demand:
-  def __init__(self, window: int = 64):
+  def __init__(self, window: int = 64, urgent_window: int = 16):
     self._arrivals: collections.deque = collections.deque(maxlen=window)   # (time, tokens)
+    self._urgent: collections.deque = collections.deque(maxlen=urgent_window)   # times
     self.fits: dict[int, StepFit] = {}           # width -> its steps' fit
     self._span_done: dict[int, float] = {}       # span (first group) -> its last collect
 
   # demand --------------------------------------------------------------------------------------
-  def arrived(self, t: float, tokens: int):
+  def arrived(self, t: float, tokens: int, urgent: bool = False):
     self._arrivals.append((t, tokens))
+    if urgent:
+      self._urgent.append(t)
+
+  def urgent_per_s(self, now: float) -> float:
+    """Latency-critical requests arriving per second: the last of them from the oldest until now
+    (0 until two have arrived)."""
+    if len(self._urgent) < 2:
+      return 0.0
+    span = max(now, self._urgent[-1]) - self._urgent[0]
+    return len(self._urgent) / span if span > 0 else 0.0
 
   def prompt_tok_s(self, now: float) -> float:
     """Prompt tokens per second from the oldest of the last arrivals until now (0 until eight
@@ -149,6 +160,15 @@ class Prediction:
     at or beyond the rate."""
     share = self.share(demand_tok_s)
     return self.service_s / (1.0 - share) if share < 1.0 else float("inf")
+
+
+def alone_s(demand: Demand, widths, limits) -> dict:
+  """Per width, the predicted time one group of it takes to prefill a prompt of the recent mean
+  length with nothing else to do (a pause for one prefill; empty until steps were fitted)."""
+  models = demand.step_models(widths)
+  per_step = max(rows * chunk for rows, chunk in limits.prefill_modes)
+  return {w: demand.serve(models, [w], 0, limits.token_budget, per_step).service_s
+          for w in models}
 
 
 def predict(demand: Demand, partitions: dict, others_running: int, limits) -> dict:

@@ -295,7 +295,7 @@ class Engine:
     seqs = [Sequence(next(self._ids), request_id, i, list(prompt_ids), params, base + i,
                      frozenset(stop), priority, arrival_time=arrived) for i in range(params.n)]
     self._requests[request_id] = seqs
-    self.demand.arrived(arrived, len(prompt_ids) * params.n)
+    self.demand.arrived(arrived, len(prompt_ids) * params.n, urgent=priority > 0)
     for s in seqs:
       self.scheduler.add(s)
     return seqs

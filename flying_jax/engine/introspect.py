@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from flying_jax.engine.demand import predict
+from flying_jax.engine.demand import alone_s, predict
 from flying_jax.engine.policies import Observation
 
 
@@ -36,12 +36,14 @@ class StaticFacts:
 
 def observe(engine, facts: StaticFacts) -> Observation:
   sch, now = engine.scheduler, engine.clock()
-  waiting_longest, oldest_arrival, prio, urgent, _, unstarted = _scan(sch.waiting, now)
+  waiting_longest, oldest_arrival, prio, urgent, _, unstarted, first_prio = _scan(sch.waiting,
+                                                                                   now)
   running_longest, running, running_prio, running_urgent, prefilling = 0, 0, None, 0, 0
   for group in sch.running:
     running += len(group)
-    longest, _, p, u, pre, first = _scan(group, now)
+    longest, _, p, u, pre, first, fp = _scan(group, now)
     unstarted = min(unstarted, first)
+    first_prio = max(first_prio, fp)
     running_longest = max(running_longest, longest)
     running_urgent += u
     prefilling += pre
@@ -56,20 +58,23 @@ def observe(engine, facts: StaticFacts) -> Observation:
       paused_widths=tuple(sorted({s.layout.width for s in paused})),
       waiting_max_length=waiting_longest, running_max_length=running_longest,
       max_priority=max(priorities, default=0), priority_inflight=urgent + running_urgent,
+      max_priority_unstarted=first_prio,
       oldest_wait_s=now - oldest_arrival if sch.waiting else 0.0,
       oldest_paused_s=max((now - s.paused_at for s in paused), default=0.0),
       kv_usage=engine.kv_usage(), step=engine.steps, prefilling=prefilling,
       decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
       step_s=engine.step_s, mixed_slots=facts.mixed_slots,
       prompt_tok_s=engine.demand.prompt_tok_s(now),
-      predicted=predict(engine.demand, engine.partitions, running - running_urgent, sch.limits))
+      predicted=predict(engine.demand, engine.partitions, running - running_urgent, sch.limits),
+      urgent_per_s=engine.demand.urgent_per_s(now),
+      alone_s=alone_s(engine.demand, facts.widths, sch.limits) if first_prio else {})
 
 
 def _scan(seqs, now: float):
   """(longest prompt + max_tokens, earliest arrival, highest priority or None, how many have
-  priority > 0, how many have not had their first token, the earliest arrival of those) of
-  `seqs`, in one pass: a policy looks every step."""
-  longest, earliest, prio, urgent, before_first, unstarted = 0, now, None, 0, 0, now
+  priority > 0, how many have not had their first token, the earliest arrival of those, their
+  highest priority or 0) of `seqs`, in one pass: a policy looks every step."""
+  longest, earliest, prio, urgent, before_first, unstarted, first_prio = 0, now, None, 0, 0, now, 0
   for s in seqs:
     n = s.prompt_len + s.params.max_tokens
     if n > longest:
@@ -85,7 +90,9 @@ def _scan(seqs, now: float):
       before_first += 1
       if s.arrival_time < unstarted:
         unstarted = s.arrival_time
-  return longest, earliest, prio, urgent, before_first, unstarted
+      if p > first_prio:
+        first_prio = p
+  return longest, earliest, prio, urgent, before_first, unstarted, first_prio
 
 
 def stats(engine) -> dict:

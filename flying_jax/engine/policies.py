@@ -16,18 +16,20 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             requests fit in half a TP group's decode slots; a limit on how long a TP episode may
             keep requests without their first token (`max_wait_s`, whatever the step time: on a
             slow machine 16 steps may outlast a burst); running requests migrate their KV;
-  priority  a latency-critical request (priority >= threshold) is served by a wide group at once:
-            when every request in flight fits one TP group's decode slots, by the widest width,
-            all of them migrated; else, when a mixed partition is compiled and its replicas'
-            slots hold the rest, by its TP group while its DP replicas keep serving the rest
-            (moved sequences migrate); otherwise by the widest width, the others paused (or,
-            when not even the replicas would hold them, where it is), to resume in their own
-            layout once no latency-critical request is left. A layout is only chosen when the
-            ordinary requests' predicted first-token time there is within `slack` of where they
-            are (`Observation.ttft_s`: the live cost model's prefill time for the groups that
-            would carry them, stretched by the queue the live arrival rate makes there,
-            `engine.demand`): the few latency-critical requests do not buy their latency with
-            everyone else's.
+  priority  a latency-critical request (priority >= threshold) without its first token is
+            served by a wide group at once: when every request in flight fits one TP group's
+            decode slots, by the widest width, all of them migrated; else, when a mixed partition
+            is compiled and its replicas' slots hold the rest, by its TP group while its DP
+            replicas keep serving the rest (moved sequences migrate); otherwise by the widest
+            width, the others paused for that prefill, to resume in their own layout (the
+            requests of the wide layout migrating with them) once no latency-critical request
+            waits for its first token (`until_first_token`; off: until none is left). A layout
+            held that briefly costs the rest one prefill's wait; the other moves are only made
+            when the ordinary requests' predicted first-token time there is within `slack` of
+            where they are (`Observation.ttft_s`: the live cost model's prefill time for the
+            groups that would carry them, stretched by the queue the live arrival rate makes
+            there, `engine.demand`): the few latency-critical requests do not buy their latency
+            with everyone else's.
             Paused sequences never wait longer than `max_pause_s`: then they are recomputed in
             the partition in force (no starvation);
   memory    a request longer than the current partition's widest group holds moves the engine to
@@ -39,7 +41,8 @@ The engine applies it at the step boundary through `Engine.switch`, and counts t
             overloaded (the load policy's busy signal has held), load decides even with priority
             requests in flight: a TP group that cannot keep up is left for DP (no suppression
             without a bound), and priority requests are then served where the rest are for
-            `backoff_steps` steps, doubling at each such failure.
+            `backoff_steps` steps, doubling at each such failure (a pause for one prefill ends
+            by itself and is still made).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Observation:
   widest: int = 0                    # its widest group's width
   mixed: dict = dataclasses.field(default_factory=dict)   # compiled mixed partition -> widest width
   priority_inflight: int = 0         # latency-critical requests waiting or running
+  max_priority_unstarted: int = 0    # highest priority among requests without their first token
   running_max_length: int = 0        # longest prompt + max_tokens among running requests
   oldest_paused_s: float = 0.0
   prefilling: int = 0                # running requests that have not had their first token
@@ -78,6 +82,10 @@ class Observation:
   predicted: dict = dataclasses.field(default_factory=dict)
   # ^ width or mixed partition -> `demand.Prediction` for the groups that would carry the
   #   ordinary requests there (empty until steps were timed)
+  urgent_per_s: float = 0.0          # latency-critical requests arriving per second
+  alone_s: dict = dataclasses.field(default_factory=dict)
+  # ^ width -> predicted time a group of it prefills a prompt of the mean length alone (filled
+  #   while a latency-critical request waits for its first token)
 
   @property
   def others(self) -> int:
@@ -181,13 +189,24 @@ class PriorityPolicy(Policy):
   #                                    worse than where they are (`Observation.ttft_s`) ...
   max_share: float = 0.8             # ... and the arriving prompts would use at most this share
   #                                    of the target's predicted prefill rate (`share`)
+  until_first_token: bool = True     # a wide group is held for latency-critical requests until
+  #                                    they have their first token (their decode goes on where
+  #                                    the rest return); False: until they finish
+  max_paused: float = 0.1            # a pause for one prefill only while the rest would spend
+  #                                    at most this share of the time paused (predicted: the
+  #                                    latency-critical arrivals per second x one prefill alone)
   name = "priority"
+
+  def urgent(self, obs) -> bool:
+    """Whether a latency-critical request needs a wide group now."""
+    top = obs.max_priority_unstarted if self.until_first_token else obs.max_priority
+    return top >= self.threshold
 
   def decide(self, obs):
     tp, dp = obs.widths[-1], obs.widths[0]
     if obs.paused and obs.oldest_paused_s >= self.max_pause_s:
       return Decision(obs.partition, "recompute", "priority:paused-too-long")
-    if obs.max_priority >= self.threshold:
+    if self.urgent(obs):
       if obs.width == tp or obs.partition in obs.mixed:
         return None                  # a wide group serves them already
       tp_keeps_up = self.affordable(obs, tp)
@@ -197,18 +216,25 @@ class PriorityPolicy(Policy):
       if self.mixed and obs.mixed and obs.others > 0:
         name = next(iter(obs.mixed))
         room = obs.mixed_slots.get(name, 0)
-        if (room and obs.others > room) or not self.affordable(obs, name):
+        if not ((room and obs.others > room) or not self.affordable(obs, name)):
+          return Decision(name, "migrate", "priority")
+        if not self.until_first_token:
           return None                # its replicas could not carry the rest: serve it here
-        return Decision(name, "migrate", "priority")
-      if not tp_keeps_up:
-        return None                  # TP would queue the arrivals while the rest wait
-      return Decision(tp, "pause", "priority")
+      if not (self.brief_pause_affordable(obs, tp) if self.until_first_token else tp_keeps_up):
+        return None                  # the rest would wait too often, or too long
+      return Decision(tp, "pause", "priority")      # (for one prefill: the rest wait that long)
     if obs.paused_widths and obs.width not in obs.paused_widths:
-      return Decision(obs.paused_widths[0], "pause", "resume")   # back to what it paused
+      return Decision(obs.paused_widths[0], "migrate", "resume")   # back to what it paused
     if obs.partition in obs.mixed and max(obs.waiting_max_length, obs.running_max_length) <= \
         obs.capacity[dp]:
       return Decision(dp, "migrate", "priority:done")            # the TP group's work is over
     return None
+
+  def brief_pause_affordable(self, obs, tp) -> bool:
+    """Whether pausing the rest for each latency-critical prefill in `tp` keeps them paused at
+    most `max_paused` of the time: the throughput they give up (true while not known)."""
+    alone = obs.alone_s.get(tp)
+    return alone is None or obs.urgent_per_s * alone <= self.max_paused
 
   def affordable(self, obs, target) -> bool:
     """Whether the ordinary requests' predicted first-token time in `target` is within `slack`
@@ -264,12 +290,12 @@ class AutoPolicy(Policy):
     if self.load.overloaded:
       # the queue waits: priority requests are served where the rest are (a wide group that
       # cannot keep up would hold everyone back), until the queue keeps up again
-      if load is not None and obs.max_priority >= self.priority.threshold:
+      if load is not None and self.priority.urgent(obs):
         self._fail(obs.step)
       return load if obs.waiting_max_length <= obs.capacity[obs.widths[0]] else None
     dp = obs.widths[0]
     now, there = obs.ttft_s(obs.here), obs.ttft_s(dp)
-    if obs.max_priority >= self.priority.threshold and obs.here != dp and None not in (
+    if self.priority.urgent(obs) and not obs.paused and obs.here != dp and None not in (
         now, there) and now > self.leave * there and obs.waiting_max_length <= obs.capacity[dp]:
       # the wide layout makes the ordinary requests wait (predicted from the live rates): they
       # go back to DP before the queue shows it, and priority requests stay where the rest are
@@ -279,10 +305,10 @@ class AutoPolicy(Policy):
     d = self.priority.decide(obs)
     if d is not None and d.reason in ("priority:done", "resume"):
       self._failures = 0                   # a wide episode that ended as it should
-    if d is not None and not (d.reason == "priority" and obs.step < self._blocked_until):
-      return d
-    if obs.waiting_max_length > obs.capacity[obs.widths[0]] or obs.max_priority >= \
-        self.priority.threshold:
+    if d is not None and not (d.reason == "priority" and obs.step < self._blocked_until and
+                              not (d.strategy == "pause" and self.priority.until_first_token)):
+      return d                     # (a pause for one prefill ends by itself: no back-off)
+    if obs.waiting_max_length > obs.capacity[obs.widths[0]] or self.priority.urgent(obs):
       return None                  # a wide group is needed now: load does not narrow it
     return load
 

@@ -8,7 +8,8 @@ Waiting sequences are admitted in arrival order (no overtaking, so none starves)
 the most free pages, with pages for their whole prompt reserved up front. In a mixed partition the
 groups wider than the narrowest are kept for latency-critical requests (priority > 0) and for
 requests no narrow group can hold; those may pass ordinary requests that wait for a narrow group,
-never each other. A decoding sequence that
+never each other. Within a group, latency-critical prompts take the step's prefill budget
+first. A decoding sequence that
 needs a page when none is free preempts the most recently admitted sequence of its group, which
 frees its pages and later recomputes (prompt + generated tokens) from the front of the queue.
 
@@ -265,6 +266,8 @@ class Scheduler:
     if preempted:
       decode = [s for s in decode if s.status is Status.RUNNING and s.group == g]
       prefill = [s for s in prefill if s.status is Status.RUNNING and s.group == g]
+    if any(s.priority for s in prefill):    # latency-critical prompts take the chunk budget first
+      prefill.sort(key=lambda s: -s.priority)
     return decode, prefill
 
   def _ensure_page(self, seq: Sequence, g: int) -> bool:

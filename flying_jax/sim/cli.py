@@ -193,7 +193,7 @@ def _paper(args) -> int:
   from flying_jax.sim import scenario
 
   sc = scenario.PaperScenario(seed=args.seed)
-  bar = _bar(8, args.progress, "paper scenario runs")
+  bar = _bar(10, args.progress, "paper scenario runs")
   result = scenario.run_paper(sc, progress=bar)
   if bar is not None:
     bar.close()
