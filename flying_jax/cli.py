@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_tokens of requests that do not set it")
   srv.add_argument("--drain-grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+  from flying_jax.cluster.join import add_flags as cluster_flags
+  cluster_flags(srv)
 
   req = sub.add_parser("request", help="send one request to a server and stream the answer",
                        description="Stream a completion for PROMPT from a flying-jax server.")

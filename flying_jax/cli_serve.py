@@ -7,10 +7,20 @@ import sys
 
 
 def run_serve(args) -> int:
+  from flying_jax.cluster.join import ClusterError, ClusterSpec, join
   from flying_jax.config import ConfigError
   from flying_jax.offline import LLM
   from flying_jax.serving.server import ServeConfig, Server, serve_forever, versions
 
+  try:
+    spec = ClusterSpec.from_args(args)
+  except ClusterError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cluster = join(spec) if spec is not None else None
+  if cluster is not None:
+    print(f"flying-jax: process {cluster.process_id} of {cluster.processes} joined",
+          file=sys.stderr, flush=True)
   try:
     config = ServeConfig(
         host=args.host, port=args.port, max_waiting=args.max_waiting,
@@ -21,14 +31,25 @@ def run_serve(args) -> int:
     every = args.width is None and args.partition is None
     print(f"flying-jax: loading {args.model} and compiling "
           f"{'every partition' if every else 'its partition'}...", file=sys.stderr, flush=True)
+    cache = args.compile_cache
+    if cluster is not None and cache is None:
+      cache = ""          # processes do not share one executable cache (each compiles its own)
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
-              widths="all" if every or args.all_widths else None, cache_dir=args.compile_cache,
+              widths="all" if every or args.all_widths else None, cache_dir=cache,
               progress=sys.stderr.isatty(), policy=args.policy,
               attention=args.attention, overlap=not args.no_overlap)
+    if cluster is not None and not cluster.leader:
+      return _follow(llm, cluster)
     server = Server(llm.engine, llm.tokenizer, config, versions())
   except (ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  channel = None
+  if cluster is not None:
+    from flying_jax.cluster.lockstep import Channel, lead
+
+    channel = Channel(cluster.process_id, cluster.processes)
+    lead(llm.engine, channel)
 
   def ready(s):
     rep = llm.startup_report
@@ -40,12 +61,31 @@ def run_serve(args) -> int:
           flush=True)
     print("flying-jax: ready", flush=True)
 
+  code = 0
   try:
     asyncio.run(serve_forever(server, ready))
   except OSError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+    code = 1
+  finally:
+    if channel is not None:
+      from flying_jax.cluster.lockstep import report, stop
+
+      stop(channel, code)
+      print(f"flying-jax: {report(channel, llm.engine)}", flush=True)
+  return code
+
+
+def _follow(llm, cluster) -> int:
+  """A follower: replay the leader's dispatches until it stops."""
+  from flying_jax.cluster.lockstep import Channel, follow
+
+  print(f"flying-jax: process {cluster.process_id} follows the leader "
+        f"({len(llm.engine.partitions)} partitions compiled)", flush=True)
+  code = follow(llm.engine, Channel(cluster.process_id, cluster.processes))
+  print(f"flying-jax: process {cluster.process_id}: the leader stopped (exit {code})",
+        flush=True)
+  return code
 
 
 def run_request(args) -> int:

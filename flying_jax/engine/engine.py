@@ -55,6 +55,11 @@ class Engine:
     widths = tuple(config.widths or preset.widths)
     n = len(devices)
     mixed = S.mixed_partitions(preset, widths, config.partitions)     # refused now if not allowed
+    if mixed and len({getattr(d, "process_index", 0) for d in devices}) > 1:
+      if config.partitions is not None:
+        raise ValueError("mixed partitions are not served across processes yet: their spans' "
+                         "programs would run on one process's devices only")
+      mixed = {}                            # across processes: uniform partitions
     self.partitions: dict[str, Partition] = {
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
     self._parsed: dict = {}

@@ -203,9 +203,11 @@ def _check_devices(compiled: jax.stages.Compiled, devs: list[jax.Device], key) -
   checking that they are the devices its key was filed under: else a warm start would load it on
   devices the caller did not mean."""
   ran_on = [d.id for d in compiled.runtime_executable().local_devices()]
-  if sorted(ran_on) != sorted(d.id for d in devs):
+  here = jax.process_index()        # across processes, each runs it on the devices it holds
+  mine = sorted(d.id for d in devs if d.process_index == here)
+  if sorted(ran_on) != mine:
     raise ValueError(f"program {key!r} runs on devices {sorted(ran_on)}, but the executable "
-                     f"cache was given {sorted(d.id for d in devs)}")
+                     f"cache was given {mine}")
   return ran_on
 
 

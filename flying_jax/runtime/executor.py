@@ -7,6 +7,11 @@ asynchronously (`launch`); the sampled ids (and logprobs when a row asked for th
 copy to the host at once and are read by `collect`; `ready` and `wait_any` tell the engine which
 span's step is done (each span of a mixed partition is launched and collected on its own).
 
+Across several processes (`flying_jax.cluster`) every process dispatches the same programs: the
+leader hands each launch's packed rows to `mirror` before dispatching them (a follower replays
+them with `run_span`), and the sampled ids are gathered onto every device of the span
+(`gather`) so that the leader reads the groups whose devices another process holds.
+
 A step may be launched before the previous one is collected (the engine overlaps the host's work
 with the device's): a decode slot whose token the previous step samples takes it from that step's
 sampled ids on the device (`StepMeta.feed`), so the host never waits for it to pack a step.
@@ -91,6 +96,8 @@ class Launched:
   wants_logprobs: bool
   host_s: float
   dispatch_s: float
+  reads: list | None = None           # per span, what the host reads (`outs` unless gathered)
+  number: int = 0                     # launches counted from 1 (the followers' handle)
 
 
 class Executor:
@@ -101,6 +108,15 @@ class Executor:
     self.hist_len, self.max_banned = hist_len, max_banned
     self._no_prev: dict = {}
     self._pad = pack_one(None, hist_len, max_banned)     # a padding row's sampling fields
+    self.mirror = None              # the leader of several processes: called with each launch
+    self._gathers: dict | None = None    # span -> program replicating the sampled ids (cluster)
+    self._launches = 0
+    self._collected: list[int] = []       # launches collected since the last one mirrored
+
+  def gather_everywhere(self):
+    """Replicate each step's sampled ids over its span's devices, as a process that does not
+    hold every device needs to read them (every process must do the same)."""
+    self._gathers = {}
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
@@ -167,33 +183,58 @@ class Executor:
     if prev is not None and prev.spans != tuple(spans):
       raise ValueError("a step can only follow an uncollected step of the same partition")
     host_s = dispatch_s = 0.0
-    outs, shapes, group_shapes, wants = [], [], [], False
+    outs, reads, shapes, group_shapes, wants = [], [], [], [], False
     first = 0
+    built = []
+    self._launches += 1
     for k, ws in enumerate(spans):
       t0 = time.perf_counter()
       part = work[first:first + ws.specs.groups]
       first += ws.specs.groups
       shape = pick_shape(ws, part)
       packed, wants_logprobs = self.build(ws, part, shape, banned_for)
-      packed = jax.device_put(packed, ws.specs.per_group())
-      t1 = time.perf_counter()
-      fed = prev.outs[k][0] if prev is not None else self.no_prev(ws)
-      out = self.dispatch(ws, shape, packed, fed)
-      out[0].copy_to_host_async()
-      if wants_logprobs:
-        for x in out[1:4]:
-          x.copy_to_host_async()
-      outs.append(out)
-      host_s += t1 - t0
-      dispatch_s += time.perf_counter() - t1
+      built.append((ws.span, shape, packed))
+      host_s += time.perf_counter() - t0
       shapes.append(shape)
       group_shapes += [shape] * ws.specs.groups
       wants |= wants_logprobs
-    return Launched(tuple(spans), work, outs, shapes, group_shapes, wants, host_s, dispatch_s)
+    if self.mirror is not None:
+      t0 = time.perf_counter()
+      done, self._collected = self._collected, []
+      self.mirror(("launch", self._launches, built, prev.number if prev is not None else 0, done))
+      host_s += time.perf_counter() - t0
+    for k, (ws, (_, shape, packed)) in enumerate(zip(spans, built)):
+      t1 = time.perf_counter()
+      fed = prev.outs[k][0] if prev is not None else None
+      out, read = self.run_span(ws, shape, packed, fed)
+      read[0].copy_to_host_async()
+      if wants:
+        for x in read[1:4]:
+          x.copy_to_host_async()
+      outs.append(out)
+      reads.append(read)
+      dispatch_s += time.perf_counter() - t1
+    return Launched(tuple(spans), work, outs, shapes, group_shapes, wants, host_s, dispatch_s,
+                    reads, self._launches)
+
+  def run_span(self, ws: WidthSetup, shape: StepShape, packed: np.ndarray, fed=None):
+    """Put one span's packed rows on its devices and dispatch its programs; returns (outputs,
+    what the host reads of them). `fed`: the previous step's sampled ids (None: none)."""
+    packed = jax.device_put(packed, ws.specs.per_group())
+    out = self.dispatch(ws, shape, packed, fed if fed is not None else self.no_prev(ws))
+    if self._gathers is None:
+      return out, out
+    gather = self._gathers.get(ws.span)
+    if gather is None:
+      gather = self._gathers[ws.span] = jax.jit(lambda *x: x,
+                                                out_shardings=ws.specs.replicated())
+    return out, gather(*out[:4]) + (out[4],)
 
   def collect(self, launched: Launched) -> StepResult:
     """Wait for a launched step's sampled ids (and logprobs) on the host."""
-    outs = launched.outs
+    if self.mirror is not None:
+      self._collected.append(launched.number)       # told with the next launch
+    outs = launched.reads if launched.reads is not None else launched.outs
     if len(outs) == 1:
       fetch = lambda i: np.asarray(outs[0][i])
     else:
@@ -206,7 +247,7 @@ class Executor:
 
   def ready(self, launched: Launched) -> bool:
     """Whether a launched step's sampled ids are computed (collecting it will not wait)."""
-    return all(out[0].is_ready() for out in launched.outs)
+    return all(out[0].is_ready() for out in (launched.reads or launched.outs))
 
   def wait_any(self, launched: list[Launched], poll_s: float = 1e-4) -> int:
     """The index of the first of `launched` to be ready, waiting for it (spans run

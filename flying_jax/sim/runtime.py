@@ -50,8 +50,8 @@ class SimClock:
 
 @dataclasses.dataclass
 class SimLaunched(Launched):
-  result: StepResult                # what collecting it returns
-  end: float                        # when the step finishes on the simulated clock
+  result: StepResult | None = None  # what collecting it returns
+  end: float = 0.0                  # when the step finishes on the simulated clock
 
 
 class SimExecutor:
@@ -77,8 +77,8 @@ class SimExecutor:
     if tokens is None:
       tokens = self._tokens[key] = np.zeros(key, np.int32)
     result = StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
-    return SimLaunched(tuple(spans), work, [], shapes, group_shapes, False, 0.0, 0.0, result,
-                       self.clock() + seconds)
+    return SimLaunched(tuple(spans), work, [], shapes, group_shapes, False, 0.0, 0.0,
+                       result=result, end=self.clock() + seconds)
 
   def ready(self, launched: "SimLaunched") -> bool:
     return self.clock() >= launched.end
