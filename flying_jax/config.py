@@ -136,8 +136,18 @@ class MeshPreset:
   attention_block_tokens: int
   prefill_rows: tuple[int, ...] = (1,)   # a prefill chunk of C tokens may also run as R rows of C/R
   partitions: tuple[str, ...] = ()       # mixed partitions allowed besides the uniform ones
+  hosts: int = 1                         # processes the devices are spread over, devices / hosts
+  #                                        each: widths up to that keep a group within a host,
+  #                                        wider ones merge TP groups across hosts
+
+  @property
+  def host_devices(self) -> int:
+    return self.devices // self.hosts
 
   def __post_init__(self):
+    if self.hosts < 1 or self.devices % self.hosts:
+      raise ConfigError(f"mesh {self.name}: hosts {self.hosts} must divide the {self.devices} "
+                        f"devices")
     t = self.base_width
     if t < 1 or t & (t - 1) or self.devices % t:
       raise ConfigError(f"mesh {self.name}: base_width {t} must be a power of two dividing "

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from flying_jax.cluster.join import ClusterError, ClusterSpec
-from flying_jax.config import load_mesh_preset
+from flying_jax.config import ConfigError, load_mesh_preset
 from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import flying_jax_pb2_grpc as pb_grpc
 from test_smollm2 import write_preset
@@ -76,9 +76,9 @@ def golden():
 def cluster(tmp_path_factory):
   """The leader (process 0, serving on a free port) and its follower, once ready."""
   tmp = tmp_path_factory.mktemp("cluster")
-  preset = dataclasses.replace(load_mesh_preset("cpu-8"), name="cpu-8-small", decode_buckets=(8,),
-                               prefill_chunks=(32,), token_budget=40)
-  mesh = tmp / "cpu-8-small.toml"
+  preset = dataclasses.replace(load_mesh_preset("cpu-2x4"), name="cpu-2x4-small",
+                               decode_buckets=(8,), prefill_chunks=(32,), token_budget=40)
+  mesh = tmp / "cpu-2x4-small.toml"
   write_preset(mesh, preset)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PJRT_NPROC="16")
@@ -128,6 +128,32 @@ def all_golden(target, golden, on_first=None) -> dict:
     futs = {name: pool.submit(generate, target, c["prompt_ids"], len(c["greedy_ids"]),
                               on_first) for name, c in golden.items()}
     return {name: f.result() for name, f in futs.items()}
+
+
+def test_presets_say_how_their_devices_spread_over_hosts():
+  assert [(load_mesh_preset(n).hosts, load_mesh_preset(n).host_devices)
+          for n in ("cpu-8", "cpu-2x4", "gpu-2x8", "tpu-v5e-16")] == [(1, 8), (2, 4), (2, 8), (4, 4)]
+  with pytest.raises(ConfigError, match="hosts 3 must divide"):
+    dataclasses.replace(load_mesh_preset("cpu-2x4"), hosts=3)
+
+
+def test_a_preset_for_another_host_count_is_refused(tmp_path):
+  """cpu-8 is laid out for one host: two processes holding its devices refuse it, both exit 2."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PJRT_NPROC="16")
+  coordinator = f"127.0.0.1:{free_port()}"
+  procs = [Proc([sys.executable, "-m", "flying_jax.cli", "serve", "--model", "tiny", "--mesh",
+                 "cpu-8", "--width", "8", "--port", "0", "--coordinator", coordinator,
+                 "--num-processes", "2", "--process-id", str(i)], env,
+                tmp_path / f"process-{i}.log") for i in range(2)]
+  try:
+    for p in procs:
+      assert p.p.wait(300) == 2
+      p.wait_for(r"mesh cpu-8 is laid out for 1 host\(s\); its devices are held by 2 processes", 5)
+  finally:
+    for p in procs:
+      if p.p.poll() is None:
+        p.p.kill()
 
 
 def test_spec_flags_go_together():
@@ -194,7 +220,7 @@ def test_a_killed_follower_fails_the_stream_and_the_leader_exits_nonzero(tmp_pat
              PJRT_NPROC="16")
   coordinator, port = f"127.0.0.1:{free_port()}", free_port()
   procs = [Proc([sys.executable, "-m", "flying_jax.cli", "serve", "--model", "tiny", "--mesh",
-                 "cpu-8", "--width", "2", "--port", str(port if i == 0 else 0), "--coordinator",
+                 "cpu-2x4", "--width", "2", "--port", str(port if i == 0 else 0), "--coordinator",
                  coordinator, "--num-processes", "2", "--process-id", str(i),
                  "--heartbeat-timeout", "10"], env, tmp_path / f"process-{i}.log")
            for i in range(2)]

@@ -93,3 +93,46 @@ def test_dockerfile_installs_the_wheel_not_the_checkout(kind):
   assert re.search(r"^WORKDIR /srv$", final, re.M)
   ignored = (DEPLOY.parent.parent / ".dockerignore").read_text().split()
   assert ".venv/" in ignored and ".git/" in ignored
+
+
+MULTI_HOST = {"tpu-v5e-16.yaml": ("google.com/tpu", "tpu"), "gpu-2x8.yaml": ("nvidia.com/gpu", "gpu")}
+
+
+@pytest.mark.parametrize("manifest", sorted(MULTI_HOST))
+def test_multi_host_manifest_runs_one_engine_over_the_preset_hosts(manifest):
+  """A LeaderWorkerSet of the mesh preset's hosts: every pod's command parses as `flying-jax
+  serve` joining the cluster (with the variables the LeaderWorkerSet sets), each pod asks for one
+  host's devices, the Service and the probes reach the leader only."""
+  docs = list(yaml.safe_load_all((DEPLOY / "k8s" / manifest).read_text()))
+  by_kind = {d["kind"]: d for d in docs}
+  assert set(by_kind) == {"LeaderWorkerSet", "Service"}
+  lws, svc = by_kind["LeaderWorkerSet"], by_kind["Service"]
+  assert lws["apiVersion"].startswith("leaderworkerset.x-k8s.io/")
+  tmpl = lws["spec"]["leaderWorkerTemplate"]
+  leader, worker = tmpl["leaderTemplate"], tmpl["workerTemplate"]
+  (lc,), (wc,) = leader["spec"]["containers"], worker["spec"]["containers"]
+  resource, kind = MULTI_HOST[manifest]
+  image = dockerfile(kind)
+  assert lc["image"] == wc["image"] == f"flying-jax:{kind}"
+  assert lc["args"] == wc["args"]                          # one command, every process
+  size = tmpl["size"]
+  for index in range(size):                                # as Kubernetes expands $(VAR)
+    env = {"LWS_LEADER_ADDRESS": "leader.example", "LWS_GROUP_SIZE": str(size),
+           "LWS_WORKER_INDEX": str(index)}
+    argv = image["entrypoint"][1:] + [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a)
+                                      for a in lc["args"]]
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == "serve" and args.process_id == index
+    assert args.num_processes == size and args.coordinator.startswith("leader.example:")
+  preset = load_mesh_preset(args.mesh)
+  assert size == preset.hosts > 1
+  for c in (lc, wc):
+    assert c["resources"]["limits"][resource] == preset.host_devices
+  ports = {p["name"]: p["containerPort"] for p in lc["ports"]}
+  assert ports["coordinator"] == int(args.coordinator.rsplit(":", 1)[1])
+  assert ports["grpc"] == args.port and ports["metrics"] == args.metrics_port
+  for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert lc[probe]["grpc"]["port"] == args.port and probe not in wc
+  assert svc["spec"]["selector"].items() <= leader["metadata"]["labels"].items()
+  assert not svc["spec"]["selector"].items() <= worker["metadata"]["labels"].items()
+  assert leader["spec"]["terminationGracePeriodSeconds"] > args.drain_grace
