@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flying_jax.bench import traces
-from flying_jax.config import load_mesh_preset, load_model_card
+from flying_jax.config import ConfigError, load_mesh_preset, load_model_card
 from flying_jax.engine.engine import Engine
 from flying_jax.engine.setup import EngineConfig
 from flying_jax.sampling import SamplingParams
@@ -326,3 +326,31 @@ def test_fit_shares_recovers_the_shares_that_made_the_points():
   assert added.span_time(work) == pytest.approx(compute + memory)
   assert dataclasses.replace(added, overlap=True).span_time(work) == pytest.approx(
       max(compute, memory))
+
+
+def test_all_reduces_that_cross_hosts_cost_the_inter_node_link():
+  one = Roofline.of(H.load_hardware("h100-sxm-8"), 80)
+  two = Roofline.of(H.load_hardware("h100-sxm-2x8"), 80)
+  mb = 16e6
+  assert two.allreduce_time(8, mb) == pytest.approx(one.allreduce_time(8, mb))  # inside a node
+  # width 16: a ring over the node's 8 GPUs, then the two nodes exchange each GPU's eighth
+  inside = one.allreduce_time(8, mb)
+  assert two.allreduce_time(16, mb) == pytest.approx(inside + 25e-6 + 2 * 0.5 * mb / 8 / 50e9)
+  with pytest.raises(ConfigError, match="several hosts need internode_gbps"):
+    dataclasses.replace(H.load_hardware("h100-sxm-2x8"), internode_gbps=0.0)
+  with pytest.raises(H.SimError, match="spreads its chips over 2 host"):
+    H.plan(model_card("llama-3-8b"), H.load_hardware("h100-sxm-2x8"),
+           dataclasses.replace(load_mesh_preset("gpu-2x8"), hosts=1))
+
+
+def test_hosts_scenario_merges_across_hosts_when_it_pays():
+  from flying_jax.sim import hosts
+
+  sc = hosts.HostsScenario(rates=(1.0, 24.0), requests=150)
+  rows, plan = hosts.run_hosts(sc)
+  p90 = {(r.rate, r.policy): r.p90_ttft_ms for r in rows}
+  assert plan.preset.hosts == 2 and max(plan.widths) == 16
+  assert p90[1.0, "static:16"] < p90[1.0, "static:8"]      # light load: the merged group's prefill
+  assert p90[24.0, "static:8"] < p90[24.0, "static:16"]    # heavy: two node-wide groups
+  text = hosts.table(rows, plan, sc)
+  assert "static:16 (across hosts)" in text and "| 24 | static:8 |" in text

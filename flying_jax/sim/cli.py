@@ -32,9 +32,12 @@ def add_arguments(p):
                       "validate: the same trace on the real engine and simulated, with the error "
                       "(with --hardware other than cpu: the preset's model against the step "
                       "times measured on that hardware, and the shares that fit them)")
-  p.add_argument("--scenario", default=None, choices=["paper"],
+  p.add_argument("--scenario", default=None, choices=["paper", "hosts"],
                  help="paper: Llama-3-70B on 8xH200 under bursts, priority and saturation, "
-                      "static DP vs static TP vs auto, beside the paper's figures")
+                      "static DP vs static TP vs auto, beside the paper's figures; hosts: "
+                      "Llama-3-70B on two nodes of 8 H100s (h100-sxm-2x8, or --hardware), every "
+                      "width served statically and auto at light to heavy load (--rates): when "
+                      "merging TP groups across hosts pays")
   p.add_argument("--hardware", default=None,
                  help="hardware preset (meshes/hardware/*.toml): h100-sxm-8 (default), h200-8, "
                       "tpu-v5e-8, tpu-v6e-8, cpu (this machine, calibrated; default of "
@@ -93,6 +96,8 @@ def run_sim(args) -> int:
   try:
     if args.scenario == "paper":
       return _paper(args)
+    if args.scenario == "hosts":
+      return _hosts(args)
     if args.mode == "sweep":
       return _sweep(args)
     if args.mode == "validate" and args.hardware != DEFAULTS["cpu"][1]:
@@ -205,6 +210,31 @@ def _paper(args) -> int:
     with open(args.json, "w") as f:
       json.dump({"rows": result.rows, "runs": {k: v.to_json() for k, v in result.bursty.items()}},
                 f)
+  return 0
+
+
+def _hosts(args) -> int:
+  from flying_jax.sim import hosts
+
+  sc = hosts.HostsScenario(seed=args.seed)
+  if args.hardware != DEFAULTS["sim"][1]:
+    sc = dataclasses.replace(sc, hardware=args.hardware)
+  if args.model != DEFAULTS["sim"][0]:
+    sc = dataclasses.replace(sc, model=args.model)
+  if args.rates:
+    sc = dataclasses.replace(sc, rates=tuple(float(r) for r in args.rates.split(",")))
+  if args.requests != DEFAULTS["sim"][2]:
+    sc = dataclasses.replace(sc, requests=args.requests)
+  plan_widths = len(hosts.H.plan(hosts.model_card(sc.model), hosts.H.load_hardware(sc.hardware))
+                    .widths)
+  bar = _bar(len(sc.rates) * (plan_widths + 1), args.progress, "hosts scenario runs")
+  rows, plan = hosts.run_hosts(sc, bar)
+  if bar is not None:
+    bar.close()
+  print(hosts.table(rows, plan, sc))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"rows": [dataclasses.asdict(r) for r in rows]}, f)
   return 0
 
 

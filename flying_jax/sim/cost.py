@@ -93,20 +93,34 @@ class Roofline:
   overhead: float          # seconds of host work per step
   layers: int
   overlap: bool = True     # compute and memory time overlap (max) or add up (sum)
+  node: int = 0            # chips per host (0: every chip in one host)
+  inter_link: float = 0.0  # bytes/s per chip per direction between hosts
+  inter_latency: float = 0.0   # seconds added to an all-reduce that crosses hosts
 
   @staticmethod
   def of(hw, layers: int) -> "Roofline":
     return Roofline(hw.peak_tflops * 1e12 * hw.mfu, hw.hbm_gbps * 1e9 * hw.mbu,
                     hw.link_gbps * 1e9, hw.collective_latency_us * 1e-6,
-                    hw.step_overhead_ms * 1e-3, layers, hw.overlap)
+                    hw.step_overhead_ms * 1e-3, layers, hw.overlap, hw.devices // hw.hosts,
+                    hw.internode_gbps * 1e9, hw.internode_latency_us * 1e-6)
+
+  def allreduce_time(self, width: int, nbytes: float) -> float:
+    """One all-reduce of `nbytes` over `width` chips: a ring inside a host; across hosts, a
+    reduce-scatter inside each host, a ring between hosts over each chip's share, and an
+    all-gather inside each host again (what NCCL and XLA do between nodes)."""
+    if width <= 1:
+      return 0.0
+    inside = min(width, self.node) if self.node else width
+    t = self.latency + 2.0 * (inside - 1) / inside * nbytes / self.link
+    hosts = width // inside
+    if hosts > 1:
+      t += self.inter_latency + 2.0 * (hosts - 1) / hosts * nbytes / inside / self.inter_link
+    return t
 
   def span_time(self, s: SpanWork) -> float:
     compute, memory = s.flops / self.peak_flops, s.bytes / self.bandwidth
     t = max(compute, memory) if self.overlap else compute + memory
-    if s.width > 1:
-      ring = 2.0 * (s.width - 1) / s.width * s.allreduce_bytes / self.link
-      t += 2 * self.layers * (self.latency + ring)
-    return t
+    return t + 2 * self.layers * self.allreduce_time(s.width, s.allreduce_bytes)
 
   def step_time(self, spans: list[SpanWork]) -> float:
     return self.overhead + max(self.span_time(s) for s in spans)

@@ -39,6 +39,9 @@ class Hardware:
   hbm_gb: float = 0.0                # GB per chip (0: the mesh preset's pages_per_device)
   link_gbps: float = 0.0             # GB/s per chip per direction, for collectives
   collective_latency_us: float = 0.0
+  hosts: int = 1                     # nodes the chips are spread over (devices / hosts each)
+  internode_gbps: float = 0.0        # GB/s per chip per direction between nodes
+  internode_latency_us: float = 0.0  # added to an all-reduce that crosses nodes
   mfu: float = 0.6
   mbu: float = 0.8
   memory_utilization: float = 0.9
@@ -54,6 +57,10 @@ class Hardware:
   def __post_init__(self):
     if self.devices < 1:
       raise ConfigError(f"hardware {self.name}: devices must be >= 1")
+    if self.hosts < 1 or self.devices % self.hosts:
+      raise ConfigError(f"hardware {self.name}: hosts must divide the {self.devices} chips")
+    if self.hosts > 1 and self.internode_gbps <= 0:
+      raise ConfigError(f"hardware {self.name}: several hosts need internode_gbps > 0")
     if not self.fitted and min(self.peak_tflops, self.hbm_gbps) <= 0:
       raise ConfigError(f"hardware {self.name}: peak_tflops and hbm_gbps must be > 0 (or give "
                         f"fitted coefficients)")
@@ -120,6 +127,9 @@ def plan(card: ModelCard, hw: Hardware, mesh: str | MeshPreset | None = None) ->
   if preset.devices != hw.devices:
     raise SimError(f"hardware {hw.name} has {hw.devices} chips, mesh {preset.name} "
                    f"{preset.devices}")
+  if preset.hosts != hw.hosts:
+    raise SimError(f"hardware {hw.name} spreads its chips over {hw.hosts} host(s), mesh "
+                   f"{preset.name} over {preset.hosts}")
   if hw.hbm_gb <= 0:                  # measured hardware: the preset's pool, every width
     return Plan(preset, preset.widths, *weights_on(card, preset),
                 *kv_layout(card, preset, preset.pages_per_device))
