@@ -82,7 +82,7 @@ def _follow(llm, cluster) -> int:
 
   print(f"flying-jax: process {cluster.process_id} follows the leader "
         f"({len(llm.engine.partitions)} partitions compiled)", flush=True)
-  code = follow(llm.engine, Channel(cluster.process_id, cluster.processes))
+  _, code = follow(llm.engine, Channel(cluster.process_id, cluster.processes))
   print(f"flying-jax: process {cluster.process_id}: the leader stopped (exit {code})",
         flush=True)
   return code

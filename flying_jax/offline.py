@@ -65,14 +65,22 @@ class LLM:
   `"priority"`, `"memory"` or `"auto"` (None: stay where it started). `attention`: the
   paged-attention backend, `"auto"` (Pallas kernels on GPUs and TPUs, the XLA reference on
   CPUs), `"pallas"` or `"xla"`. `overlap`: pack step n+1 while the device runs step n
-  (`EngineConfig.overlap`).
+  (`EngineConfig.overlap`). `cluster`: a `cluster.join.ClusterSpec` (or a joined `Cluster`) to
+  run one engine over several processes; every process runs the same script: process 0's
+  `generate` schedules and returns the outputs, the others' replay its dispatches and return the
+  same outputs; `close()` (every process) ends it.
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True,
                policy: str | None = None, partition: str | None = None,
-               attention: str = "auto", overlap: bool = True):
+               attention: str = "auto", overlap: bool = True, cluster=None):
+    from flying_jax.cluster.join import ClusterSpec, join
+
+    self.cluster = join(cluster) if isinstance(cluster, ClusterSpec) else cluster
+    if self.cluster is not None and cache_dir is None:
+      cache_dir = ""            # processes do not share one executable cache
     self.card = load_model_card(model)
     self.preset = load_mesh_preset(mesh or default_mesh_name())
     self.tokenizer = load_tokenizer(self.card)
@@ -98,6 +106,32 @@ class LLM:
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)
     self._ids = itertools.count()
+    self._channel = None
+    if self.cluster is not None:
+      from flying_jax.cluster.lockstep import Channel, lead
+
+      self._channel = Channel(self.cluster.process_id, self.cluster.processes)
+      if self.cluster.leader:
+        lead(self.engine, self._channel)
+
+  @property
+  def follower(self) -> bool:
+    return self.cluster is not None and not self.cluster.leader
+
+  def close(self):
+    """End a cluster's engine (every process calls it: the leader tells the others to stop, they
+    wait for it); nothing to do alone."""
+    from flying_jax.cluster.lockstep import follow, stop
+
+    if self._channel is None:
+      return
+    if self.follower:
+      kind, _ = follow(self.engine, self._channel)
+      if kind != "stop":
+        raise RuntimeError(f"the leader sent {kind!r} where it should have stopped")
+    else:
+      stop(self._channel)
+    self._channel = None
 
   @property
   def startup_report(self):
@@ -118,7 +152,28 @@ class LLM:
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                chat: bool = False, use_tqdm: bool = True) -> list[RequestOutput]:
-    """Generate for every prompt; outputs come back in input order."""
+    """Generate for every prompt; outputs come back in input order (in a cluster, on every
+    process: the leader's)."""
+    if self.follower:
+      from flying_jax.cluster.lockstep import follow
+
+      kind, outs = follow(self.engine, self._channel)
+      if kind != "result":
+        raise RuntimeError(f"the leader stopped (exit {outs}) instead of generating")
+      if isinstance(outs, Exception):
+        raise outs
+      return outs
+    try:
+      outs = self._generate(prompts, params, chat, use_tqdm)
+    except Exception as e:
+      if self._channel is not None:                # the followers raise it too
+        self._channel.publish(("result", RuntimeError(f"the leader's generate failed: {e}")))
+      raise
+    if self._channel is not None:
+      self._channel.publish(("result", outs))
+    return outs
+
+  def _generate(self, prompts, params, chat: bool, use_tqdm: bool) -> list[RequestOutput]:
     if isinstance(prompts, (str, dict)):
       prompts = [prompts]
     params = params or SamplingParams()

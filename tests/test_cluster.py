@@ -245,3 +245,52 @@ def test_a_killed_follower_fails_the_stream_and_the_leader_exits_nonzero(tmp_pat
     for p in procs:
       if p.p.poll() is None:
         p.p.kill()
+
+
+SCRIPT = """
+import json, sys
+from flying_jax.cluster.join import ClusterSpec
+from flying_jax.offline import LLM
+from flying_jax.sampling import SamplingParams
+
+llm = LLM(model="tiny", mesh="cpu-2x4", width=2, progress=False,
+          cluster=ClusterSpec(sys.argv[1], 2, int(sys.argv[2])))
+outs = llm.generate(["w1 w2 w3", "w4", "w5 w6"], SamplingParams(temperature=0, max_tokens=6),
+                    use_tqdm=False)
+print("ids", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+try:
+  llm.generate("w1", SamplingParams(max_tokens=10**6))
+except Exception as e:
+  print("refused", type(e).__name__, e, flush=True)
+llm.close()
+"""
+
+
+def test_llm_generate_on_two_processes_gives_every_process_the_outputs(tmp_path):
+  """The offline API as one script on both processes: the leader schedules, both return its
+  outputs (the single-process engine's ids), a refused request raises on both, close ends both."""
+  from flying_jax.offline import LLM
+  from flying_jax.sampling import SamplingParams
+
+  script = tmp_path / "offline.py"
+  script.write_text(SCRIPT)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PJRT_NPROC="16")
+  coordinator = f"127.0.0.1:{free_port()}"
+  procs = [Proc([sys.executable, str(script), coordinator, str(i)], env,
+                tmp_path / f"process-{i}.log") for i in range(2)]
+  try:
+    codes = [p.p.wait(START_S) for p in procs]
+    ids = [json.loads(p.wait_for(r"^ids (.*)$", 5).group(1)) for p in procs]
+    refused = [p.wait_for(r"^refused (\w+) (.*)$", 5) for p in procs]
+  finally:
+    for p in procs:
+      if p.p.poll() is None:
+        p.p.kill()
+  assert codes == [0, 0], [p.lines[-5:] for p in procs]
+  alone = LLM(model="tiny", mesh="cpu-2x4", width=2, progress=False)
+  want = [o.outputs[0].token_ids for o in alone.generate(
+      ["w1 w2 w3", "w4", "w5 w6"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)]
+  assert ids[0] == ids[1] == want
+  assert refused[0].group(1) == "RequestRejected" and "max_tokens" in refused[0].group(2)
+  assert refused[1].group(1) == "RuntimeError" and "leader's generate failed" in refused[1].group(2)

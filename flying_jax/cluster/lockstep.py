@@ -104,14 +104,14 @@ def stop(channel: Channel, code: int = 0):
   channel.publish(("stop", code))
 
 
-def follow(engine, channel: Channel, poll_s: float = 1.0, should_stop=lambda: False) -> int:
-  """Replay the leader's dispatches on this process's part of `engine` until told to stop;
-  returns the exit code the leader gave."""
+def follow(engine, channel: Channel, poll_s: float = 1.0) -> tuple[str, object]:
+  """Replay the leader's dispatches on this process's part of `engine` until it stops ("stop",
+  exit code) or hands over a result ("result", what `LLM.generate` returned there)."""
   ex = engine.executor
   ex.gather_everywhere()
   setups = engine.span_setups
   live: dict[int, list] = {}
-  while not should_stop():
+  while True:
     msg = channel.receive(poll_s)
     if msg is None:
       continue
@@ -128,8 +128,7 @@ def follow(engine, channel: Channel, poll_s: float = 1.0, should_stop=lambda: Fa
       live[number] = outs
     elif kind == "migrate":
       engine.migrator.move(engine.device_pools, engine.card.arch, *msg[1], **msg[2])
-    elif kind == "stop":
-      return msg[1]
+    elif kind in ("stop", "result"):
+      return kind, msg[1]
     else:
       raise RuntimeError(f"unknown lockstep message {kind!r}")
-  return 0
