@@ -49,7 +49,7 @@ def run_serve(args) -> int:
     from flying_jax.cluster.lockstep import Channel, lead
 
     channel = Channel(cluster.process_id, cluster.processes)
-    lead(llm.engine, channel)
+    lead(llm.engine, channel, on_failure=_cluster_failed)
 
   def ready(s):
     rep = llm.startup_report
@@ -74,6 +74,24 @@ def run_serve(args) -> int:
       stop(channel, code)
       print(f"flying-jax: {report(channel, llm.engine)}", flush=True)
   return code
+
+
+_FAILED = []
+
+
+def _cluster_failed(message: str):
+  """A step failed on the leader of a cluster (a process died, a collective broke): the engine
+  fails the requests in flight with the error; the processes cannot go on in step, so stop
+  (exit 3) once their streams had two seconds to carry it."""
+  import os
+  import threading
+
+  if _FAILED:
+    return
+  _FAILED.append(message)
+  print(f"error: a step failed across the cluster ({message}); stopping", file=sys.stderr,
+        flush=True)
+  threading.Timer(2.0, os._exit, args=(3,)).start()
 
 
 def _follow(llm, cluster) -> int:
