@@ -386,19 +386,3 @@ def test_several_prompts_prefill_side_by_side(card, engine):
   assert ids(got) == ids(run(engine, reqs, width=4))
   assert multi.no_leaks() and engine.no_leaks()
 
-
-def test_a_priority_prompt_takes_the_prefill_budget_first(engine):
-  """Two long prompts admitted together to one group, the latency-critical one second: it is
-  prefilled first (one 32-token chunk a step here), and both give the tokens they give alone."""
-  engine.set_width(8)
-  plain, urgent = prompts(12, [70, 70])
-  engine.add_request("plain-first", plain, GREEDY)
-  engine.add_request("urgent-second", urgent, GREEDY, priority=1)
-  while engine.has_unfinished():
-    engine.step()
-  (p,), (u,) = engine.request("plain-first"), engine.request("urgent-second")
-  assert u.first_token_time < p.first_token_time
-  assert [p.output_ids, u.output_ids] == ids(run(engine, [(plain, GREEDY), (urgent, GREEDY)]))
-  for rid in ("plain-first", "urgent-second"):
-    engine.release(rid)
-  assert engine.no_leaks()

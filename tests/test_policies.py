@@ -245,3 +245,26 @@ def test_a_policy_needing_an_uncompiled_width_is_refused_at_start(engine):
   with pytest.raises(ValueError, match="not compiled"):
     Engine(engine.card, engine.preset, EngineConfig(widths=(1,), pages_per_device=4),
            policy="static:8")
+
+
+def test_a_priority_prompt_takes_the_prefill_budget_first(engine):
+  """Two long prompts admitted together to one group, the latency-critical one second: it is
+  prefilled first (one 32-token chunk a step here), and both give the tokens they give alone."""
+  engine.policy = make_policy(None)
+  engine.set_width(8)
+  rng = np.random.default_rng(12)
+  plain, urgent = (rng.integers(0, 512, size=70).tolist() for _ in range(2))
+  greedy = SamplingParams(temperature=0.0, max_tokens=12)
+  engine.add_request("plain-first", plain, greedy)
+  engine.add_request("urgent-second", urgent, greedy, priority=1)
+  drain(engine)
+  (p,), (u,) = engine.request("plain-first"), engine.request("urgent-second")
+  assert u.first_token_time < p.first_token_time
+  for rid, prompt in (("plain-alone", plain), ("urgent-alone", urgent)):
+    engine.add_request(rid, prompt, greedy)
+    drain(engine)
+  assert [p.output_ids, u.output_ids] == [engine.request(r)[0].output_ids
+                                          for r in ("plain-alone", "urgent-alone")]
+  for rid in ("plain-first", "urgent-second", "plain-alone", "urgent-alone"):
+    engine.release(rid)
+  assert engine.no_leaks()

@@ -86,4 +86,3 @@ def add_flags(p):
                       "others stop with an error instead of waiting for it")
   g.add_argument("--cluster-auto", action="store_true",
                  help="join the cluster JAX detects (TPU slices, SLURM, Open MPI, GKE)")
-

@@ -4,9 +4,10 @@ The leader's executor hands every launch to `Channel.publish` before dispatching
 the step shape and the packed step rows (the very array the leader puts on its devices: sampling
 fields, tokens, positions, KV slots, page tables), the launch it follows (whose sampled ids feed
 its decode slots) and the launches collected since the last message (the follower frees their
-outputs); KV migrations go the same way (their placements and page numbers). A follower (`follow`) replays them in order on its own copy of the
-engine's programs and resident arrays, so both processes dispatch the same programs with the same
-arguments, which is what a multi-controller program needs.
+outputs); KV migrations go the same way (their placements and page numbers). A follower
+(`follow`) replays them in order on its own copy of the engine's programs and resident arrays,
+so every process dispatches the same programs with the same arguments, which is what a
+multi-controller program needs.
 
 The channel is JAX's distributed key-value store (the coordinator's, on process 0): one key per
 message and follower, written by the leader and deleted by the follower that read it. A

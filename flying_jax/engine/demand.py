@@ -162,20 +162,24 @@ class Prediction:
     return self.service_s / (1.0 - share) if share < 1.0 else float("inf")
 
 
-def alone_s(demand: Demand, widths, limits) -> dict:
+def alone_s(demand: Demand, widths, limits, models: dict | None = None) -> dict:
   """Per width, the predicted time one group of it takes to prefill a prompt of the recent mean
-  length with nothing else to do (a pause for one prefill; empty until steps were fitted)."""
-  models = demand.step_models(widths)
+  length with nothing else to do (a pause for one prefill; empty until steps were fitted).
+  `models`: `demand.step_models` of at least `widths`, when already at hand."""
+  models = demand.step_models(widths) if models is None else models
   per_step = max(rows * chunk for rows, chunk in limits.prefill_modes)
   return {w: demand.serve(models, [w], 0, limits.token_budget, per_step).service_s
-          for w in models}
+          for w in widths if w in models}
 
 
-def predict(demand: Demand, partitions: dict, others_running: int, limits) -> dict:
+def predict(demand: Demand, partitions: dict, others_running: int, limits,
+            models: dict | None = None) -> dict:
   """A `Prediction` for the ordinary requests in each candidate partition: uniform widths keyed
   by width, mixed partitions by name (their replicas only), for `others_running` ordinary
-  sequences decoding; `limits` the scheduler's. Empty until a width's steps were fitted."""
-  models = demand.step_models({w for part in partitions.values() for w in part.widths})
+  sequences decoding; `limits` the scheduler's. Empty until a width's steps were fitted.
+  `models`: `demand.step_models` of every width, when already at hand."""
+  if models is None:
+    models = demand.step_models({w for part in partitions.values() for w in part.widths})
   if not models:
     return {}
   per_step = max(rows * chunk for rows, chunk in limits.prefill_modes)

@@ -54,17 +54,8 @@ class Engine:
     self.devices = devices
     widths = tuple(config.widths or preset.widths)
     n = len(devices)
-    mixed = S.mixed_partitions(preset, widths, config.partitions)     # refused now if not allowed
-    processes = len({getattr(d, "process_index", 0) for d in devices})
-    if processes > 1 and processes != preset.hosts:
-      raise ValueError(f"mesh {preset.name} is laid out for {preset.hosts} host(s); its devices "
-                       f"are held by {processes} processes (use a preset whose `hosts` says so, "
-                       f"e.g. cpu-2x4, gpu-2x8, tpu-v5e-16)")
-    if mixed and processes > 1:
-      if config.partitions is not None:
-        raise ValueError("mixed partitions are not served across processes yet: their spans' "
-                         "programs would run on one process's devices only")
-      mixed = {}                            # across processes: uniform partitions
+    # refused now if not allowed (by the preset, the widths, or the processes holding devices)
+    mixed = S.mixed_partitions(preset, widths, config.partitions, devices)
     self.partitions: dict[str, Partition] = {
         **{Partition.uniform(n, w).name: Partition.uniform(n, w) for w in widths}, **mixed}
     self._parsed: dict = {}

@@ -50,6 +50,7 @@ def observe(engine, facts: StaticFacts) -> Observation:
     if p is not None and (running_prio is None or p > running_prio):
       running_prio = p
   paused = engine.paused.all()
+  models = engine.demand.step_models(facts.widths)    # every width (mixed ones use them too)
   priorities = [p for p in (prio, running_prio) if p is not None]
   return Observation(
       width=engine.width, widths=facts.widths, capacity=facts.capacity, mixed=facts.mixed,
@@ -65,9 +66,10 @@ def observe(engine, facts: StaticFacts) -> Observation:
       decode_slots=facts.decode_slots, oldest_unstarted_s=now - unstarted,
       step_s=engine.step_s, mixed_slots=facts.mixed_slots,
       prompt_tok_s=engine.demand.prompt_tok_s(now),
-      predicted=predict(engine.demand, engine.partitions, running - running_urgent, sch.limits),
+      predicted=predict(engine.demand, engine.partitions, running - running_urgent, sch.limits,
+                        models),
       urgent_per_s=engine.demand.urgent_per_s(now),
-      alone_s=alone_s(engine.demand, facts.widths, sch.limits) if first_prio else {})
+      alone_s=alone_s(engine.demand, facts.widths, sch.limits, models) if first_prio else {})
 
 
 def _scan(seqs, now: float):

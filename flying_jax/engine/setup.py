@@ -146,11 +146,23 @@ def page_spaces(card: ModelCard, preset: MeshPreset, cfg: EngineConfig,
   return (tuple(l for l in layers if l not in sliding), pages), (sliding, local)
 
 
-def mixed_partitions(preset: MeshPreset, widths, requested) -> dict[str, Partition]:
+def mixed_partitions(preset: MeshPreset, widths, requested, devices=()) -> dict[str, Partition]:
   """The mixed partitions to compile, by name; refuses any the preset or the widths do not allow.
 
-  `requested` None: every partition the preset lists whose widths are all compiled.
+  `requested` None: every partition the preset lists whose widths are all compiled. `devices`
+  held by several processes: the preset must be laid out for that many hosts, and no mixed
+  partition is compiled (a span's programs would run on one process's devices only).
   """
+  processes = len({getattr(d, "process_index", 0) for d in devices})
+  if processes > 1 and processes != preset.hosts:
+    raise ValueError(f"mesh {preset.name} is laid out for {preset.hosts} host(s); its devices "
+                     f"are held by {processes} processes (use a preset whose `hosts` says so, "
+                     f"e.g. cpu-2x4, gpu-2x8, tpu-v5e-16)")
+  if processes > 1:
+    if requested:
+      raise ValueError("mixed partitions are not served across processes yet: their spans' "
+                       "programs would run on one process's devices only")
+    return {}
   parsed = (Partition.parse(p, preset.devices) for p in preset.partitions)
   allowed = {p.name: p for p in parsed}
   if requested is None:

@@ -96,7 +96,8 @@ class Launched:
   wants_logprobs: bool
   host_s: float
   dispatch_s: float
-  reads: list | None = None           # per span, what the host reads (`outs` unless gathered)
+  reads: list | None = None           # per span, what the host reads (`outs` unless gathered;
+  #                                     None only for the simulator's steps)
   number: int = 0                     # launches counted from 1 (the followers' handle)
 
 
@@ -115,8 +116,13 @@ class Executor:
 
   def gather_everywhere(self):
     """Replicate each step's sampled ids over its span's devices, as a process that does not
-    hold every device needs to read them (every process must do the same)."""
+    hold every device needs to read them (every process must do the same). The programs that do
+    it are compiled here, at start-up, from the sampling programs' outputs."""
     self._gathers = {}
+    for span, ws in self.registry.setups.items():
+      sampled = self.registry[(span, "sample", None)].out_info[:4]
+      self._gathers[span] = jax.jit(lambda *x: x, out_shardings=ws.specs.replicated()).lower(
+          *sampled).compile()
 
   # host side -----------------------------------------------------------------------------------
   def build(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, banned_for):
@@ -224,17 +230,13 @@ class Executor:
     out = self.dispatch(ws, shape, packed, fed if fed is not None else self.no_prev(ws))
     if self._gathers is None:
       return out, out
-    gather = self._gathers.get(ws.span)
-    if gather is None:
-      gather = self._gathers[ws.span] = jax.jit(lambda *x: x,
-                                                out_shardings=ws.specs.replicated())
-    return out, gather(*out[:4]) + (out[4],)
+    return out, self._gathers[ws.span](*out[:4]) + (out[4],)
 
   def collect(self, launched: Launched) -> StepResult:
     """Wait for a launched step's sampled ids (and logprobs) on the host."""
     if self.mirror is not None:
       self._collected.append(launched.number)       # told with the next launch
-    outs = launched.reads if launched.reads is not None else launched.outs
+    outs = launched.reads
     if len(outs) == 1:
       fetch = lambda i: np.asarray(outs[0][i])
     else:
@@ -247,7 +249,7 @@ class Executor:
 
   def ready(self, launched: Launched) -> bool:
     """Whether a launched step's sampled ids are computed (collecting it will not wait)."""
-    return all(out[0].is_ready() for out in (launched.reads or launched.outs))
+    return all(out[0].is_ready() for out in launched.reads)
 
   def wait_any(self, launched: list[Launched], poll_s: float = 1e-4) -> int:
     """The index of the first of `launched` to be ready, waiting for it (spans run
