@@ -75,6 +75,7 @@ class Sequence:
   local: PageTable = dataclasses.field(default_factory=PageTable)
   # ^ a hybrid model's sliding-window layers: pages of their own pools, the window only
   computed: int = 0
+  cached_tokens: int = 0                      # prompt tokens whose KV the prefix cache gave
   pending: int = 0                            # sampled tokens still on the device (0 or 1)
   feed_row: int = 0                           # the sampled row (in its group) of the pending one
   admitted_at: int = -1                       # admission order, for preemption choice

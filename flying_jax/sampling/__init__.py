@@ -11,9 +11,10 @@ from flying_jax.sampling.device import (
     sample,
 )
 from flying_jax.sampling.pack import RowSpec, pack_sampling
-from flying_jax.sampling.params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
+from flying_jax.sampling.params import (MAX_LOGPROBS, SAMPLING_EPS, SamplingParams,
+                                        StructuredOutputsParams)
 
 __all__ = [
     "MAX_LOGPROBS", "PARTIAL_TOP_K", "SAMPLING_EPS", "TOPN", "RowSpec", "SampleOut", "SamplingBatch",
-    "SamplingParams", "apply_penalties", "apply_top_k_top_p", "pack_sampling", "process_logits", "sample",
+    "SamplingParams", "StructuredOutputsParams", "apply_penalties", "apply_top_k_top_p", "pack_sampling", "process_logits", "sample",
 ]

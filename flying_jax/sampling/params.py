@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Iterable
@@ -25,6 +26,58 @@ def _as_tuple(value, name: str) -> tuple:
 def _is_int(x) -> bool:
   """An integer (Python or NumPy), but not a bool."""
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+  """A constraint on the text a request generates (vLLM's `StructuredOutputsParams`): exactly one
+  of `json` (a JSON Schema, as a dict or JSON text), `json_object` (any JSON object), `regex`,
+  `grammar` (a Lark grammar, llguidance's dialect) or `choice` (one of these strings). The
+  sampler masks every token that would leave the constraint (`flying_jax.sampling.structured`).
+
+  `json` is stored as canonical JSON text (the dataclass stays hashable); a schema that is not
+  JSON, or a constraint no grammar compiler accepts, is refused when the request is added."""
+
+  json: str | dict | None = None
+  regex: str | None = None
+  choice: tuple[str, ...] | None = None
+  grammar: str | None = None
+  json_object: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.json, (dict, list, bool)):
+      object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+    elif self.json is not None:
+      if not isinstance(self.json, str):
+        raise ValueError(f"structured output: json must be a JSON Schema (a dict or JSON text), "
+                         f"got {type(self.json).__name__}")
+      try:
+        json.loads(self.json)
+      except ValueError as e:
+        raise ValueError(f"structured output: the JSON Schema is not valid JSON: {e}") from None
+    if self.choice is not None:
+      choice = _as_tuple(self.choice, "choice")
+      if not choice or not all(isinstance(c, str) and c for c in choice):
+        raise ValueError("structured output: choice must be a non-empty list of non-empty strings")
+      object.__setattr__(self, "choice", choice)
+    for name in ("regex", "grammar"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, str) or not v):
+        raise ValueError(f"structured output: {name} must be a non-empty string")
+    if not isinstance(self.json_object, bool):
+      raise ValueError("structured output: json_object must be true or false")
+    given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+    given += ["json_object"] if self.json_object else []
+    if len(given) != 1:
+      raise ValueError(f"structured output takes exactly one of json, json_object, regex, "
+                       f"grammar, choice; got {given or 'none'}")
+
+  @property
+  def kind(self) -> str:
+    """Which constraint: "json", "json_object", "regex", "grammar" or "choice"."""
+    if self.json_object:
+      return "json_object"
+    return next(n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +106,7 @@ class SamplingParams:
   logprobs: int | None = None
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
+  structured_outputs: StructuredOutputsParams | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
@@ -63,6 +117,9 @@ class SamplingParams:
     self._check_filters()
     self._check_penalties()
     self._check_stops()
+    if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                StructuredOutputsParams):
+      raise ValueError("structured_outputs must be a StructuredOutputsParams")
 
   def _check_counts(self):
     """n, max_tokens, min_tokens, logprobs, seed."""

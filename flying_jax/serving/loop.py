@@ -55,6 +55,7 @@ class StreamItem:
   ttft_s: float | None
   elapsed_s: float
   error: str | None = None
+  cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
 
 
 DONE = object()          # the sink's last item: every sample of the request has finished
@@ -218,7 +219,8 @@ def _item(ev: SeqEvent, now: float) -> StreamItem:
   return StreamItem(seq.index, list(new_ids), ev.text_delta, list(lps),
                     seq.finish_reason if ev.finished else None,
                     seq.stop_reason if ev.finished else None, len(seq.prompt_ids), n, queue_s,
-                    ttft, now - seq.arrival_time, seq.error if ev.finished else None)
+                    ttft, now - seq.arrival_time, seq.error if ev.finished else None,
+                    seq.cached_tokens)
 
 
 __all__ = ["DONE", "Draining", "EngineLoop", "QueueFull", "RequestRejected", "StreamItem",
