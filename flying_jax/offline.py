@@ -68,14 +68,16 @@ class LLM:
   (`EngineConfig.overlap`). `cluster`: a `cluster.join.ClusterSpec` (or a joined `Cluster`) to
   run one engine over several processes; every process runs the same script: process 0's
   `generate` schedules and returns the outputs, the others' replay its dispatches and return the
-  same outputs; `close()` (every process) ends it.
+  same outputs; `close()` (every process) ends it. `enable_prefix_caching` (vLLM's name, on by
+  default): prompts that start with the same tokens share those KV pages (`kv.prefix`).
   """
 
   def __init__(self, model: str = "smollm2-135m", mesh: str | None = None, width: int | None = None,
                widths: Seq[int] | str | None = None, cache_dir: str | None = None,
                pages_per_device: int | None = None, progress: bool = True,
                policy: str | None = None, partition: str | None = None,
-               attention: str = "auto", overlap: bool = True, cluster=None):
+               attention: str = "auto", overlap: bool = True, cluster=None,
+               enable_prefix_caching: bool = True):
     from flying_jax.cluster.join import ClusterSpec, join
 
     self.cluster = join(cluster) if isinstance(cluster, ClusterSpec) else cluster
@@ -101,7 +103,7 @@ class LLM:
     config = EngineConfig(widths=tuple(widths) if widths else None, width=width,
                           pages_per_device=pages_per_device, progress=progress,
                           partitions=mixed if widths else None, attention=attention,
-                          overlap=overlap)
+                          overlap=overlap, prefix_cache=enable_prefix_caching)
     if cache_dir is not None:                 # None: the default cache; "": no cache
       config = dataclasses.replace(config, cache_dir=cache_dir)
     self.engine = Engine(self.card, self.preset, config, tokenizer=self.tokenizer, policy=policy)

@@ -138,6 +138,8 @@ def test_switches_in_the_middle_keep_ids_and_leak_nothing(mistral):
   reference = [s.output_ids for s in run(engine, reqs)[0]]
   got, records = switched_run(engine, run, reqs)
   assert [s.output_ids for s in got] == reference
+  # the same prompts twice, and no prefix cache: its pages leave as they pass the window
+  assert engine.prefix_cache is None and all(s.cached_tokens == 0 for s in got)
   # migration moves only the tokens a later query still sees (under a window and a page)
   per_token = SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
   assert all(r.migrated_elements <= r.migrated * (WINDOW + 2 * PAGE_TOKENS) * per_token

@@ -30,6 +30,7 @@ from flying_jax.engine.policies import Observation, Policy, StaticPolicy, make_p
 from flying_jax.engine.scheduler import Group, Scheduler, SchedulerLimits
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.engine.stepping import SeqEvent, StepTiming
+from flying_jax.kv.prefix import PrefixCache
 from flying_jax.engine.switching import (PausedSequences, Strategy, SwitchRecord, check_switch,
                                         cut_over, label, migrate_sequence, requeue_paused)
 from flying_jax.parallel import Partition, PartitionError
@@ -69,6 +70,10 @@ class Engine:
     vars(self).update(vars(runtime(card, preset, config, devices, self.partitions, widths,
                                    host_weights, self.report)))
     self.outputs = OutputProcessor(tokenizer, clock)
+    # shared full pages (`kv.prefix`), kept across partitions; models with sliding layers give
+    # pages back as they pass the window, so they keep none
+    self.prefix_cache = (PrefixCache(self.pool) if config.prefix_cache
+                         and not card.arch.sliding_window else None)
     self.demand = Demand()                  # arrival rate and step times, measured live
     self._partition(first)
     self.resident.arrange(first.spans)
@@ -126,7 +131,7 @@ class Engine:
     arch = self.card.arch
     window = arch.sliding_window if arch.all_sliding and self.config.free_window_pages else 0
     self.scheduler = Scheduler(self.pool, groups, limits, window, self.local_pool,
-                               arch.sliding_window)
+                               arch.sliding_window, self.prefix_cache)
     self.capacity = self.scheduler.capacity  # the longest sequence its widest group holds
 
   # switching -----------------------------------------------------------------------------------
@@ -390,9 +395,5 @@ class Engine:
     return max(sp.pool.used_share() for sp in self.scheduler.spaces)
 
   def no_leaks(self) -> bool:
-    """Every page free and nothing running, waiting, paused or in flight (events collected but
-    not handed out yet are no leak)."""
-    return (all(sp.pool.all_free() for sp in self.scheduler.spaces)
-            and not any(self._inflight) and not self.scheduler.has_work()
-            and not len(self.paused))
+    return introspect.no_leaks(self)
 

@@ -128,4 +128,26 @@ def stats(engine) -> dict:
       "sequences_preempted": engine.scheduler.preempted_total,
       "sequences_kept": sum(r.kept for r in switches),
       "seconds_per_partition": dict(sorted(engine.seconds_per_partition.items())),
+      **prefix_stats(engine.prefix_cache),
   }
+
+
+def prefix_stats(cache) -> dict:
+  """The prefix cache's figures (tokens since start-up; pages now)."""
+  if cache is None:
+    return {"prefix_cache": False, "prefix_cache_queried_tokens": 0, "prefix_cache_hit_tokens": 0,
+            "prefix_cache_hit_rate": 0.0, "prefix_cache_pages": 0, "prefix_cache_parked_pages": 0,
+            "prefix_cache_evicted_pages": 0}
+  return {"prefix_cache": True, "prefix_cache_queried_tokens": cache.queried_tokens,
+          "prefix_cache_hit_tokens": cache.hit_tokens, "prefix_cache_hit_rate": cache.hit_rate,
+          "prefix_cache_pages": cache.cached_pages(),
+          "prefix_cache_parked_pages": cache.parked_pages(),
+          "prefix_cache_evicted_pages": cache.evicted}
+
+
+def no_leaks(engine) -> bool:
+  """Every page free (or parked in the prefix cache, held by no request) and nothing running,
+  waiting, paused or in flight (events collected but not handed out yet are no leak)."""
+  return (all(sp.pool.all_free() for sp in engine.scheduler.spaces)
+          and not any(engine._inflight) and not engine.scheduler.has_work()
+          and not len(engine.paused))

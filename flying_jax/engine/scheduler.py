@@ -24,6 +24,13 @@ A hybrid model (some layers slide, some do not: Gemma 3) has two page spaces (`e
 its global layers' pages, held for a sequence's whole length as above, and its sliding layers'
 own smaller pools, held for the window only. Admission and migration need room in both, a decoding
 sequence that lacks a page in either preempts, and every release gives back both.
+
+With a prefix cache (`kv.prefix`, models without sliding layers) a waiting sequence is admitted
+with the cached pages its tokens start with in the group it goes to and prefills from the first
+token they lack; among the groups that may take it, cached pages count as free ones (a group
+that holds a shared system prompt attracts the requests that start with it, until its free
+pages run lower than the others' by as much). The pages of the running sequences are named in
+the cache as they fill, at the start of each step.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ import dataclasses
 from flying_jax.engine.pages import PageSpace
 from flying_jax.engine.sequence import Sequence, Status
 from flying_jax.kv import PageLayout, PagePool, PoolExhausted
+from flying_jax.kv.prefix import PrefixCache
+
+
+AFFINITY = 2     # a group with cached pages for a request may run this many sequences more than
+#                  the least busy one and still take it first (`Scheduler._place`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +99,17 @@ class Scheduler:
   """Owns the waiting queue and the running sequences of each group of one partition."""
 
   def __init__(self, pool: PagePool, groups: list[Group], limits: SchedulerLimits,
-               window: int = 0, local: PagePool | None = None, local_window: int = 0):
+               window: int = 0, local: PagePool | None = None, local_window: int = 0,
+               cache: PrefixCache | None = None):
     """`window`: the sliding window of a model whose every layer slides, whose passed pages are
     freed while sequences run (0: keep every page). `local`: the pool of a hybrid model's
-    sliding-window layers, whose tables keep `local_window` tokens."""
+    sliding-window layers, whose tables keep `local_window` tokens. `cache`: the prefix cache of
+    `pool` (it outlives a partition's scheduler; None: off)."""
     self.pool, self.groups, self.limits = pool, groups, limits
     self.window = window
+    self.cache = cache
     longest = max((c for _, c in limits.prefill_modes), default=1)
-    self.spaces = [PageSpace(pool, window, longest)]
+    self.spaces = [PageSpace(pool, window, longest, cache=cache)]
     if local is not None:
       self.spaces.append(PageSpace(local, local_window, longest, "local"))
     self._windowed = [sp for sp in self.spaces if sp.window]
@@ -118,8 +133,9 @@ class Scheduler:
   def num_running(self) -> int:
     return sum(len(r) for r in self.running)
 
-  def remove(self, seq: Sequence):
-    """Take a sequence out wherever it is, freeing its pages (finish, abort or error)."""
+  def remove(self, seq: Sequence, discard: bool = False):
+    """Take a sequence out wherever it is, freeing its pages (finish, abort or error; `discard`:
+    a failed step wrote them, the prefix cache forgets those only it holds)."""
     if seq.status is Status.WAITING:
       try:
         self.waiting.remove(seq)
@@ -127,17 +143,17 @@ class Scheduler:
         pass
     elif seq.group is not None and seq in self.running[seq.group]:
       self.running[seq.group].remove(seq)
-    self.release_pages(seq)
+    self.release_pages(seq, discard)
 
   def continue_admissions(self, previous: "Scheduler"):
     """Keep admission order (and preemption choice) consistent across a partition switch."""
     self._admissions = max(self._admissions, previous._admissions)
     self.preempted_total += previous.preempted_total
 
-  def release_pages(self, seq: Sequence):
+  def release_pages(self, seq: Sequence, discard: bool = False):
     """Give back every page `seq` holds, in every page space."""
     for space in self.spaces:
-      space.release(seq)
+      space.release(seq, discard)
     seq.group = None
 
   # pages of the main space (the one every layer of a non-hybrid model reads) -----------------
@@ -159,6 +175,10 @@ class Scheduler:
       for g in groups:
         for seq in self.running[g]:
           space.free_passed(seq)
+    if self.cache is not None:
+      for g in groups:
+        for seq in self.running[g]:
+          self.spaces[0].name_full(seq)
     self._admit()
     work, waiting = [], []
     for g in groups:
@@ -201,7 +221,7 @@ class Scheduler:
       cls = self._wide_class(seq)
       if cls in blocked:
         continue
-      g = self.pick_group(seq)
+      g, hits = self._place(seq, cached=True)
       if g is None:
         blocked.add(cls)
         if len(blocked) == 2 or self._uniform:
@@ -209,9 +229,13 @@ class Scheduler:
         continue
       grp = self.groups[g]
       seq.group, seq.first_device, seq.layout = g, grp.first_device, grp.layout
-      for space in self.spaces:
+      self.spaces[0].admit(seq, hits)
+      for space in self.spaces[1:]:
         space.admit(seq)
-      seq.status, seq.computed = Status.RUNNING, 0
+      seq.status, seq.computed = Status.RUNNING, len(hits) * grp.layout.tokens_per_page
+      if self.cache is not None and seq.admitted_at < 0:     # its first admission
+        seq.cached_tokens = seq.computed
+        self.cache.counted(seq.prompt_len, seq.computed)
       seq.admitted_at = self._admissions
       self._admissions += 1
       self.running[g].append(seq)
@@ -223,13 +247,20 @@ class Scheduler:
       self.waiting.extend(kept)
 
   def pick_group(self, seq: Sequence) -> int | None:
-    """The group that takes `seq` now (admission and migration), or None.
+    """The group that takes `seq` now (a migration: its KV moves whole), or None."""
+    return self._place(seq)[0]
+
+  def _place(self, seq: Sequence, cached: bool = False) -> tuple[int | None, list[int]]:
+    """The group that takes `seq` now, or None, and (`cached`) the prefix cache's pages its
+    tokens start with there.
 
     Ordinary requests go to the narrowest groups, latency-critical and long ones to the widest
-    that hold them; among equals, the group with most free pages.
+    that hold them; among equals, the group with most cached pages for it unless it runs
+    `AFFINITY` sequences more than the least busy one (the cache saves prefill, not at the cost
+    of idle replicas), then the group with most free pages, cached ones counted free.
     """
     wide = self._wide_class(seq)
-    best, best_key = None, None
+    fit = []
     for g, grp in enumerate(self.groups):
       if g in self.closed or seq.max_length() > grp.capacity:
         continue
@@ -237,13 +268,22 @@ class Scheduler:
         continue
       if len(self.running[g]) >= self.limits.max_decode:
         continue
-      if not all(space.fits(seq, grp.first_device, grp.layout) for space in self.spaces):
+      hits = self.spaces[0].cached(seq, grp.first_device, grp.layout) if cached else []
+      if not (self.spaces[0].fits(seq, grp.first_device, grp.layout, hits)
+              and all(sp.fits(seq, grp.first_device, grp.layout) for sp in self.spaces[1:])):
         continue
-      free = self.pool.free_count(grp.first_device, grp.width)
-      key = (grp.width if wide else 0, free)
-      if best_key is None or key > best_key:
-        best, best_key = g, key
-    return best
+      fit.append((g, hits))
+    if not fit:
+      return None, []
+    calm = min(len(self.running[g]) for g, _ in fit) + AFFINITY
+
+    def key(gh):
+      g, hits = gh
+      grp = self.groups[g]
+      near = len(hits) if len(self.running[g]) <= calm else 0
+      return (grp.width if wide else 0, near,
+              self.pool.free_count(grp.first_device, grp.width) + len(hits))
+    return max(fit, key=key)
 
   def _split(self, g: int) -> tuple[list[Sequence], list[Sequence]]:
     """Group g's decoding sequences (up to the decode slots, each with a page for the token it

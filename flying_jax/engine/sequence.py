@@ -35,6 +35,8 @@ class PageTable:
   pages: list[int] = dataclasses.field(default_factory=list)
   dropped: int = 0
   spare: list[int] = dataclasses.field(default_factory=list)
+  named: int = 0            # leading entries named in the prefix cache (`kv.prefix`)
+  chain: int = 0            # the name of the last of them (0: none yet)
 
   def held(self) -> list[int]:
     """The pool pages held: the table's live entries and the spare pages."""
@@ -43,7 +45,7 @@ class PageTable:
   def take(self) -> list[int]:
     """Forget every page (the caller gives them back to the pool); returns them."""
     held = self.held()
-    self.pages, self.spare, self.dropped = [], [], 0
+    self.pages, self.spare, self.dropped, self.named, self.chain = [], [], 0, 0, 0
     return held
 
 
@@ -91,6 +93,10 @@ class Sequence:
   finish_time: float | None = None
   text: str = ""                              # detokenized output (stop strings already cut)
   sampling_row: tuple | None = None           # its packed sampling fields (`runtime.executor`)
+  matcher: object = None                      # structured output: its position in the
+  #                                             constraint (`engine.outputs`), host state only
+  page_names: tuple[int, list[int]] = (0, [])  # (tokens per page, the prefix cache's names of
+  # ^ its full pages so far), computed once per layout's page size (`kv.prefix.page_names`)
   prompt_len: int = dataclasses.field(init=False)
 
   def __post_init__(self):

@@ -60,9 +60,14 @@ class EngineConfig:
   # ^ over blocks whose trip count is data), "pallas" (a Pallas kernel: Triton on GPUs, Mosaic on
   #   TPUs, interpret mode on CPUs as a correctness check) or "auto" (pallas on accelerators,
   #   where the reference's loop would return to the host every block; xla on CPUs)
+  prefix_cache: bool = True               # share full KV pages between requests that start
+  # ^ with the same tokens (`kv.prefix`; off for models with sliding layers)
   overlap: bool = True                    # launch step n+1 before reading step n's sampled ids
   # ^ (the host schedules and packs while the device runs; decode slots read their token from
   #   the previous step on the device). Greedy ids are the same either way
+  defer_masks: bool = True                # structured output: a step whose constrained rows'
+  # ^ previous tokens are still on the device launches its step program at once and samples
+  #   once they are collected, the masks computed meanwhile (False: it waits for the collect)
 
   def __post_init__(self):
     from flying_jax.model.attention import BACKENDS

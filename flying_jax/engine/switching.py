@@ -222,6 +222,6 @@ def _migrate_space(seq: Sequence, space, grp, move) -> int:
   dst = Placement(grp.first_device, grp.layout, tuple(pages))
   start = max(first * grp.layout.tokens_per_page, table.dropped * seq.layout.tokens_per_page)
   moved = move(src, dst, min(start, seq.computed), seq.computed)
-  space.pool.release(seq.first_device, seq.layout.width, table.take())
+  space.give_back(seq.first_device, seq.layout.width, table.take())
   table.pages, table.dropped = pages, first
   return moved

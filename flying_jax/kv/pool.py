@@ -44,7 +44,12 @@ class PageLayout:
 
 
 class PagePool:
-  """Host page tables: which page ids are free on which device (and how many are used)."""
+  """Host page tables: which page ids are free on which device (and how many are used).
+
+  A page is free, used (a sequence's table holds it) or parked: kept by the prefix cache
+  (`kv.prefix`) with its bytes for a later request, used by none. Parked pages count as free in
+  `free_count` and `used_share`; `allocate` reclaims them (`reclaim`, the cache's eviction) when
+  the free ones do not suffice."""
 
   def __init__(self, devices: int, pages: int):
     if pages < 2:
@@ -52,22 +57,32 @@ class PagePool:
     self.devices, self.pages = devices, pages
     self._free = np.ones((devices, pages), bool)
     self._free[:, 0] = False
+    self._parked = np.zeros((devices, pages), bool)
     self._used = np.zeros(devices, np.int64)
     self._total = 0
+    self.parked = 0                             # parked pages (counted once per placement)
+    self.reclaim = None    # (first, width, n): frees parked pages until n are free there, if it can
 
   def _row(self, first: int, width: int) -> np.ndarray:
     return self._free[first] if width == 1 else self._free[first:first + width].all(axis=0)
 
   def free_count(self, first: int, width: int) -> int:
+    """Pages allocatable on every device [first, first + width), parked ones included."""
     if width == 1:
       return self.pages - 1 - int(self._used[first])
-    return int(self._row(first, width).sum())
+    if not self.parked:
+      return int(self._row(first, width).sum())
+    span = slice(first, first + width)
+    return int((self._free[span] | self._parked[span]).all(axis=0).sum())
 
   def allocate(self, first: int, width: int, n: int) -> list[int]:
     """n page ids free on all devices [first, first + width); marks them used."""
     if n == 0:
       return []
     row = self._row(first, width)
+    if self.parked and self.reclaim is not None and int(row.sum()) < n:
+      self.reclaim(first, width, n)
+      row = self._row(first, width)
     if n == 1:                                  # a decode crossing a page: the first free one
       i = int(row.argmax())
       ids = [i] if row[i] else []
@@ -85,14 +100,43 @@ class PagePool:
     if not ids:
       return
     idx = np.asarray(ids)
-    if self._free[first:first + width, idx].any():
+    span = slice(first, first + width)
+    if self._free[span, idx].any() or self._parked[span, idx].any():
       raise AssertionError(f"double free of pages {ids} on devices {first}..{first + width - 1}")
-    self._free[first:first + width, idx] = True
-    self._used[first:first + width] -= len(ids)
+    self._free[span, idx] = True
+    self._used[span] -= len(ids)
     self._total -= len(ids) * width
 
+  # the prefix cache's pages -------------------------------------------------------------------
+  def park(self, first: int, width: int, ids: list[int]):
+    """Used pages that no table holds any more, kept for the prefix cache."""
+    span = slice(first, first + width)
+    self._parked[span, ids] = True
+    self._used[span] -= len(ids)
+    self._total -= len(ids) * width
+    self.parked += len(ids)
+
+  def unpark(self, first: int, width: int, ids: list[int]):
+    """Parked pages a table holds again (a prefix cache hit)."""
+    span = slice(first, first + width)
+    self._parked[span, ids] = False
+    self._used[span] += len(ids)
+    self._total += len(ids) * width
+    self.parked -= len(ids)
+
+  def drop(self, first: int, width: int, ids: list[int]):
+    """Parked pages evicted: free again."""
+    span = slice(first, first + width)
+    self._parked[span, ids] = False
+    self._free[span, ids] = True
+    self.parked -= len(ids)
+
+  def free_now(self, first: int, width: int) -> int:
+    """Pages free on every device [first, first + width) without evicting parked ones."""
+    return int(self._row(first, width).sum())
+
   def used_fraction(self) -> np.ndarray:
-    """Per device, the share of allocatable pages in use."""
+    """Per device, the share of allocatable pages in use (parked pages are not in use)."""
     return self._used / (self.pages - 1)
 
   def used_share(self) -> float:
@@ -100,6 +144,7 @@ class PagePool:
     return self._total / (self.devices * (self.pages - 1))
 
   def all_free(self) -> bool:
+    """No page in use (parked pages may remain: they belong to no request)."""
     return self._total == 0
 
 

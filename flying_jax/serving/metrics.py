@@ -52,6 +52,15 @@ class ServingMetrics:
                                ["partition"])
     self.switched = c("flying_switched_sequences",
                       "Sequences a switch kept, paused, recomputed or migrated", ["how"])
+    # the prefix cache, counted in tokens as vLLM's prefix_cache_queries / prefix_cache_hits
+    self.prefix_queries = c("flying_prefix_cache_queries",
+                            "Prompt tokens looked up in the prefix cache")
+    self.prefix_hits = c("flying_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+    self.prefix_hit_rate = g("flying_prefix_cache_hit_rate",
+                             "Share of prompt tokens found in the prefix cache since start-up")
+    self.prefix_pages = g("flying_prefix_cache_pages",
+                          "KV pages named in the prefix cache (held by requests or parked)")
+    self._prefix_seen = (0, 0)
     self._last_token: dict[int, float] = {}
     self._switches_seen = 0
     self._partition_seen: dict[str, float] = {}
@@ -108,11 +117,23 @@ class ServingMetrics:
       for how in ("kept", "paused", "recomputed", "migrated"):
         self.switched.labels(m, how).inc(getattr(rec, how))
     self._switches_seen = len(engine.switches)
+    self._show_prefix(engine.prefix_cache)
     for part, seconds in engine.seconds_per_partition.items():
       done = self._partition_seen.get(part, 0.0)
       if seconds > done:
         self.partition_seconds.labels(m, part).inc(seconds - done)
         self._partition_seen[part] = seconds
+
+  def _show_prefix(self, cache):
+    if cache is None:
+      return
+    m, (queried, hit) = self.model, self._prefix_seen
+    if cache.queried_tokens > queried:
+      self.prefix_queries.labels(m).inc(cache.queried_tokens - queried)
+      self.prefix_hits.labels(m).inc(cache.hit_tokens - hit)
+      self._prefix_seen = (cache.queried_tokens, cache.hit_tokens)
+    self.prefix_hit_rate.labels(m).set(cache.hit_rate)
+    self.prefix_pages.labels(m).set(cache.cached_pages())
 
   def _show_pending(self, engine):
     m, pending = self.model, engine.pending_switch

@@ -180,7 +180,8 @@ def _response(rid: str, item: StreamItem) -> pb.GenerateResponse:
       request_id=rid, index=item.index, text=item.text, token_ids=item.token_ids,
       finish_reason=item.finish_reason or "",
       stop_reason="" if item.stop_reason is None else str(item.stop_reason),
-      usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens),
+      usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                     cached_prompt_tokens=item.cached_tokens),
       timings=pb.Timings(queue_s=item.queue_s or 0.0, time_to_first_token_s=item.ttft_s or 0.0,
                          elapsed_s=item.elapsed_s))
   for lp in item.logprobs:

@@ -31,7 +31,8 @@ def simulated_engine(card: ModelCard, hw: H.Hardware, policy=None,
   clock = SimClock()
   costs = ModelCosts.of(card.arch, H.dtype_bytes(plan.preset))
   runtime = SimRuntime(hw, make_model(hw, card.arch.n_layers), costs, clock, record)
-  config = dataclasses.replace(config or EngineConfig(widths=plan.widths), cache_dir=None)
+  config = dataclasses.replace(config or EngineConfig(widths=plan.widths), cache_dir=None,
+                               prefix_cache=False)     # its prompts are token 0 repeated
   engine = Engine(card, plan.preset, config, devices=list(range(plan.preset.devices)),
                   policy=policy, clock=clock, runtime=runtime.build)
   return engine, clock, plan
