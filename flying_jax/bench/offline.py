@@ -88,7 +88,8 @@ def bench_mesh(card, preset, widths, prompts, output_tokens: int, batches=BATCHE
     with tempfile.TemporaryDirectory() as cache:
       out["startup_cold_s"] = startup.measure(card.name, preset.name, widths, cache)
       out["startup_warm_s"] = startup.measure(card.name, preset.name, widths, cache)
-  engine = Engine(card, preset, EngineConfig(widths=widths, attention=attention, overlap=overlap))
+  engine = Engine(card, preset, EngineConfig(widths=widths, attention=attention, overlap=overlap,
+                                             prefix_cache=False))    # prompts repeat per width
   out["attention"], out["overlap"] = engine.report.attention, engine.overlap
   biggest = max(preset.decode_buckets)
   for w in widths:

@@ -148,7 +148,7 @@ def migrate_cost(engine: Engine, from_width: int, to_width: int, context: int) -
 def run_bench_switch(args) -> int:
   card = load_model_card(args.model)
   preset = load_mesh_preset(args.mesh or default_mesh_name())
-  engine = Engine(card, preset, EngineConfig())
+  engine = Engine(card, preset, EngineConfig(prefix_cache=False))   # each prefill computed
   print(f"bench-switch: {card.name} on {preset.name} (partitions {', '.join(engine.partitions)}), "
         f"{args.requests} requests decoding, {args.switches} switches per strategy; machine: "
         f"{platform.machine()}")
