@@ -1,4 +1,5 @@
-"""`flying-jax serve` (a gRPC server on the real model) and `flying-jax request` (its client)."""
+"""`flying-jax serve` (a gRPC server on the real model, and its OpenAI-compatible HTTP API with
+`--http-port`) and `flying-jax request` (its client)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def run_serve(args) -> int:
         max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
         max_message_bytes=args.max_message_bytes, admin_token=args.admin_token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
-        drain_grace_s=args.drain_grace, policy=args.policy)
+        drain_grace_s=args.drain_grace, policy=args.policy, http_port=args.http_port,
+        http_host=args.http_host, api_key=args.api_key)
     every = args.width is None and args.partition is None
     print(f"flying-jax: loading {args.model} and compiling "
           f"{'every partition' if every else 'its partition'}...", file=sys.stderr, flush=True)
@@ -37,7 +39,8 @@ def run_serve(args) -> int:
     llm = LLM(model=args.model, mesh=args.mesh, width=args.width, partition=args.partition,
               widths="all" if every or args.all_widths else None, cache_dir=cache,
               progress=sys.stderr.isatty(), policy=args.policy,
-              attention=args.attention, overlap=not args.no_overlap)
+              attention=args.attention, overlap=not args.no_overlap,
+              enable_prefix_caching=not args.no_prefix_cache)
     if cluster is not None and not cluster.leader:
       return _follow(llm, cluster)
     server = Server(llm.engine, llm.tokenizer, config, versions())
@@ -57,8 +60,9 @@ def run_serve(args) -> int:
           f"({'TLS' if config.tls_cert else 'plaintext'}; partitions "
           f"{', '.join(llm.engine.partitions)}; policy {llm.engine.policy.name}; start-up "
           f"{rep.total_s:.1f}s)" + (f"; metrics on http://{config.host}:{s.metrics_port}"
-                                    f"/metrics" if s.metrics_port is not None else ""),
-          flush=True)
+                                    f"/metrics" if s.metrics_port is not None else "")
+          + (f"; OpenAI API on http://{config.http_host or config.host}:{s.http_port}/v1"
+             if s.http_port is not None else ""), flush=True)
     print("flying-jax: ready", flush=True)
 
   code = 0

@@ -207,3 +207,23 @@ def test_preemption_and_eviction_in_a_small_pool_leak_nothing(card):
   assert st["sequences_preempted"] > 0 and st["prefix_cache_evicted_pages"] > 0
   assert st["prefix_cache_hit_tokens"] > 0
   assert engine.pool.free_count(0, 8) == engine.pool.pages - 1     # parked pages count free
+
+
+def test_bench_prefix_runs_the_workload_without_and_with_the_cache(tmp_path, capsys):
+  import json
+  import re
+
+  from flying_jax import cli
+
+  out = tmp_path / "prefix.json"
+  assert cli.main(["bench", "prefix", "--model", "tiny", "--mesh", "cpu-8", "--requests", "6",
+                   "--rate", "20", "--shared-prefix-tokens", "150", "--input-len", "fixed:10",
+                   "--output-len", "fixed:4", "--policy", "static:1", "--warmup", "1",
+                   "--json", str(out)]) == 0
+  text = capsys.readouterr().out
+  assert "Median TTFT (ms)" in text and "prefix cache vs no prefix cache" in text
+  hit = float(re.search(r"prefix cache hit rate: ([\d.]+)% of prompt tokens", text).group(1))
+  assert 0 < hit < 100
+  runs = json.loads(out.read_text())["runs"]
+  assert set(runs) == {"no prefix cache", "prefix cache"}
+  assert all(r["summary"]["completed"] == 6 for r in runs.values())

@@ -1,1 +1,2 @@
-"""Serving over gRPC: the contracts in `serve/proto/` and their generated stubs in `proto/`."""
+"""Serving over gRPC (the contracts in `serve/proto/`, their generated stubs in `proto/`) and
+OpenAI's HTTP API beside it (`openai_api`), both on one engine loop (`server`)."""

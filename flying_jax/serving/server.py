@@ -4,7 +4,8 @@
 already compiled and warmed when it is built); `begin_drain()` stops admissions and marks it
 NOT_SERVING; `shutdown()` drains, waits for the running requests up to a grace period, stops the
 RPC server and the engine thread. `serve_forever` adds SIGTERM / SIGINT handling for the CLI, and
-`ServerThread` runs a server on a background event loop (tests, notebooks).
+`ServerThread` runs a server on a background event loop (tests, notebooks). With `http_port` the
+same lifecycle runs the OpenAI-compatible HTTP API (`openai_api`) on the same loop and engine.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class ServeConfig:
   metrics_port: int | None = None       # Prometheus /metrics over HTTP
   drain_grace_s: float = 30.0           # SIGTERM: running requests get this long to finish
   policy: str | None = None             # the policy the engine started with (admin release)
+  http_port: int | None = None          # the OpenAI-compatible HTTP API (0: any free port)
+  http_host: str | None = None          # default: the gRPC host
+  api_key: str | None = None            # the HTTP API's /v1 routes want 'Bearer KEY'
 
 
 class Server:
@@ -70,6 +74,8 @@ class Server:
     self._health = health.aio.HealthServicer()
     self._http = None
     self.metrics_port: int | None = None
+    self._api = None                      # the OpenAI-compatible HTTP API (http_server)
+    self.http_port: int | None = None
 
   # lifecycle -----------------------------------------------------------------------------------
   async def start(self) -> int:
@@ -98,10 +104,29 @@ class Server:
     if cfg.metrics_port is not None:
       self._http = self.metrics.serve_http(cfg.metrics_port, cfg.host)
       self.metrics_port = self._http.server_port
+    if cfg.http_port is not None:
+      try:
+        await self._start_api()
+      except BaseException:                 # e.g. its port in use: stop what started, say why
+        await server.stop(grace=0)
+        self.loop.stop()
+        if self._http is not None:
+          self._http.shutdown()
+        raise
     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
     self._started = True
     log.info("serving %s on %s:%d", self.engine.card.name, cfg.host, self.port)
     return self.port
+
+  async def _start_api(self):
+    """The HTTP API on this loop and this engine loop (imported here: gRPC alone needs none
+    of FastAPI)."""
+    from flying_jax.serving.http_server import HttpServer
+    from flying_jax.serving.openai_api import build_app
+
+    cfg = self.config
+    self._api = HttpServer(build_app(self), cfg.http_host or cfg.host, cfg.http_port)
+    self.http_port = await self._api.start()
 
   async def _set_health(self, status):
     for name in ("",) + SERVICES:
@@ -124,6 +149,8 @@ class Server:
       await asyncio.sleep(0.05)
     if self._grpc is not None:
       await self._grpc.stop(grace=1.0)
+    if self._api is not None:
+      await self._api.stop()
     self.loop.stop()
     if self._http is not None:
       self._http.shutdown()
@@ -153,7 +180,12 @@ class Server:
         seconds_per_partition=st["seconds_per_partition"], draining=self.draining,
         policy=policy[0], pinned_partition=str(policy[1]),
         pending_partition=st["pending_partition"] or "", pending_reason=st["pending_reason"] or "",
-        pending_s=st["pending_s"], superseded_drains=st["superseded_drains"])
+        pending_s=st["pending_s"], superseded_drains=st["superseded_drains"],
+        prefix_cache=st["prefix_cache"],
+        prefix_cache_queried_tokens=st["prefix_cache_queried_tokens"],
+        prefix_cache_hit_tokens=st["prefix_cache_hit_tokens"],
+        prefix_cache_hit_rate=st["prefix_cache_hit_rate"],
+        prefix_cache_pages=st["prefix_cache_pages"])
 
 
 def versions() -> dict:
@@ -211,6 +243,14 @@ class ServerThread:
   @property
   def target(self) -> str:
     return f"{self.server.config.host}:{self.server.port}"
+
+  @property
+  def http_target(self) -> str | None:
+    """HOST:PORT of the HTTP API (None without one); its OpenAI base URL is
+    `http://{http_target}/v1`."""
+    cfg = self.server.config
+    port = self.server.http_port
+    return None if port is None else f"{cfg.http_host or cfg.host}:{port}"
 
   def run(self, coro):
     """Run a coroutine on the server's loop and wait for its result."""
