@@ -60,6 +60,9 @@ def _add_engine_flags(p: argparse.ArgumentParser):
                  help="run each step to its end before packing the next (by default the host "
                       "schedules and packs step n+1 while the device runs step n; greedy ids "
                       "are the same either way)")
+  p.add_argument("--no-prefix-cache", action="store_true",
+                 help="turn off automatic prefix caching (on by default: requests whose prompts "
+                      "start with the same tokens share those KV pages and skip their prefill)")
   p.add_argument("--all-widths", action="store_true",
                  help="compile every width the mesh allows, not only --width")
   p.add_argument("--policy", default=None,
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a completion for each PROMPT and print it.")
   _add_engine_flags(gen)
   _add_sampling_flags(gen)
+  from flying_jax.cli_generate import add_structured_flags     # argparse only: no JAX yet
+  add_structured_flags(gen)
   gen.add_argument("--chat", action="store_true",
                    help="treat each prompt as a user message and apply the model's chat template")
   gen.add_argument("prompts", nargs="+", metavar="PROMPT")
@@ -158,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
   sw.add_argument("--requests", type=int, default=8, help="requests decoding during the switches")
   sw.add_argument("--json", default=None)
 
+  st = sub.add_parser("bench-structured", help="what structured output costs a step",
+                      description="Median step time with every decoding row free against every "
+                                  "row constrained (a regex, a JSON Schema), with the token masks "
+                                  "computed while the device runs (deferred sampling) and before "
+                                  "each launch, and the host time per mask.")
+  from flying_jax.bench.structured import add_arguments as _structured_args
+  _structured_args(st)
+
   srv = sub.add_parser("serve", help="serve the model over gRPC",
                        description="Serve flying-jax's Generation and Admin services and "
                                    "JetStream's Orchestrator over gRPC, with health checking, "
@@ -170,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
   srv.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
   srv.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
+  srv.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port: "
+                        "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
+                        "/version, /admin/* (0: any free port; default: no HTTP API)")
+  srv.add_argument("--http-host", default=None,
+                   help="address the HTTP API binds (default: --host)")
+  srv.add_argument("--api-key", default=os.environ.get("FLYING_JAX_API_KEY"),
+                   help="the HTTP API's /v1 routes want 'Authorization: Bearer KEY', as vLLM's "
+                        "--api-key (default: $FLYING_JAX_API_KEY; unset: open)")
   srv.add_argument("--admin-token", default=os.environ.get("FLYING_JAX_ADMIN_TOKEN"),
                    help="enable the Admin service; calls must send 'authorization: Bearer TOKEN' "
                         "(default: $FLYING_JAX_ADMIN_TOKEN; unset: admin disabled)")
@@ -320,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "bench-switch":
     from flying_jax.bench.switch import run_bench_switch
     return run_bench_switch(args)
+  if args.command == "bench-structured":
+    from flying_jax.bench.structured import run_bench_structured
+    return run_bench_structured(args)
   return 2
 
 

@@ -1,4 +1,5 @@
-"""Requests the engine refuses up front: bad input, or longer than any group it may serve holds."""
+"""Requests the engine refuses up front: bad input, a constraint that does not compile, or longer
+than any group it may serve holds."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def validate(engine, prompt_ids, params):
   bad = ids[(ids < 0) | (ids >= v)]
   if bad.size:
     raise RequestRejected(f"token ids outside the vocabulary [0, {v}): {bad[:5].tolist()}")
+  if params.structured_outputs is not None:
+    _check_structured(engine, params.structured_outputs)
   total = len(prompt_ids) + params.max_tokens
   setups = engine.setups
   width = max(engine.partition.widths)
@@ -39,3 +42,15 @@ def validate(engine, prompt_ids, params):
         f"the longest sequence this engine can hold ({cap} tokens: model context "
         f"{engine.card.arch.max_context}, KV pool of one width-{width} group, policy "
         f"{engine.policy.name})")
+
+
+def _check_structured(engine, so):
+  """A constraint must compile (llguidance's message otherwise), and the engine must run in one
+  process: the followers of a cluster would need every step's token masks."""
+  if getattr(engine.executor, "mirror", None) is not None:
+    raise RequestRejected("structured output is not supported when the engine runs across "
+                          "processes")
+  try:
+    engine.outputs.check(so)
+  except ValueError as e:
+    raise RequestRejected(str(e)) from None

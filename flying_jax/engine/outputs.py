@@ -2,6 +2,11 @@
 
 Text is detokenized incrementally per sequence; a stop string may straddle tokens, so text that
 could be the start of a stop string is held back until it is known not to be one.
+
+A sequence under structured output has a matcher (`sampling.structured`), made when its first
+token mask is needed (`fill_masks`) and advanced with each token it appends: it ends ("stop")
+once its constraint is complete, and its matcher is dropped when it finishes for any reason. A
+preempted sequence keeps it (its tokens do not change), and so does one moved by a switch.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import time
 from typing import Callable
 
 from flying_jax.engine.sequence import Sequence, Status, TokenLogprob
+from flying_jax.sampling import StructuredOutputsParams
 from flying_jax.tokenizers import IncrementalDetokenizer, find_stop, partial_stop_len
 
 
@@ -19,6 +25,42 @@ class OutputProcessor:
     self._detok: dict[int, IncrementalDetokenizer] = {}
     self._raw: dict[int, str] = {}        # detokenized text before stop-string cutting
     self._emitted: dict[int, int] = {}    # characters of seq.text already handed out
+    self._grammars = None                 # `sampling.structured.Grammars`, on first use
+
+  @property
+  def grammars(self):
+    """The model's compiled constraints (`sampling.structured.Grammars`; ValueError without a
+    tokenizer)."""
+    if self._grammars is None:
+      if self.tokenizer is None:
+        raise ValueError("structured output needs the model's tokenizer")
+      from flying_jax.sampling.structured import Grammars
+      self._grammars = Grammars(self.tokenizer)
+    return self._grammars
+
+  def check(self, so: StructuredOutputsParams):
+    """Compile a request's constraint (kept for its sequences); ValueError when it does not."""
+    self.grammars.compile(so)
+
+  def fill_masks(self, rows, out) -> int:
+    """Write the token masks of the constrained sequences among `rows` ((sequence, group, row)
+    of a step: `runtime.sampling_pack.sampled_rows`) into `out[group, row]`; returns how many.
+    Each matcher has consumed every token its sequence generated, none of which is still on the
+    device: the mask is that of the token the row samples."""
+    todo = []
+    for seq, g, r in rows:
+      so = seq.params.structured_outputs
+      if so is None or seq.finished:
+        continue
+      if seq.matcher is None:
+        seq.matcher = self.grammars.matcher(so)
+      if seq.matcher.consumed != len(seq.output_ids):
+        raise RuntimeError(f"sequence {seq.seq_id}: its matcher has consumed "
+                           f"{seq.matcher.consumed} tokens of {len(seq.output_ids)}")
+      todo.append((seq.matcher, g * out.shape[1] + r))
+    if todo:
+      self.grammars.fill(todo, out.reshape(-1, out.shape[2]))
+    return len(todo)
 
   def banned_ids(self, seq: Sequence) -> list[int]:
     """Ids the device must not sample for this sequence now: its stop ids below min_tokens."""
@@ -42,11 +84,27 @@ class OutputProcessor:
       reason, seq.stop_reason = "stop", token
     if self.tokenizer is not None:
       reason = self._text(seq, token, reason)
+    if seq.matcher is not None and reason is None:
+      reason = self._advance(seq, token)
     if reason is None and (n >= p.max_tokens or seq.prompt_len + n >= capacity):
       reason = "length"
     if reason is not None:
       self.finish(seq, reason, now)
     return (self._delta(seq) if self.tokenizer is not None else ""), reason is not None
+
+  def _advance(self, seq: Sequence, token: int) -> str | None:
+    """Advance the sequence's matcher: "stop" once its constraint is complete (the text held
+    back is let out), "error" if the token broke it (it never should: the mask forbids it)."""
+    m = seq.matcher
+    if not m.consume(token):
+      seq.error = f"structured output: token {token} broke the constraint: {m.error}"
+      return "error"
+    if not m.done:
+      return None
+    if self.tokenizer is not None and seq.seq_id in self._detok:
+      self._raw[seq.seq_id] += self._detok[seq.seq_id].flush()
+      seq.text = self._raw[seq.seq_id]
+    return "stop"
 
   def _text(self, seq: Sequence, token: int, reason: str | None) -> str | None:
     """Detokenize the new token; a stop string it completes ends the sequence."""
@@ -97,6 +155,7 @@ class OutputProcessor:
         seq.text = self._raw[seq.seq_id]
     seq.status = Status.FINISHED
     seq.finish_reason = reason
+    seq.matcher = None
     seq.finish_time = now or self.clock()
     if reason in ("abort", "error"):
       self._forget(seq)

@@ -17,6 +17,13 @@ that token on the host (`may_follow`) waits for its collect. A sequence that fin
 or string, an abort) while a step that includes it is in flight gets nothing from that step; its
 pages, freed at once, may be written by that step, which runs on the device before any step that
 could give them to another sequence (only the span's own steps use its devices' pages).
+
+Structured output: a constrained row's token mask depends on the token before it. When that
+token is still on the device, step n+1's step program is launched as usual (its tokens fed on
+the device) and its sampling program waits (`InFlight.then`): collecting step n advances the
+matchers, then the masks are computed and the sampling dispatched while the device runs step
+n+1's forward (`EngineConfig.defer_masks`; off: such a step waits for the collect, as
+`may_follow` makes penalties wait).
 """
 
 from __future__ import annotations
@@ -62,18 +69,32 @@ class InFlight:
   work: list[GroupWork]               # one per group of the span
   first: int                          # the scheduler's index of the span's first group
   at: float = 0.0                     # launched at (the engine's clock)
+  then: InFlight | None = None        # the next step, whose sampling waits for this collect
 
 
-def may_follow(work: list[GroupWork]) -> bool:
+def may_follow(work: list[GroupWork], defer_masks: bool = True) -> bool:
   """Whether `work` can be packed before the step in flight is collected: every token it reads
   is known on the host but decode slots' own last tokens, and no row's sampling reads a history
-  that lacks one (penalties)."""
+  that lacks one (penalties), nor a token mask that needs one unless masks may come later
+  (`defer_masks`)."""
   for w in work:
     if any(p.seq.pending for p in w.prefills):
       return False
-    if any(s.pending and s.params.has_penalties for s in w.decode):
+    if any(s.pending and (s.params.has_penalties or (
+        not defer_masks and s.params.structured_outputs is not None)) for s in w.decode):
       return False
   return True
+
+
+def _structured(engine, work: list[GroupWork]) -> dict:
+  """The executor's arguments for a step's token masks: none when no row is constrained; a
+  deferred sampling when a constrained row's previous token is still on the device."""
+  rows = [s for w in work for s in w.decode] + [p.seq for w in work for p in w.prefills
+                                                 if p.samples]
+  held = [s.pending for s in rows if s.params.structured_outputs is not None and not s.finished]
+  if not held:
+    return {}
+  return {"mask_for": engine.outputs.fill_masks, "defer": any(held)}
 
 
 def launch_spans(engine, started: float, only=None) -> tuple[list[InFlight], list[int]]:
@@ -90,7 +111,7 @@ def launch_spans(engine, started: float, only=None) -> tuple[list[InFlight], lis
     work = engine.scheduler.schedule(groups)
     if all(w.empty for w in work):
       continue
-    if queue and not may_follow(work):
+    if queue and not may_follow(work, engine.config.defer_masks):
       blocked.append(k)                 # scheduled again once its step in flight is collected
       continue
     flight = launch(engine, k, work, queue[-1] if queue else None, started)
@@ -129,7 +150,8 @@ def launch(engine, k: int, work: list[GroupWork], prev: InFlight | None,
   Returns None when the dispatch failed (its sequences fail)."""
   try:
     launched = engine.executor.launch([engine._spans[k]], work, engine.outputs.banned_ids,
-                                      prev.launched if prev is not None else None)
+                                      prev.launched if prev is not None else None,
+                                      **_structured(engine, work))
   except Exception as e:  # a failed step fails its sequences, frees their pages, and is logged
     log.exception("step failed")
     engine._ready += fail(engine, work, f"{type(e).__name__}: {e}")
@@ -149,12 +171,26 @@ def launch(engine, k: int, work: list[GroupWork], prev: InFlight | None,
         seq.pending += 1
         seq.feed_row = shape.sampled_row(j, prefill=True)
   engine.steps += 1
-  return InFlight(launched, work, engine._span_groups[k].start, engine.clock())
+  flight = InFlight(launched, work, engine._span_groups[k].start, engine.clock())
+  if getattr(launched, "staged", None) is not None:
+    if prev is None:                   # (never: a pending token is in the span's step in flight)
+      engine.executor.sample(launched)
+    else:
+      prev.then = flight               # its pending tokens are in `prev` (the queue's only step)
+  return flight
 
 
 def collect(engine, flight: InFlight) -> list[SeqEvent]:
   """Read a launched step's sampled ids and hand them to its sequences (those that finished
   meanwhile drop theirs)."""
+  try:
+    return _collect(engine, flight)
+  finally:
+    if flight.then is not None:         # the matchers have advanced: its masks can be made
+      engine.executor.sample(flight.then.launched)
+
+
+def _collect(engine, flight: InFlight) -> list[SeqEvent]:
   launched, work = flight.launched, flight.work
   engine.collected += 1
   t0 = time.perf_counter()
@@ -193,7 +229,7 @@ def fail(engine, work: list[GroupWork], message: str) -> list[SeqEvent]:
       if seq.finished:
         continue
       seq.error = message
-      engine.scheduler.remove(seq)
+      engine.scheduler.remove(seq, discard=True)    # its pages' bytes are not to be trusted
       engine.outputs.finish(seq, "error")
       events.append(SeqEvent(seq, [], "", True, len(seq.output_ids)))
   return events

@@ -15,6 +15,13 @@ them with `run_span`), and the sampled ids are gathered onto every device of the
 A step may be launched before the previous one is collected (the engine overlaps the host's work
 with the device's): a decode slot whose token the previous step samples takes it from that step's
 sampled ids on the device (`StepMeta.feed`), so the host never waits for it to pack a step.
+
+Rows under structured output sample under a token mask (`sampling_pack.token_masks`), the
+sampling program's third input (a constant all-ones array when no row is constrained). A row's
+mask depends on the token before it: when that one is still on the device, `launch(...,
+defer=True)` dispatches the step program alone and `sample` dispatches the sampling program once
+the previous step is collected and the masks are computed, while the step program runs.
+Structured output is refused across processes (the followers would need the masks).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from flying_jax.engine.scheduler import GroupWork
 from flying_jax.model.batch import HostBatch, StepShape
 from flying_jax.runtime.programs import ProgramRegistry, WidthSetup
 from flying_jax.runtime.resident import Resident
-from flying_jax.runtime.sampling_pack import pack_one, set_dynamic
+from flying_jax.runtime.sampling_pack import pack_one, set_dynamic, token_masks
 from flying_jax.sampling import RowSpec
 
 
@@ -99,6 +106,10 @@ class Launched:
   reads: list | None = None           # per span, what the host reads (`outs` unless gathered;
   #                                     None only for the simulator's steps)
   number: int = 0                     # launches counted from 1 (the followers' handle)
+  staged: list | None = None          # launched with `defer`: per span (setup, shape, work,
+  #                                     logits, sampling fields) until `Executor.sample`
+  mask_for: object = None             # fills the constrained rows' masks (`token_masks`)
+  error: Exception | None = None      # its deferred sampling failed (`collect` raises it)
 
 
 class Executor:
@@ -108,6 +119,7 @@ class Executor:
     self.registry, self.resident = registry, resident
     self.hist_len, self.max_banned = hist_len, max_banned
     self._no_prev: dict = {}
+    self._free: dict = {}           # span -> all-ones token masks (no row constrained)
     self._pad = pack_one(None, hist_len, max_banned)     # a padding row's sampling fields
     self.mirror = None              # the leader of several processes: called with each launch
     self._gathers: dict | None = None    # span -> program replicating the sampled ids (cluster)
@@ -182,16 +194,22 @@ class Executor:
 
   # device side ---------------------------------------------------------------------------------
   def launch(self, spans: list[WidthSetup], work: list[GroupWork], banned_for,
-             prev: Launched | None = None) -> Launched:
+             prev: Launched | None = None, mask_for=None, defer: bool = False) -> Launched:
     """Dispatch one step of a partition: `spans` in device order, `work` one entry per group of
     them; `prev`: the step before it when that one is not collected yet (the same spans), whose
-    sampled ids feed decode slots on the device."""
-    if prev is not None and prev.spans != tuple(spans):
-      raise ValueError("a step can only follow an uncollected step of the same partition")
+    sampled ids feed decode slots on the device. `mask_for(rows, out)`: writes the token masks
+    of the constrained rows (`sampling_pack.token_masks`; None: no row is constrained);
+    `defer`: leave the sampling programs to `sample`."""
+    if prev is not None and (prev.spans != tuple(spans) or prev.staged is not None):
+      raise ValueError("a step can only follow an uncollected step of the same partition "
+                       "whose sampling is dispatched")
+    if mask_for is not None and self.mirror is not None:
+      raise ValueError("structured output is not supported when the engine runs across "
+                       "processes")
     host_s = dispatch_s = 0.0
     outs, reads, shapes, group_shapes, wants = [], [], [], [], False
     first = 0
-    built = []
+    built, parts, staged = [], [], []
     self._launches += 1
     for k, ws in enumerate(spans):
       t0 = time.perf_counter()
@@ -200,6 +218,7 @@ class Executor:
       shape = pick_shape(ws, part)
       packed, wants_logprobs = self.build(ws, part, shape, banned_for)
       built.append((ws.span, shape, packed))
+      parts.append(part)
       host_s += time.perf_counter() - t0
       shapes.append(shape)
       group_shapes += [shape] * ws.specs.groups
@@ -210,30 +229,76 @@ class Executor:
       self.mirror(("launch", self._launches, built, prev.number if prev is not None else 0, done))
       host_s += time.perf_counter() - t0
     for k, (ws, (_, shape, packed)) in enumerate(zip(spans, built)):
-      t1 = time.perf_counter()
       fed = prev.outs[k][0] if prev is not None else None
-      out, read = self.run_span(ws, shape, packed, fed)
-      read[0].copy_to_host_async()
-      if wants:
-        for x in read[1:4]:
-          x.copy_to_host_async()
+      if defer:
+        t1 = time.perf_counter()
+        staged.append((ws, shape, parts[k]) + self.run_step(ws, shape, packed, fed))
+        dispatch_s += time.perf_counter() - t1
+        continue
+      t0 = time.perf_counter()
+      allowed = self.masks(ws, parts[k], shape, mask_for)
+      t1 = time.perf_counter()
+      host_s += t1 - t0
+      out, read = self.run_span(ws, shape, packed, fed, allowed)
+      self._start_copies(read, wants)
       outs.append(out)
       reads.append(read)
       dispatch_s += time.perf_counter() - t1
     return Launched(tuple(spans), work, outs, shapes, group_shapes, wants, host_s, dispatch_s,
-                    reads, self._launches)
+                    reads, self._launches, staged or None, mask_for)
 
-  def run_span(self, ws: WidthSetup, shape: StepShape, packed: np.ndarray, fed=None):
+  def sample(self, launched: Launched):
+    """Dispatch the sampling programs of a step launched with `defer`, the token masks computed
+    now (its rows' previous tokens are on the host); a failure is kept for `collect`."""
+    staged, launched.staged = launched.staged, None
+    try:
+      for ws, shape, part, logits, samp in staged:
+        allowed = self.masks(ws, part, shape, launched.mask_for)
+        out, read = self.run_sample(ws, logits, samp, allowed)
+        self._start_copies(read, launched.wants_logprobs)
+        launched.outs.append(out)
+        launched.reads.append(read)
+    except Exception as e:  # noqa: BLE001 - the step fails when collected, as a launch would
+      launched.error = e
+
+  def masks(self, ws: WidthSetup, work: list[GroupWork], shape: StepShape, mask_for):
+    """The span's token masks on its devices, or None when no row is constrained."""
+    if mask_for is None:
+      return None
+    reg = self.registry
+    out = token_masks(work, shape, reg.rows, reg.mask_words, mask_for)
+    return None if out is None else jax.device_put(out, ws.specs.per_group())
+
+  @staticmethod
+  def _start_copies(read, wants_logprobs: bool):
+    for x in read[:4] if wants_logprobs else read[:1]:
+      x.copy_to_host_async()
+
+  def run_span(self, ws: WidthSetup, shape: StepShape, packed: np.ndarray, fed=None,
+               allowed=None):
     """Put one span's packed rows on its devices and dispatch its programs; returns (outputs,
-    what the host reads of them). `fed`: the previous step's sampled ids (None: none)."""
+    what the host reads of them). `fed`: the previous step's sampled ids (None: none);
+    `allowed`: the rows' token masks on the span (None: every row free)."""
+    return self.run_sample(ws, *self.run_step(ws, shape, packed, fed), allowed)
+
+  def run_step(self, ws: WidthSetup, shape: StepShape, packed: np.ndarray, fed=None):
+    """Dispatch one span's step program; returns (logits, sampling fields) on its devices."""
     packed = jax.device_put(packed, ws.specs.per_group())
-    out = self.dispatch(ws, shape, packed, fed if fed is not None else self.no_prev(ws))
+    return self.dispatch_step(ws, shape, packed, fed if fed is not None else self.no_prev(ws))
+
+  def run_sample(self, ws: WidthSetup, logits, samp, allowed=None):
+    """Dispatch one span's sampling program; returns (outputs, what the host reads)."""
+    if allowed is None:
+      allowed = self.all_allowed(ws)
+    out = self.registry[(ws.span, "sample", None)](logits, samp, allowed) + (logits,)
     if self._gathers is None:
       return out, out
     return out, self._gathers[ws.span](*out[:4]) + (out[4],)
 
   def collect(self, launched: Launched) -> StepResult:
     """Wait for a launched step's sampled ids (and logprobs) on the host."""
+    if launched.error is not None or launched.staged is not None:
+      raise launched.error or RuntimeError("a step collected before its sampling was dispatched")
     if self.mirror is not None:
       self._collected.append(launched.number)       # told with the next launch
     outs = launched.reads
@@ -249,7 +314,9 @@ class Executor:
 
   def ready(self, launched: Launched) -> bool:
     """Whether a launched step's sampled ids are computed (collecting it will not wait)."""
-    return all(out[0].is_ready() for out in launched.reads)
+    if launched.error is not None:
+      return True
+    return launched.staged is None and all(out[0].is_ready() for out in launched.reads)
 
   def wait_any(self, launched: list[Launched], poll_s: float = 1e-4) -> int:
     """The index of the first of `launched` to be ready, waiting for it (spans run
@@ -266,6 +333,16 @@ class Executor:
     if got is None:
       got = self._no_prev[ws.span] = jax.device_put(
           np.zeros((ws.specs.groups, self.registry.rows), np.int32), ws.specs.per_group())
+    return got
+
+  def all_allowed(self, ws: WidthSetup):
+    """Token masks of no constrained row (all ones), on the span's devices."""
+    got = self._free.get(ws.span)
+    if got is None:
+      reg = self.registry
+      got = self._free[ws.span] = jax.device_put(
+          np.full((ws.specs.groups, reg.rows, reg.mask_words), -1, np.int32),
+          ws.specs.per_group())
     return got
 
   def warm_up(self, partitions) -> float:
@@ -287,22 +364,20 @@ class Executor:
         idle = [GroupWork(decode=[]) for _ in range(ws.specs.groups)]
         for shape in ws.shapes:
           packed, _ = self.build(ws, idle, shape, lambda seq: [])
-          packed = jax.device_put(packed, ws.specs.per_group())
-          jax.block_until_ready(self.dispatch(ws, shape, packed, self.no_prev(ws)))
+          jax.block_until_ready(self.run_span(ws, shape, packed)[0])
     self.resident.merge()
     return time.perf_counter() - t0
 
-  def dispatch(self, ws: WidthSetup, shape: StepShape, packed, fed):
-    """Enqueue one span's step and sampling programs; returns (tokens, logprob, top ids, top
-    logprobs, logits). The step's KV lands in place in the span's pools (donated and given
-    back); `packed`: the step's rows (`build`), of which the step program hands the sampling
-    fields on to the sampling program; `fed`: the previous step's sampled ids on the span
-    (`StepMeta.feed`)."""
+  def dispatch_step(self, ws: WidthSetup, shape: StepShape, packed, fed):
+    """Enqueue one span's step program; returns (logits, sampling fields). The step's KV lands
+    in place in the span's pools (donated and given back); `packed`: the step's rows (`build`),
+    of which the step program hands the sampling fields on to the sampling program; `fed`: the
+    previous step's sampled ids on the span (`StepMeta.feed`)."""
     reg, span = self.registry, ws.span
     w, pools = self.resident.weights_for(span), self.resident.pools_for(span)
     logits, samp, pools.k[:], pools.v[:] = reg[(span, "step", shape)](
         w, tuple(pools.k), tuple(pools.v), packed, fed)
-    return reg[(span, "sample", None)](logits, samp) + (logits,)
+    return logits, samp
 
 
 def _tables(f, gi: int, w: GroupWork, shape: StepShape, tpp: int, slots: int, prefix: str):

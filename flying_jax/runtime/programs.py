@@ -32,7 +32,9 @@ from flying_jax.model.weights import ResidentWeights, lead, weight_shardings
 from flying_jax.parallel import Collectives, MeshSpecs, Span, per_device
 from flying_jax.runtime.exec_cache import ExecutableCache
 from flying_jax.runtime.sampling_pack import sample_len, unpack_sampling
-from flying_jax.sampling import sample
+from flying_jax.sampling import mask_words, sample
+
+SAMPLE_VERSION = 2      # in the sampling programs' cache key: 2 takes the rows' token masks
 
 
 class MissingProgram(KeyError):
@@ -104,14 +106,17 @@ def _step_fn(ws: WidthSetup, shape: StepShape, arch: Architecture, graphs: decod
 
 def _sample_fn(ws: WidthSetup, rows: int, hist: int, banned: int):
   """On-device sampling of a step's logits (one program per span, every step shape's logits
-  padded to the same rows); the rows' sampling fields as the step program handed them on."""
-  def f(logits_1xRxV, samp_1xN):
+  padded to the same rows); the rows' sampling fields as the step program handed them on, and
+  their token masks (`sampling.apply_token_mask`: all ones but for structured output; a
+  separate input, so that a constrained step's masks can be computed while its step program
+  runs)."""
+  def f(logits_1xRxV, samp_1xN, allowed_1xRxW):
     fields = unpack_sampling(samp_1xN[0].reshape(rows, -1), hist, banned)
-    out = sample(logits_1xRxV[0], fields)
+    out = sample(logits_1xRxV[0], fields, allowed_1xRxW[0])
     return out.tokens[None], out.logprob[None], out.top_ids[None], out.top_logprobs[None]
   s = ws.specs
   g = s.per_group_spec
-  return per_device(f, s, (g, g), (g, g, g, g))
+  return per_device(f, s, (g, g, g), (g, g, g, g))
 
 
 class ProgramRegistry:
@@ -200,7 +205,8 @@ class ProgramRegistry:
     from the model, dtype, row blocks and mesh."""
     mesh = tuple(ws.specs.mesh.shape.items())
     if shape is None:
-      return ("sample", self.arch.vocab_size, mesh, self.rows, self.hist, self.banned)
+      return ("sample", SAMPLE_VERSION, self.arch.vocab_size, mesh, self.rows, self.hist,
+              self.banned)
     pools = tuple((tuple(p.shape), str(p.dtype)) for p in self.pool_structs)
     return ("step", self.arch, str(self.dtype), self.blocks, ws.span, mesh, ws.geom, shape,
             self.walk, self.rows, self.hist, self.banned, self.attention, pools)
@@ -218,7 +224,13 @@ class ProgramRegistry:
         getattr(mem, "output_size_in_bytes", 0), getattr(mem, "alias_size_in_bytes", 0),
         loaded))
 
+  @property
+  def mask_words(self) -> int:
+    """32-bit words of one sampled row's token mask."""
+    return mask_words(self.arch.vocab_size)
+
   def sample_structs(self, ws: WidthSetup):
     g, r, sh = ws.specs.groups, self.rows, ws.specs.per_group()
     return (jax.ShapeDtypeStruct((g, r, self.arch.vocab_size), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((g, self.lead), jnp.int32, sharding=sh))
+            jax.ShapeDtypeStruct((g, self.lead), jnp.int32, sharding=sh),
+            jax.ShapeDtypeStruct((g, r, self.mask_words), jnp.int32, sharding=sh))

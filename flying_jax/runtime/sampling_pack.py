@@ -4,7 +4,8 @@ The host packs the per-row fields of `flying_jax.sampling` into `[rows, S]` int3
 float32 fields as their bits); the executor puts them in front of the step's packed metadata, so
 a step is one transfer, and the sampling program unpacks them. A sequence's row is packed once
 (`pack_one`) and copied into each step's words, where only the fields that change while it runs
-are written (`set_dynamic`).
+are written (`set_dynamic`). The token masks of structured output travel apart
+(`token_masks`): they are known later than the rest (`runtime.executor`).
 """
 
 from __future__ import annotations
@@ -73,3 +74,20 @@ def unpack_sampling(s_RxS, hist: int, banned: int) -> SamplingBatch:
   return SamplingBatch(
       **fl, **it, prompt_hist=s_RxS[:, n:n + hist], output_hist=s_RxS[:, n + hist:n + 2 * hist],
       banned=s_RxS[:, n + 2 * hist:n + 2 * hist + banned])
+
+
+def sampled_rows(work, shape) -> list[tuple]:
+  """(sequence, group, sampled row) of every row of a span's step that samples a token."""
+  rows = []
+  for g, w in enumerate(work):
+    rows += [(seq, g, shape.sampled_row(i, prefill=False)) for i, seq in enumerate(w.decode)]
+    rows += [(p.seq, g, shape.sampled_row(j, prefill=True))
+             for j, p in enumerate(w.prefills) if p.samples]
+  return rows
+
+
+def token_masks(work, shape, rows: int, words: int, fill) -> np.ndarray | None:
+  """A span's token masks `[groups, rows, words]` (int32, llguidance's layout): all ones (free)
+  but the rows `fill(sampled_rows, out)` writes, which returns how many it wrote (None: none)."""
+  out = np.full((len(work), rows, words), -1, np.int32)
+  return out if fill(sampled_rows(work, shape), out) else None

@@ -6,7 +6,9 @@ from flying_jax.sampling.device import (
     SampleOut,
     SamplingBatch,
     apply_penalties,
+    apply_token_mask,
     apply_top_k_top_p,
+    mask_words,
     process_logits,
     sample,
 )
@@ -16,5 +18,6 @@ from flying_jax.sampling.params import (MAX_LOGPROBS, SAMPLING_EPS, SamplingPara
 
 __all__ = [
     "MAX_LOGPROBS", "PARTIAL_TOP_K", "SAMPLING_EPS", "TOPN", "RowSpec", "SampleOut", "SamplingBatch",
-    "SamplingParams", "StructuredOutputsParams", "apply_penalties", "apply_top_k_top_p", "pack_sampling", "process_logits", "sample",
+    "SamplingParams", "StructuredOutputsParams", "apply_penalties", "apply_token_mask",
+    "apply_top_k_top_p", "mask_words", "pack_sampling", "process_logits", "sample",
 ]

@@ -6,7 +6,9 @@ callbacks, and compiles ahead of time from `jax.ShapeDtypeStruct`s. The expensiv
 the sampling path only when some row is not greedy, top-k / top-p only when some row filters (a
 partial `lax.top_k`, plus an exact threshold bisection for rows it cannot answer; never a full
 vocabulary sort), and the top-20 logprobs only when some row asks for them. The draw inverts the CDF
-with one uniform per row from key fold_in(key(seed), step).
+with one uniform per row from key fold_in(key(seed), step). A row under structured output also
+carries a token mask (`apply_token_mask`, llguidance's bit layout), applied, only when some row
+has one, to the processed logits every path picks from.
 
 Shapes: S rows, V vocabulary entries, H history slots, NB banned slots, T = 2H, K = kept candidates.
 """
@@ -110,6 +112,28 @@ def process_logits(logits_SxV: jax.Array, batch: SamplingBatch) -> jax.Array:
     num_rows, vocab = logits_SxV.shape
     banned_SxB = jnp.where(batch.banned >= 0, batch.banned, vocab).astype(jnp.int32)
     return logits_SxV.at[jnp.arange(num_rows)[:, None], banned_SxB].set(-jnp.inf, mode="drop")
+
+
+def mask_words(vocab: int) -> int:
+  """32-bit words of a token mask over `vocab` ids (one bit per id)."""
+  return -(-vocab // 32)
+
+
+def apply_token_mask(logits_SxV: jax.Array, allowed_SxW: jax.Array) -> jax.Array:
+  """-inf where a row's mask forbids the token: bit v % 32 of word v // 32 (llguidance's
+  layout; int32 or uint32 words, all ones for a free row). Ids past the mask are forbidden."""
+  with jax.named_scope("token_mask"):
+    rows, vocab = logits_SxV.shape
+    words = allowed_SxW.shape[1]
+    x_SxV = logits_SxV[:, :32 * words]
+    pad = 32 * words - x_SxV.shape[1]
+    x_SxWx32 = jnp.pad(x_SxV, ((0, 0), (0, pad))).reshape(rows, words, 32)
+    words_SxW = (allowed_SxW if allowed_SxW.dtype == jnp.uint32 else
+                 lax.bitcast_convert_type(allowed_SxW.astype(jnp.int32), jnp.uint32))
+    bits_SxWx32 = jnp.right_shift(words_SxW[:, :, None], jnp.arange(32, dtype=jnp.uint32)) & 1
+    x_SxWx32 = jnp.where(bits_SxWx32 != 0, x_SxWx32, -jnp.inf)
+    x_SxV = x_SxWx32.reshape(rows, 32 * words)[:, :min(vocab, 32 * words)]
+    return jnp.pad(x_SxV, ((0, 0), (0, vocab - x_SxV.shape[1])), constant_values=-jnp.inf)
 
 
 def _argmax(x_SxV: jax.Array, block: int = 256) -> jax.Array:
@@ -289,15 +313,23 @@ def _top_logprobs(raw_SxV: jax.Array, lse_S: jax.Array, want_S: jax.Array):
   return lax.cond(jnp.any(want_S > 0), compute, skip)
 
 
-def sample(logits_SxV: jax.Array, batch: SamplingBatch) -> SampleOut:
+def sample(logits_SxV: jax.Array, batch: SamplingBatch,
+           allowed_SxW: jax.Array | None = None) -> SampleOut:
   """Picks one token per row from f32[S, V] logits under the row's sampling controls.
 
   Greedy rows (temperature < SAMPLING_EPS or top_k == 1) take the argmax of the penalised logits; the
   others sample with key fold_in(key(seed), step), so a row's draw depends only on its own request.
+  `allowed_SxW`: the rows' token masks (`apply_token_mask`; all ones, -1 as int32, for a free
+  row), applied before every path, and skipped when every row is free.
   """
   with jax.named_scope("sample"):
     raw_SxV = logits_SxV.astype(jnp.float32)
     logits_SxV = process_logits(raw_SxV, batch)
+    if allowed_SxW is not None:
+      if allowed_SxW.dtype != jnp.int32:
+        allowed_SxW = lax.bitcast_convert_type(allowed_SxW, jnp.int32)
+      logits_SxV = lax.cond(jnp.any(allowed_SxW != -1), apply_token_mask, lambda x, _: x,
+                            logits_SxV, allowed_SxW)
     greedy_S = (batch.temperature < SAMPLING_EPS) | (batch.top_k == 1)
     argmax_S = _argmax(logits_SxV)
     tokens_S = lax.cond(

@@ -35,7 +35,8 @@ class StructuredOutputsParams:
   `grammar` (a Lark grammar, llguidance's dialect) or `choice` (one of these strings). The
   sampler masks every token that would leave the constraint (`flying_jax.sampling.structured`).
 
-  `json` is stored as canonical JSON text (the dataclass stays hashable); a schema that is not
+  `json` is stored as JSON text (the dataclass stays hashable), its keys in the order given: the
+  order of a schema's `properties` is the order the output writes them in. A schema that is not
   JSON, or a constraint no grammar compiler accepts, is refused when the request is added."""
 
   json: str | dict | None = None
@@ -46,7 +47,7 @@ class StructuredOutputsParams:
 
   def __post_init__(self):
     if isinstance(self.json, (dict, list, bool)):
-      object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+      object.__setattr__(self, "json", json.dumps(self.json))
     elif self.json is not None:
       if not isinstance(self.json, str):
         raise ValueError(f"structured output: json must be a JSON Schema (a dict or JSON text), "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from flying_jax.sampling import SamplingParams
+from flying_jax.sampling import SamplingParams, StructuredOutputsParams
 from flying_jax.serving.proto import flying_jax_pb2 as pb
 from flying_jax.serving.proto import jetstream_pb2 as js
 
@@ -68,8 +68,11 @@ def chat_text(tokenizer, chat: pb.Chat) -> str:
   for m in chat.messages:
     if m.role not in roles:
       raise BadRequest(f"chat role {m.role!r} is not one of {sorted(roles)}")
-  return tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
-                                        for m in chat.messages])
+  try:
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
+                                          for m in chat.messages])
+  except ValueError as e:             # e.g. a model without a chat template (TokenizerError)
+    raise BadRequest(f"the chat: {e}") from None
 
 
 def sampling_of(s: pb.Sampling, limits: Limits) -> SamplingParams:
@@ -83,9 +86,25 @@ def sampling_of(s: pb.Sampling, limits: Limits) -> SamplingParams:
     if s.HasField(name):
       kw[name] = getattr(s, name)
   try:
+    if s.HasField("structured"):
+      kw["structured_outputs"] = structured_of(s.structured)
     return SamplingParams(**kw)
   except (ValueError, TypeError) as e:
     raise BadRequest(f"sampling: {e}") from None
+
+
+def structured_of(so: pb.StructuredOutput) -> StructuredOutputsParams:
+  """The constraint of `Sampling.structured` (ValueError when none is set or it is malformed;
+  whether it compiles is the engine's check, when the request is added)."""
+  kind = so.WhichOneof("constraint")
+  if kind is None:
+    raise ValueError("structured output: set one of json_schema, json_object, regex, grammar, "
+                     "choice")
+  if kind == "json_schema":
+    return StructuredOutputsParams(json=so.json_schema)
+  if kind == "choice":
+    return StructuredOutputsParams(choice=tuple(so.choice.choices))
+  return StructuredOutputsParams(**{kind: getattr(so, kind)})
 
 
 def priority_of(req: pb.GenerateRequest) -> int:

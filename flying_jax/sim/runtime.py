@@ -62,9 +62,11 @@ class SimExecutor:
     self.record = record            # called with (span works, seconds) per step (calibration)
     self._tokens: dict[tuple[int, int], np.ndarray] = {}
 
-  def launch(self, spans, work, banned_for, prev=None) -> "SimLaunched":
+  def launch(self, spans, work, banned_for, prev=None, mask_for=None,
+             defer=False) -> "SimLaunched":
     """The step starts now and ends after the cost model's time for it (each span its own
-    clock: the engine waits for the first span to end, `wait_any`)."""
+    clock: the engine waits for the first span to end, `wait_any`). Token masks are not
+    simulated: `mask_for` and `defer` change nothing."""
     parts = step_work(self.costs, spans, work)
     works = [w for w, _, _ in parts]
     shapes = [shape for _, shape, _ in parts]
@@ -79,6 +81,9 @@ class SimExecutor:
     result = StepResult(tokens, None, None, None, [], shapes, group_shapes, 0.0, 0.0)
     return SimLaunched(tuple(spans), work, [], shapes, group_shapes, False, 0.0, 0.0,
                        result=result, end=self.clock() + seconds)
+
+  def sample(self, launched: "SimLaunched"):
+    """A deferred sampling (never asked for: `launch` stages nothing)."""
 
   def ready(self, launched: "SimLaunched") -> bool:
     return self.clock() >= launched.end
