@@ -153,8 +153,8 @@ def test_same_tokens_with_and_without_the_cache_across_switches(engines):
 
 def test_requests_sharing_a_prompt_share_its_pages_until_the_last_ends(engines):
   engine = engines[0]
-  engine.set_width(1)
-  prompt = _workload(7, shared=200, n=1)[0]
+  engine.set_width(8)                          # one group (512-token pages): both go there
+  prompt = _workload(7, shared=1100, n=1)[0]
   sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
   engine.add_request("first", prompt, sp)
   while engine.request("first")[0].first_token_time is None:
