@@ -283,3 +283,29 @@ def test_grpc_structured_request_and_invalid_argument(llm):
         text="hi", sampling=sampling(json_object=False)), timeout=60)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "structured output" in details
     assert no_leaks(server)
+
+
+def test_openai_api_response_format_and_structured_outputs(llm):
+  """The OpenAI API's response_format (JSON Schema) and vLLM's structured_outputs (regex), with
+  the official client: enforced as through the offline API; a schema that does not compile is
+  a 400 with llguidance's reason."""
+  import openai
+
+  with running_server(llm.engine, "token", http_port=0, max_prompt_tokens=400) as server:
+    client = openai.OpenAI(base_url=f"http://{server.http_target}/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model="smollm2-135m", max_completion_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Describe a person as JSON with name, age and city."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    assert reply.choices[0].finish_reason == "stop"
+    done = client.completions.create(model="smollm2-135m", prompt="My phone number is",
+                                     max_tokens=20, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": PHONE}})
+    assert re.fullmatch(PHONE, done.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as bad:
+      client.completions.create(model="smollm2-135m", prompt="hi", max_tokens=4,
+                                extra_body={"structured_outputs": {"regex": "[a-"}})
+    assert "regex" in str(bad.value)
+    assert no_leaks(server)
