@@ -86,8 +86,8 @@ class PageSpace:
   def cached(self, seq: Sequence, first_device: int, layout: PageLayout) -> list[int]:
     """The cached pages `seq`'s tokens start with in the group at `first_device` under `layout`
     (two tokens at least are left to compute: it prefills, and samples its last one's logits)."""
-    if self.cache is None:
-      return []
+    if self.cache is None or not self.cache.holds(first_device, layout):
+      return []                          # no token list built for a placement with nothing
     tpp = layout.tokens_per_page
     pages = (seq.length - 2) // tpp        # two tokens at least are left: a prefill samples
     if pages <= 0:

@@ -77,6 +77,10 @@ class PrefixCache:
       parent = name
     return pages
 
+  def holds(self, first: int, layout: PageLayout) -> bool:
+    """Whether the placement has any named page (a lookup there can hit)."""
+    return bool(self._names.get((first, layout)))
+
   def parked_among(self, first: int, layout: PageLayout, pages: list[int]) -> int:
     """How many of `pages` (cached in the placement) are parked: counted free by the pool."""
     return sum(self._pages[(first, layout.width, p)].refs == 0 for p in pages)
